@@ -1,0 +1,241 @@
+//! The command line, in blockd's own spelling and in qemu-storage-daemon's.
+//!
+//! ```text
+//! blockd --qmp PATH                       # a QMP socket (repeatable)
+//! blockd --chardev socket,path=P,server=on,wait=off,id=m0 --monitor chardev=m0
+//! blockd --blockdev '{"driver":"null-co","node-name":"n0"}'
+//! blockd --blockdev driver=null-co,node-name=n0
+//! ```
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde_json::{Map, Value};
+
+/// blockd: a block-storage management server that speaks QEMU's QMP.
+///
+/// With no option it listens on a default QMP socket and prints how to
+/// connect to it.
+#[derive(Debug, Parser)]
+#[command(name = "blockd", version, about, long_about = None)]
+pub struct Args {
+    /// Listen for QMP clients on a Unix socket at PATH (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Vec<PathBuf>,
+
+    /// qemu-storage-daemon spelling: a socket character device,
+    /// `socket,path=PATH,server=on,wait=off,id=ID` (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    pub chardev: Vec<String>,
+
+    /// qemu-storage-daemon spelling: a QMP monitor on a character device,
+    /// `chardev=ID[,mode=control][,pretty=off]` (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    pub monitor: Vec<String>,
+
+    /// Adds a block node at start-up: the arguments of `blockdev-add`, as
+    /// JSON or as `key=value,...` (repeatable). A bad one stops start-up.
+    #[arg(long, value_name = "JSON|OPTIONS")]
+    pub blockdev: Vec<String>,
+
+    /// Writes the process id to FILE (removed at exit).
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Log filter for stderr (tracing-subscriber syntax, e.g. `debug` or
+    /// `blockd_qmp=trace`); defaults to RUST_LOG, else `warn`.
+    #[arg(long, value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// Parses the command line; `Err` carries clap's message and exit code
+/// (help and version are "errors" that exit 0).
+pub fn parse<I, T>(args: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    Args::try_parse_from(args)
+}
+
+/// Splits QEMU option syntax `a=b,c=d` into pairs; `,,` is a literal comma.
+/// A leading bare word (`socket`) is returned under `implied`.
+pub fn split_qemu_opts(s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    let mut out = Vec::new();
+    for (i, p) in parts.into_iter().enumerate() {
+        match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => out.push((k.to_string(), v.to_string())),
+            _ if i == 0 && implied.is_some() && !p.is_empty() => {
+                out.push((implied.unwrap_or_default().to_string(), p))
+            }
+            _ => return Err(format!("Invalid parameter '{p}'")),
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves `--chardev`/`--monitor` pairs into socket paths.
+pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<PathBuf>, String> {
+    let mut devs: Vec<(String, PathBuf)> = Vec::new();
+    for c in chardevs {
+        let opts = split_qemu_opts(c, Some("backend"))?;
+        let mut backend = None;
+        let mut path = None;
+        let mut id = None;
+        let mut server = false;
+        for (k, v) in opts {
+            match k.as_str() {
+                "backend" => backend = Some(v),
+                "path" => path = Some(PathBuf::from(v)),
+                "id" => id = Some(v),
+                "server" => server = parse_bool(&k, &v)?,
+                "wait" => {
+                    if parse_bool(&k, &v)? {
+                        return Err(
+                            "chardev: wait=on is not supported (blockd never waits for a client)"
+                                .into(),
+                        );
+                    }
+                }
+                "nowait" => {}
+                other => return Err(format!("chardev: unsupported option '{other}'")),
+            }
+        }
+        if backend.as_deref() != Some("socket") {
+            return Err(format!(
+                "chardev: backend '{}' is not supported (only 'socket')",
+                backend.unwrap_or_default()
+            ));
+        }
+        let id = id.ok_or("chardev: Parameter 'id' is missing")?;
+        let path = path.ok_or("chardev: only Unix sockets ('path=') are supported")?;
+        if !server {
+            return Err("chardev: only server=on sockets are supported".into());
+        }
+        if devs.iter().any(|(i, _)| *i == id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        devs.push((id, path));
+    }
+    let mut out = Vec::new();
+    for m in monitors {
+        let opts = split_qemu_opts(m, Some("chardev"))?;
+        let mut dev = None;
+        for (k, v) in opts {
+            match k.as_str() {
+                "chardev" => dev = Some(v),
+                "mode" if v == "control" => {}
+                "mode" => {
+                    return Err(format!(
+                        "monitor: mode '{v}' is not supported (only 'control')"
+                    ))
+                }
+                "pretty" => {
+                    parse_bool(&k, &v)?;
+                }
+                "id" => {}
+                other => return Err(format!("monitor: unsupported option '{other}'")),
+            }
+        }
+        let dev = dev.ok_or("monitor: Parameter 'chardev' is missing")?;
+        let (_, path) = devs
+            .iter()
+            .find(|(i, _)| *i == dev)
+            .ok_or_else(|| format!("chardev '{dev}' not found"))?;
+        out.push(path.clone());
+    }
+    Ok(out)
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" | "y" => Ok(true),
+        "off" | "no" | "false" | "n" => Ok(false),
+        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+    }
+}
+
+/// Turns a `--blockdev` value into a JSON object: JSON as is, QEMU's
+/// `key=value` form with dotted keys as nested objects of strings (the
+/// schema then converts strings where it expects numbers or booleans).
+pub fn blockdev_arg(s: &str) -> Result<Value, String> {
+    if s.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
+        return match v {
+            Value::Object(_) => Ok(v),
+            _ => Err("expected a JSON object".into()),
+        };
+    }
+    let mut root = Map::new();
+    for (k, v) in split_qemu_opts(s, None)? {
+        let mut cur = &mut root;
+        let segs: Vec<&str> = k.split('.').collect();
+        for seg in &segs[..segs.len() - 1] {
+            let e = cur
+                .entry(seg.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            cur = match e {
+                Value::Object(m) => m,
+                _ => return Err(format!("Parameter '{k}' conflicts with '{seg}'")),
+            };
+        }
+        let last = segs[segs.len() - 1];
+        if cur.insert(last.to_string(), Value::String(v)).is_some() {
+            return Err(format!("Parameter '{k}' given twice"));
+        }
+    }
+    Ok(Value::Object(root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qsd_monitor_spelling() {
+        let socks = monitor_sockets(
+            &["socket,path=/tmp/a.sock,server=on,wait=off,id=m0".into()],
+            &["chardev=m0".into()],
+        )
+        .unwrap();
+        assert_eq!(socks, vec![PathBuf::from("/tmp/a.sock")]);
+        assert!(monitor_sockets(&[], &["chardev=m1".into()]).is_err());
+        assert!(monitor_sockets(&["socket,path=/x,id=m0".into()], &[]).is_err());
+    }
+
+    #[test]
+    fn qemu_opts_escape_commas() {
+        let o = split_qemu_opts("file,path=a,,b,id=x", Some("backend")).unwrap();
+        assert_eq!(o[1], ("path".into(), "a,b".into()));
+    }
+
+    #[test]
+    fn blockdev_keyval_nests() {
+        let v = blockdev_arg("driver=raw,node-name=r,file.driver=file,file.filename=/x").unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/x"}})
+        );
+        assert!(blockdev_arg("a=1,a=2").is_err());
+        assert!(blockdev_arg("[1]").is_err());
+    }
+}

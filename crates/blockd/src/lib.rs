@@ -1,0 +1,304 @@
+//! blockd, the server: command line, listeners, state and QMP handlers.
+//!
+//! `main` is a thin wrapper around [`main_with_args`]; tests can start a
+//! server in-process with [`Server::start`].
+
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockd_qmp::json::Limits;
+use blockd_qmp::schema::schema_info;
+use blockd_qmp::{EventBus, QmpServer, ServerConfig};
+use serde_json::{json, Value};
+use tokio::net::UnixListener;
+
+pub mod cli;
+pub mod qmp;
+pub mod schema;
+pub mod state;
+
+use state::State;
+
+/// The QEMU version whose QMP blockd follows.
+pub const QEMU_VERSION: (u32, u32, u32) = (10, 0, 0);
+
+/// The `VersionInfo` of this build.
+pub fn version_info() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": format!("blockd {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// A running server: its QMP server, state and sockets.
+pub struct Server {
+    /// The QMP server.
+    pub qmp: Arc<QmpServer<State>>,
+    /// Shared state.
+    pub state: Arc<State>,
+    sockets: Vec<PathBuf>,
+}
+
+/// Why start-up failed; printed to stderr, exit status 1.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Server {
+    /// Builds the server, binds every socket and applies `--blockdev`s.
+    pub async fn start(sockets: &[PathBuf], blockdevs: &[Value]) -> Result<Server, StartError> {
+        let schema = schema::load();
+        let events = EventBus::new(schema.clone());
+        let dispatcher = qmp::dispatcher(schema.clone());
+        let missing = dispatcher.missing_handlers();
+        if !missing.is_empty() {
+            return Err(StartError(format!(
+                "commands without handlers: {missing:?}"
+            )));
+        }
+        let commands: Vec<Value> = schema
+            .commands()
+            .iter()
+            .map(|c| json!({"name": c.name}))
+            .collect();
+        let state = Arc::new(State::new(
+            events.clone(),
+            version_info(),
+            Value::Array(schema_info(&schema)),
+            Value::Array(commands),
+        ));
+        let config = ServerConfig {
+            version: version_info(),
+            limits: Limits::default(),
+            drain_timeout: Duration::from_secs(10),
+        };
+        let qmp = QmpServer::new(dispatcher, state.clone(), events, config);
+        let mut listeners = Vec::new();
+        for path in sockets {
+            listeners.push(bind(path)?);
+        }
+        let server = Server {
+            qmp,
+            state,
+            sockets: sockets.to_vec(),
+        };
+        for b in blockdevs {
+            if let Err(e) = server.qmp.execute("blockdev-add", b.clone()).await {
+                server.remove_sockets();
+                return Err(StartError(format!("--blockdev: {}", e.desc)));
+            }
+        }
+        for l in listeners {
+            server.qmp.serve(l);
+        }
+        Ok(server)
+    }
+
+    /// Waits for `quit` or SIGTERM/SIGINT, then shuts down cleanly.
+    pub async fn run_until_shutdown(self) {
+        let reason = {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut int =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+            tokio::select! {
+                r = self.state.shutdown_requested() => r,
+                _ = recv_signal(&mut term) => "host-signal",
+                _ = recv_signal(&mut int) => "host-signal",
+            }
+        };
+        tracing::info!(reason, "shutting down");
+        self.shutdown(reason).await;
+    }
+
+    /// Shuts down: answers received commands, sends `SHUTDOWN`, closes
+    /// clients, removes the sockets.
+    pub async fn shutdown(self, reason: &str) {
+        self.qmp.shutdown(reason).await;
+        self.remove_sockets();
+    }
+
+    fn remove_sockets(&self) {
+        for p in &self.sockets {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Binds a QMP socket with mode 0600. A stale socket file is replaced; a
+/// live one (a server answers there) is refused.
+fn bind(path: &Path) -> Result<UnixListener, StartError> {
+    let shown = path.display();
+    // sun_path holds 108 bytes including the terminating NUL.
+    if path.as_os_str().len() > 107 {
+        return Err(StartError(format!(
+            "QMP socket path '{shown}' is too long ({} bytes; Unix sockets allow at most 107)",
+            path.as_os_str().len()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path)
+        {
+            Ok(_) => {
+                return Err(StartError(format!(
+                    "QMP socket '{shown}' is in use by another server"
+                )))
+            }
+            Err(_) => {
+                std::fs::remove_file(path).map_err(|e| {
+                    StartError(format!("cannot remove stale socket '{shown}': {e}"))
+                })?;
+            }
+        },
+        Ok(_) => {
+            return Err(StartError(format!(
+                "'{shown}' exists and is not a socket; not replacing it"
+            )))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(StartError(format!("cannot use '{shown}': {e}"))),
+    }
+    // Bind with a umask that leaves the socket owner-only from its first
+    // instant, so there is no window in which others could connect.
+    // SAFETY: umask only swaps the process mask; nothing else in this
+    // process creates files while the server is starting.
+    let old = unsafe { libc::umask(0o177) };
+    let r = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = r.map_err(|e| StartError(format!("cannot listen on '{shown}': {e}")))?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
+}
+
+/// The socket used when no `--qmp`/`--monitor` is given:
+/// `$XDG_RUNTIME_DIR/blockd/qmp.sock`, else `<tmp>/blockd-<uid>/qmp.sock`.
+pub fn default_socket() -> PathBuf {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("blockd"),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        _ => std::env::temp_dir().join(format!("blockd-{}", unsafe { libc::getuid() })),
+    };
+    dir.join("qmp.sock")
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f).unwrap_or_else(|e| {
+            eprintln!("blockd: bad --log filter '{f}': {e}; using 'warn'");
+            EnvFilter::new("warn")
+        }),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs blockd with the given command line; returns the exit status.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match cli::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(args.log.as_deref());
+    let mut sockets = args.qmp.clone();
+    match cli::monitor_sockets(&args.chardev, &args.monitor) {
+        Ok(s) => sockets.extend(s),
+        Err(e) => {
+            eprintln!("blockd: {e}");
+            return 1;
+        }
+    }
+    let mut announce = false;
+    if sockets.is_empty() {
+        let p = default_socket();
+        if let Some(dir) = p.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        sockets.push(p);
+        announce = true;
+    }
+    let mut blockdevs = Vec::new();
+    for b in &args.blockdev {
+        match cli::blockdev_arg(b) {
+            Ok(v) => blockdevs.push(v),
+            Err(e) => {
+                eprintln!("blockd: --blockdev {b}: {e}");
+                return 1;
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blockd: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let server = match Server::start(&sockets, &blockdevs).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("blockd: {e}");
+                return 1;
+            }
+        };
+        if let Some(p) = &args.pidfile {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                eprintln!("blockd: cannot write pidfile '{}': {e}", p.display());
+                server.shutdown("host-signal").await;
+                return 1;
+            }
+        }
+        if announce {
+            let p = sockets[0].display();
+            println!(
+                "blockd {} listening for QMP on {p}",
+                env!("CARGO_PKG_VERSION")
+            );
+            println!("connect with:  socat - UNIX-CONNECT:{p}");
+        }
+        server.run_until_shutdown().await;
+        if let Some(p) = &args.pidfile {
+            let _ = std::fs::remove_file(p);
+        }
+        0
+    })
+}

@@ -1,0 +1,52 @@
+//! Protocol and server control: versions, introspection, run state, quit.
+
+use blockd_core::runstate::RunStatus;
+use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::state::State;
+
+type R<T> = Result<T, QmpError>;
+
+#[derive(Serialize)]
+struct StatusInfo {
+    running: bool,
+    status: &'static str,
+}
+
+/// Registers the control commands.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register("query-version", |cx: Ctx<State>, _: NoArgs| async move {
+        R::Ok(cx.state.version.clone())
+    });
+    d.register("query-commands", |cx: Ctx<State>, _: NoArgs| async move {
+        R::Ok(Value::clone(&cx.state.command_list))
+    });
+    d.register("query-qmp-schema", |cx: Ctx<State>, _: NoArgs| async move {
+        R::Ok(Value::clone(&cx.state.schema_info))
+    });
+    d.register("query-status", |cx: Ctx<State>, _: NoArgs| async move {
+        let s = cx.state.run.get();
+        R::Ok(StatusInfo {
+            running: s == RunStatus::Running,
+            status: s.as_str(),
+        })
+    });
+    d.register("stop", |cx: Ctx<State>, _: NoArgs| async move {
+        if cx.state.run.set(RunStatus::Paused) {
+            cx.state.events.emit("STOP", None);
+        }
+        R::Ok(Empty {})
+    });
+    d.register("cont", |cx: Ctx<State>, _: NoArgs| async move {
+        if cx.state.run.set(RunStatus::Running) {
+            cx.state.events.emit("RESUME", None);
+        }
+        R::Ok(Empty {})
+    });
+    d.register("quit", |cx: Ctx<State>, _: NoArgs| async move {
+        cx.state.request_shutdown("host-qmp-quit");
+        R::Ok(Empty {})
+    });
+}

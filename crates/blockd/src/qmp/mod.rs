@@ -1,0 +1,17 @@
+//! The QMP command handlers (blockd's `blockdev.c`/`qmp.c`): thin functions
+//! that check what the schema cannot, call into the core, and choose the
+//! error class per call site as QEMU does.
+
+use blockd_qmp::Dispatcher;
+
+use crate::state::State;
+
+mod control;
+
+/// Builds the command table: every schema command gets its handler here.
+pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatcher<State> {
+    let mut d = Dispatcher::new(schema);
+    d.register_builtin("qmp_capabilities");
+    control::register(&mut d);
+    d
+}

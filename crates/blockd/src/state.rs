@@ -1,0 +1,58 @@
+//! The state every QMP handler shares.
+
+use std::sync::{Arc, Mutex};
+
+use blockd_core::runstate::RunState;
+use blockd_qmp::EventBus;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Shared server state.
+pub struct State {
+    /// Where events go.
+    pub events: EventBus,
+    /// Running or paused.
+    pub run: RunState,
+    /// The `VersionInfo` reported by the greeting and `query-version`.
+    pub version: Value,
+    /// `query-qmp-schema`'s answer, generated once from the schema.
+    pub schema_info: Arc<Value>,
+    /// `query-commands`'s answer.
+    pub command_list: Arc<Value>,
+    shutdown: CancellationToken,
+    shutdown_reason: Mutex<Option<&'static str>>,
+}
+
+impl State {
+    /// New state around an event bus.
+    pub fn new(events: EventBus, version: Value, schema_info: Value, command_list: Value) -> Self {
+        State {
+            events,
+            run: RunState::default(),
+            version,
+            schema_info: Arc::new(schema_info),
+            command_list: Arc::new(command_list),
+            shutdown: CancellationToken::new(),
+            shutdown_reason: Mutex::new(None),
+        }
+    }
+
+    /// Asks the server to shut down; the first reason given wins.
+    pub fn request_shutdown(&self, reason: &'static str) {
+        let mut r = self
+            .shutdown_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        r.get_or_insert(reason);
+        self.shutdown.cancel();
+    }
+
+    /// Resolves once shutdown was requested, with the reason.
+    pub async fn shutdown_requested(&self) -> &'static str {
+        self.shutdown.cancelled().await;
+        self.shutdown_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or("host-signal")
+    }
+}
