@@ -1,8 +1,28 @@
-//! blockd's core: the block graph, backends, the request path, throttling
-//! and error policy (the design of QEMU's `block.c`, `block/io.c` and
+//! blockd's core: the block graph, the request path, permissions, and the
+//! run state (the design of QEMU's `block.c`, `block/io.c` and
 //! `block/block-backend.c`).
 //!
-//! So far: [`runstate`], the server-wide running/paused state that
-//! `stop`/`cont` switch and that the request path will wait on.
+//! * [`driver`]: the trait every block driver implements, and child edges.
+//! * [`node`]: a graph node and its request path (padding, read-modify-write,
+//!   serialisation, detect-zeroes, statistics).
+//! * [`tracked`]: in-flight request tracking.
+//! * [`graph`]: names, users, permission propagation, insertion and removal.
+//! * [`perm`]: QEMU's permission model.
+//! * [`error`]: control-path errors.
+//! * [`runstate`]: running/paused.
 
+pub mod driver;
+pub mod error;
+pub mod graph;
+pub mod node;
+pub mod perm;
 pub mod runstate;
+pub mod tracked;
+
+pub use driver::{
+    BlockDriver, BlockStatus, Child, ChildRef, DriverInfo, IoFuture, IoLimits, ReqFlags,
+};
+pub use error::{BlockError, ErrorKind};
+pub use graph::BlockGraph;
+pub use node::{BlockNode, DetectZeroes, NodeOptions};
+pub use perm::{ChildRole, Perm, PermPair};

@@ -1,7 +1,15 @@
-//! Block drivers for blockd: `file`, `raw`, `qcow2`, `null-co`, `blkdebug`,
-//! `throttle` and the `nbd` client, one module each, all implementing the
-//! core's driver trait. Drivers only ever see aligned, bounds-checked
-//! requests: the core's request layer pads and serialises for them.
+//! Block drivers for blockd, one module each, all implementing
+//! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
+//! nodes for `blockdev-add`, and [`options`], the typed options.
 //!
-//! (The drivers arrive with the block-graph issue; this crate holds the
-//! place in the workspace so the dependency structure is fixed from the start.)
+//! Drivers only ever see aligned, bounds-checked requests: the core's
+//! request layer pads and serialises for them.
+
+pub mod blkdebug;
+pub mod file;
+pub mod null;
+pub mod open;
+pub mod options;
+pub mod raw;
+
+pub use open::{blockdev_add, Env, FdSets, OpenCtx};

@@ -85,7 +85,10 @@
 //!    0xFF) anywhere returns the parser to the top level immediately. If a
 //!    message was being parsed, or at the top level, it is reported as one
 //!    error (`stray`, or the string error when inside a string); while
-//!    skipping after an earlier error it is silent.
+//!    skipping after an earlier error it is silent. A number or keyword
+//!    token right before it is delimited by it as by any other byte (so
+//!    `{"a":1}` then NUL is a value and then an error, and `tru` then NUL is
+//!    one `invalid keyword` error).
 //! 4. After a limit error (depth, size, tokens), the rest of the message is
 //!    skipped exactly as in rule 2 (except that an offending `{` counts as a
 //!    nested bracket rather than starting a new message) without reporting
@@ -111,7 +114,7 @@ use std::fmt;
 pub use stream::StreamParser;
 
 /// Per-message resource limits enforced by [`StreamParser`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Limits {
     /// Maximum number of `{`/`[` open at once (default 1024). A message
     /// nested exactly this deep is accepted.

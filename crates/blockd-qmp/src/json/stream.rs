@@ -221,8 +221,8 @@ impl StreamParser {
     }
 
     /// The limits this parser enforces.
-    pub fn limits(&self) -> Limits {
-        self.limits
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Feeds bytes as they arrive from the socket, in any split: one message

@@ -15,8 +15,8 @@ const SMALL: Limits = Limits {
 };
 
 /// Feeds `chunks` in order to a fresh parser.
-fn run_chunks(limits: Limits, chunks: &[&[u8]]) -> Vec<Item> {
-    let mut p = StreamParser::new(limits);
+fn run_chunks(limits: &Limits, chunks: &[&[u8]]) -> Vec<Item> {
+    let mut p = StreamParser::new(limits.clone());
     let mut out = Vec::new();
     for c in chunks {
         p.feed(c, &mut out);
@@ -25,14 +25,14 @@ fn run_chunks(limits: Limits, chunks: &[&[u8]]) -> Vec<Item> {
 }
 
 /// Feeds `input` one byte at a time.
-fn run_bytewise(limits: Limits, input: &[u8]) -> Vec<Item> {
+fn run_bytewise(limits: &Limits, input: &[u8]) -> Vec<Item> {
     let chunks: Vec<&[u8]> = input.chunks(1).collect();
     run_chunks(limits, &chunks)
 }
 
 /// Parses `input` whole with `limits`, asserting that byte-by-byte feeding
 /// gives the same result.
-fn parse_with(limits: Limits, input: &[u8]) -> Vec<Item> {
+fn parse_with(limits: &Limits, input: &[u8]) -> Vec<Item> {
     let whole = run_chunks(limits, &[input]);
     let bytewise = run_bytewise(limits, input);
     assert_eq!(whole, bytewise, "split feed differs for {input:?}");
@@ -41,7 +41,7 @@ fn parse_with(limits: Limits, input: &[u8]) -> Vec<Item> {
 
 /// [`parse_with`] using the default limits.
 fn parse(input: &[u8]) -> Vec<Item> {
-    parse_with(Limits::default(), input)
+    parse_with(&Limits::default(), input)
 }
 
 /// Expected successful item.
@@ -173,7 +173,7 @@ fn finish_reports_incomplete_message_once() {
     );
     // After an error the skipped remainder is not reported again.
     let mut out = Vec::new();
-    p.feed(b"{]  [1,", &mut out);
+    p.feed(br#"{"a" 1, [1,"#, &mut out);
     p.finish(&mut out);
     assert_eq!(out.len(), 1);
     // Nothing pending: nothing reported.
@@ -192,7 +192,7 @@ fn thousand_small_objects_in_one_feed() {
             input.push(b'\n');
         }
     }
-    let items = run_chunks(Limits::default(), &[&input]);
+    let items = run_chunks(&Limits::default(), &[&input]);
     assert_eq!(items.len(), 1000);
     for (i, item) in items.into_iter().enumerate() {
         assert_eq!(item, ok(json!({"execute": "x", "id": i})));
@@ -207,6 +207,34 @@ fn key_order_is_preserved() {
     };
     let keys: Vec<&str> = map.keys().map(String::as_str).collect();
     assert_eq!(keys, ["z", "a", "m"]);
+}
+
+#[test]
+fn default_limits_and_error_display() {
+    let l = Limits::default();
+    assert_eq!(l.max_depth, 1024);
+    assert_eq!(l.max_message_bytes, 64 * 1024 * 1024);
+    assert_eq!(l.max_tokens, 2_097_152);
+    let e = JsonError::new("JSON parse error, expecting value");
+    assert_eq!(e.to_string(), e.desc);
+    assert!(!e.is_limit());
+    assert!(JsonError::new("JSON nesting depth limit exceeded").is_limit());
+}
+
+#[test]
+fn finish_flushes_stray_utf8_prefix() {
+    let mut p = StreamParser::default();
+    let mut out = Vec::new();
+    p.feed(b"[1] \xE2\x82", &mut out);
+    p.finish(&mut out);
+    assert_eq!(
+        out,
+        vec![
+            Ok(json!([1])),
+            Err(JsonError::new("JSON parse error, stray '\u{FFFD}'"))
+        ]
+    );
+    assert!(!p.in_message());
 }
 
 // ---------------------------------------------------------------- strings
@@ -326,7 +354,7 @@ fn invalid_utf8_in_strings() {
 fn long_string_value_parses() {
     let big = "x".repeat(10 << 20);
     let input = format!(r#"{{"execute":"x","arguments":{{"data":"{big}"}}}}"#);
-    let items = run_chunks(Limits::default(), &[input.as_bytes()]);
+    let items = run_chunks(&Limits::default(), &[input.as_bytes()]);
     assert_eq!(items.len(), 1);
     let Ok(v) = &items[0] else { panic!("error") };
     assert_eq!(
@@ -335,7 +363,7 @@ fn long_string_value_parses() {
     );
     // Same in uneven chunks.
     let chunks: Vec<&[u8]> = input.as_bytes().chunks(65_537).collect();
-    assert_eq!(run_chunks(Limits::default(), &chunks), items);
+    assert_eq!(run_chunks(&Limits::default(), &chunks), items);
 }
 
 // ---------------------------------------------------------------- numbers
@@ -533,9 +561,11 @@ fn stray_bytes() {
     assert_eq!(single_error(b"\x7f"), "JSON parse error, stray '\x7f'");
     assert_eq!(single_error(b"\xFF"), "JSON parse error, stray '\u{FFFD}'");
     assert_eq!(single_error(b"\xC0"), "JSON parse error, stray '\u{FFFD}'");
+    assert_eq!(single_error(b"\xC3 "), "JSON parse error, stray '\u{FFFD}'");
+    // The byte that broke the sequence is looked at afresh.
     assert_eq!(
-        single_error(b"\xC3\x28"),
-        "JSON parse error, stray '\u{FFFD}'"
+        parse(b"\xC3{}"),
+        vec![err("JSON parse error, stray '\u{FFFD}'"), ok(json!({}))]
     );
     assert_eq!(
         single_error("é".as_bytes()),
@@ -606,32 +636,32 @@ fn size_limit_is_one_error() {
     let input =
         format!(r#"{{"execute":"x","arguments":{{"a":"{big}","b":[1,2,"]]]"]}}}} {{"ok":1}}"#);
     assert_eq!(
-        parse_with(limits, input.as_bytes()),
+        parse_with(&limits, input.as_bytes()),
         vec![err("JSON token size limit exceeded"), ok(json!({"ok": 1}))]
     );
     // Exactly at the limit is fine.
     let exact = format!("\"{}\"", "z".repeat(98));
-    assert_eq!(parse_with(limits, exact.as_bytes()).len(), 1);
-    assert!(parse_with(limits, exact.as_bytes())[0].is_ok());
+    assert_eq!(parse_with(&limits, exact.as_bytes()).len(), 1);
+    assert!(parse_with(&limits, exact.as_bytes())[0].is_ok());
     let over = format!("\"{}\" 1 ", "z".repeat(99));
     assert_eq!(
-        parse_with(limits, over.as_bytes()),
+        parse_with(&limits, over.as_bytes()),
         vec![err("JSON token size limit exceeded"), ok(json!(1))]
     );
     // Inside a long number or keyword.
     let num = format!("[{}] [2]", "1".repeat(500));
     assert_eq!(
-        parse_with(limits, num.as_bytes()),
+        parse_with(&limits, num.as_bytes()),
         vec![err("JSON token size limit exceeded"), ok(json!([2]))]
     );
     let num = format!("{} [2]", "1".repeat(500));
     assert_eq!(
-        parse_with(limits, num.as_bytes()),
+        parse_with(&limits, num.as_bytes()),
         vec![err("JSON token size limit exceeded"), ok(json!([2]))]
     );
     let word = format!("{} [2]", "t".repeat(500));
     assert_eq!(
-        parse_with(limits, word.as_bytes()),
+        parse_with(&limits, word.as_bytes()),
         vec![err("JSON token size limit exceeded"), ok(json!([2]))]
     );
 }
@@ -670,7 +700,7 @@ fn token_limit_is_one_error() {
     };
     // [1,2,3,4,5] is 11 tokens.
     assert_eq!(
-        parse_with(limits, b"[1,2,3,4,5] [1,2,3,4] {\"ok\":1}"),
+        parse_with(&limits, b"[1,2,3,4,5] [1,2,3,4] {\"ok\":1}"),
         vec![
             err("JSON token count limit exceeded"),
             ok(json!([1, 2, 3, 4])),
@@ -679,7 +709,7 @@ fn token_limit_is_one_error() {
     );
     let many = format!("[{}0]\n[2]", "0,".repeat(10_000));
     assert_eq!(
-        parse_with(limits, many.as_bytes()),
+        parse_with(&limits, many.as_bytes()),
         vec![err("JSON token count limit exceeded"), ok(json!([2]))]
     );
 }
@@ -692,7 +722,7 @@ fn limits_reset_per_message() {
         max_depth: 2,
     };
     let input = br#"{"a":[1]} {"b":[2]} {"c":[3]} [[4]] [[5]]"#;
-    let items = parse_with(limits, input);
+    let items = parse_with(&limits, input);
     assert_eq!(items.len(), 5);
     assert!(items.iter().all(Result::is_ok));
 }
@@ -884,15 +914,16 @@ fn in_message_and_pending_bytes() {
     assert!(!p.in_message());
     p.feed(br#"{"abc": "#, &mut out);
     assert!(p.in_message());
-    assert_eq!(p.pending_bytes(), 6);
+    assert_eq!(p.pending_bytes(), 7);
     p.feed(br#""de"#, &mut out);
-    assert_eq!(p.pending_bytes(), 9);
+    assert_eq!(p.pending_bytes(), 10);
     p.feed(br#""}"#, &mut out);
     assert!(!p.in_message());
     assert_eq!(p.pending_bytes(), 0);
     assert_eq!(out, vec![Ok(json!({"abc": "de"}))]);
-    p.feed(b"{]", &mut out);
+    p.feed(br#"{"a" 1, ["#, &mut out);
     assert!(p.in_message());
+    assert_eq!(p.pending_bytes(), 0);
     p.reset();
     assert!(!p.in_message());
 }
@@ -917,17 +948,17 @@ const CORPUS: &[&[u8]] = &[
 #[test]
 fn corpus_split_everywhere_matches_whole() {
     for input in CORPUS {
-        let whole = run_chunks(Limits::default(), &[input]);
+        let whole = run_chunks(&Limits::default(), &[input]);
         for cut in 0..=input.len() {
             let (a, b) = input.split_at(cut);
             assert_eq!(
-                run_chunks(Limits::default(), &[a, b]),
+                run_chunks(&Limits::default(), &[a, b]),
                 whole,
                 "cut at {cut} of {input:?}"
             );
         }
-        assert_eq!(run_bytewise(Limits::default(), input), whole);
-        assert_eq!(run_bytewise(SMALL, input), run_chunks(SMALL, &[input]));
+        assert_eq!(run_bytewise(&Limits::default(), input), whole);
+        assert_eq!(run_bytewise(&SMALL, input), run_chunks(&SMALL, &[input]));
     }
 }
 
@@ -940,10 +971,10 @@ fn corpus_concatenated_is_concatenation() {
     let mut expected = Vec::new();
     let mut all = Vec::new();
     for v in valid {
-        expected.extend(run_chunks(Limits::default(), &[v]));
+        expected.extend(run_chunks(&Limits::default(), &[v]));
         all.extend_from_slice(v);
     }
-    assert_eq!(run_chunks(Limits::default(), &[&all]), expected);
+    assert_eq!(run_chunks(&Limits::default(), &[&all]), expected);
     assert_eq!(expected.len(), 3);
     assert!(expected.iter().all(Result::is_ok));
 }
@@ -1011,8 +1042,8 @@ fn jsonish_bytes() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Feeds `chunks`, checking the memory bound after each, and returns items.
-fn run_checked(limits: Limits, chunks: &[&[u8]]) -> Vec<Item> {
-    let mut p = StreamParser::new(limits);
+fn run_checked(limits: &Limits, chunks: &[&[u8]]) -> Vec<Item> {
+    let mut p = StreamParser::new(limits.clone());
     let mut out = Vec::new();
     for c in chunks {
         p.feed(c, &mut out);
@@ -1062,10 +1093,10 @@ proptest! {
         points in prop::collection::vec(any::<usize>(), 0..12),
     ) {
         let chunks = split_at_points(&input, &points);
-        let split = run_checked(SMALL, &chunks);
-        let whole = run_checked(SMALL, &[&input]);
+        let split = run_checked(&SMALL, &chunks);
+        let whole = run_checked(&SMALL, &[&input]);
         prop_assert_eq!(&split, &whole);
-        prop_assert_eq!(run_checked(SMALL, &input.chunks(1).collect::<Vec<_>>()), whole);
+        prop_assert_eq!(run_checked(&SMALL, &input.chunks(1).collect::<Vec<_>>()), whole);
     }
 
     #[test]
@@ -1074,11 +1105,11 @@ proptest! {
         points in prop::collection::vec(any::<usize>(), 0..12),
     ) {
         let chunks = split_at_points(&input, &points);
-        let split = run_checked(SMALL, &chunks);
-        let whole = run_checked(SMALL, &[&input]);
+        let split = run_checked(&SMALL, &chunks);
+        let whole = run_checked(&SMALL, &[&input]);
         prop_assert_eq!(&split, &whole);
-        let default_split = run_checked(Limits::default(), &chunks);
-        prop_assert_eq!(default_split, run_checked(Limits::default(), &[&input]));
+        let default_split = run_checked(&Limits::default(), &chunks);
+        prop_assert_eq!(default_split, run_checked(&Limits::default(), &[&input]));
     }
 
     #[test]
@@ -1095,7 +1126,7 @@ proptest! {
             expected.push(Ok(serde_json::from_str::<Value>(&normalised).unwrap()));
         }
         let chunks = split_at_points(&input, &points);
-        prop_assert_eq!(run_checked(SMALL, &chunks), expected);
+        prop_assert_eq!(run_checked(&SMALL, &chunks), expected);
     }
 
     #[test]
@@ -1112,7 +1143,7 @@ proptest! {
         // A trailing space delimits a top-level number.
         let input = format!("{text} ");
         let chunks = split_at_points(input.as_bytes(), &points);
-        let items = run_chunks(Limits::default(), &chunks);
+        let items = run_chunks(&Limits::default(), &chunks);
         prop_assert_eq!(items, vec![Ok(value)]);
     }
 }

@@ -1,0 +1,258 @@
+//! The driver trait: what every block driver implements.
+//!
+//! Drivers are dumb on purpose. The core's request layer
+//! ([`crate::node::BlockNode`]) checks bounds, pads unaligned requests with
+//! read-modify-write, serialises overlapping requests that need it and
+//! counts statistics; a driver only ever sees requests aligned to its
+//! [`IoLimits::request_alignment`] and within its length. Data moves as
+//! [`Bytes`]: reads return a buffer, writes take one, and a layer that does
+//! not change data passes the same buffer on without copying it.
+//!
+//! Drivers with children (formats, filters) reach them only through
+//! [`ChildRef`] handles owned by the core, so the core can swap the node
+//! behind a child (commit, mirror, reopen) while the driver keeps its handle.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::error::BlockError;
+use crate::node::BlockNode;
+use crate::perm::{filter_default, ChildRole, PermPair};
+
+/// A boxed, sendable I/O future borrowing the driver.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Flags of a write-like request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReqFlags {
+    /// Force unit access: the data is on stable storage when the request completes.
+    pub fua: bool,
+    /// For write-zeroes: the range may be deallocated (punched) instead of written.
+    pub may_unmap: bool,
+    /// For write-zeroes: fail with ENOTSUP rather than write zeroes slowly.
+    pub no_fallback: bool,
+}
+
+/// Alignment and size limits a driver declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoLimits {
+    /// Requests are multiples of this and start at multiples of it (a power of two).
+    pub request_alignment: u32,
+    /// Largest read or write in one request (0: no limit).
+    pub max_transfer: u32,
+    /// Preferred granularity for write-zeroes (0: any).
+    pub pwrite_zeroes_alignment: u32,
+    /// Granularity of discard (0: any).
+    pub pdiscard_alignment: u32,
+}
+
+impl Default for IoLimits {
+    fn default() -> Self {
+        IoLimits {
+            request_alignment: 1,
+            max_transfer: 0,
+            pwrite_zeroes_alignment: 0,
+            pdiscard_alignment: 0,
+        }
+    }
+}
+
+/// What a range of a node holds, QEMU's `BDRV_BLOCK_*` reduced to what
+/// clients see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Bytes from the queried offset that this status applies to (> 0).
+    pub len: u64,
+    /// Reads return data from this layer or below (not a hole).
+    pub data: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+    /// The range is allocated in this layer (not passed to the backing file).
+    pub allocated: bool,
+}
+
+/// Image information a driver reports for queries.
+#[derive(Debug, Clone, Default)]
+pub struct DriverInfo {
+    /// Cluster size, for formats that have clusters.
+    pub cluster_size: Option<u64>,
+    /// Whether the image is marked dirty (qcow2 lazy refcounts).
+    pub dirty: Option<bool>,
+    /// `format-specific` member of ImageInfo.
+    pub format_specific: Option<Value>,
+    /// Backing file name as recorded in the image header.
+    pub backing_filename: Option<String>,
+    /// Backing format as recorded in the image header.
+    pub backing_format: Option<String>,
+}
+
+/// A child edge: a named role of a parent node, pointing at a node the
+/// core may replace.
+pub struct Child {
+    name: String,
+    role: ChildRole,
+    node: RwLock<Arc<BlockNode>>,
+}
+
+/// Shared handle to a child edge.
+pub type ChildRef = Arc<Child>;
+
+impl Child {
+    /// A new edge.
+    pub fn new(name: impl Into<String>, role: ChildRole, node: Arc<BlockNode>) -> ChildRef {
+        Arc::new(Child {
+            name: name.into(),
+            role,
+            node: RwLock::new(node),
+        })
+    }
+
+    /// The role name (`file`, `backing`, `image`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The role flags.
+    pub fn role(&self) -> ChildRole {
+        self.role
+    }
+
+    /// The node the edge points at now.
+    pub fn node(&self) -> Arc<BlockNode> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Points the edge at another node (graph changes only).
+    pub fn replace(&self, node: Arc<BlockNode>) -> Arc<BlockNode> {
+        std::mem::replace(
+            &mut *self.node.write().unwrap_or_else(|e| e.into_inner()),
+            node,
+        )
+    }
+}
+
+impl std::fmt::Debug for Child {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Child({} -> {})", self.name, self.node().name())
+    }
+}
+
+/// A block driver instance (one per node).
+///
+/// All offsets and lengths are in bytes. Every request a driver receives is
+/// aligned to its `request_alignment` and lies within `length()`, except
+/// `truncate`.
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The driver name (`file`, `raw`, `null-co`, ...), as `drv` in queries.
+    fn format_name(&self) -> &'static str;
+
+    /// Alignment and size limits.
+    fn limits(&self) -> IoLimits {
+        IoLimits::default()
+    }
+
+    /// Current length in bytes.
+    fn length(&self) -> u64;
+
+    /// The node's children, in the order queries list them.
+    fn children(&self) -> Vec<ChildRef> {
+        Vec::new()
+    }
+
+    /// The file name the node shows (`file` in queries). Formats and filters
+    /// return `None` and show their primary child's.
+    fn filename(&self) -> Option<String> {
+        None
+    }
+
+    /// Bytes the image occupies on disk (`actual-size`), for protocol drivers.
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Format information for queries.
+    fn info(&self) -> DriverInfo {
+        DriverInfo::default()
+    }
+
+    /// Whether the node is a filter (its data is its primary child's).
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes>;
+
+    /// Writes `data` at `offset`.
+    fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes. The default writes a
+    /// buffer of zeroes (or refuses when `no_fallback` is set).
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if flags.no_fallback {
+                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+            }
+            const CHUNK: u64 = 1 << 20;
+            let zeroes = Bytes::from(vec![0u8; len.min(CHUNK) as usize]);
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                self.write(offset + done, zeroes.slice(..n as usize), flags)
+                    .await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Discards (unmaps) a range: advisory, the default does nothing.
+    fn discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Makes completed writes stable.
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// What the range starting at `offset` holds (at most `len` bytes).
+    /// The default: data, allocated, everywhere.
+    fn block_status(&self, _offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(async move {
+            Ok(BlockStatus {
+                len,
+                data: true,
+                zero: false,
+                allocated: true,
+            })
+        })
+    }
+
+    /// Changes the length.
+    fn truncate(&self, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
+    /// Permissions this node takes on `child`, given its own cumulative
+    /// permissions. The default is a filter's: pass everything through.
+    fn child_perm(&self, _child: &Child, parent: PermPair, _writable: bool) -> PermPair {
+        filter_default(parent)
+    }
+
+    /// Applies the node's new cumulative permissions (the `file` driver
+    /// takes or drops image locks here). On error nothing changed.
+    fn set_perm(&self, _perm: PermPair) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    /// Called once when the node leaves the graph: flush and release.
+    fn close(&self) -> IoFuture<'_, ()> {
+        self.flush()
+    }
+}

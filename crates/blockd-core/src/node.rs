@@ -1,0 +1,618 @@
+//! A node of the block graph and its request path (QEMU's `block/io.c`).
+//!
+//! [`BlockNode`] wraps a driver with what every driver relies on: bounds,
+//! alignment padding with read-modify-write, serialisation of overlapping
+//! requests that need it, `detect-zeroes`, read-only enforcement and
+//! statistics. Drivers see only aligned requests within their length.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::driver::{BlockDriver, BlockStatus, ChildRef, ReqFlags};
+use crate::perm::PermPair;
+use crate::tracked::Tracker;
+
+/// `detect-zeroes`: how writes of all-zero buffers are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as data.
+    #[default]
+    Off,
+    /// Turned into write-zeroes.
+    On,
+    /// Turned into write-zeroes that may unmap (if `discard=unmap`).
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// Options every node has (`BlockdevOptions` base members).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Opened read-only because it could not be opened read-write.
+    pub auto_read_only: bool,
+    /// Zero detection for writes.
+    pub detect_zeroes: DetectZeroes,
+    /// Discard requests are passed down (`discard=unmap`) rather than ignored.
+    pub discard_unmap: bool,
+    /// O_DIRECT (`cache.direct`).
+    pub cache_direct: bool,
+    /// Flushes are ignored (`cache.no-flush`).
+    pub cache_no_flush: bool,
+    /// Other processes' locks are not checked (`force-share`, read-only only).
+    pub force_share: bool,
+}
+
+/// Who uses a node: a parent node through a child edge, or something
+/// outside the graph (a backend, an export, a job).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum User {
+    /// Parent node `parent` through its child named `child`.
+    Node {
+        /// The parent's node-name.
+        parent: String,
+        /// The child role name.
+        child: String,
+    },
+    /// An external user, described for error messages (e.g. "export 'e0'").
+    External {
+        /// Unique key of the user.
+        key: String,
+        /// Human description.
+        label: String,
+        /// Whether it is a block backend (blockdev-del says "in use").
+        backend: bool,
+    },
+}
+
+impl User {
+    /// How the user is named in permission errors.
+    pub fn describe(&self) -> String {
+        match self {
+            User::Node { parent, child } => format!("{parent} as '{child}'"),
+            User::External { label, .. } => label.clone(),
+        }
+    }
+}
+
+/// One user of a node and the permissions it holds.
+#[derive(Debug, Clone)]
+pub struct ParentLink {
+    /// Who.
+    pub user: User,
+    /// Its permissions.
+    pub perm: PermPair,
+}
+
+/// I/O statistics of a node (`BlockDeviceStats`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes read.
+    pub rd_bytes: AtomicU64,
+    /// Bytes written.
+    pub wr_bytes: AtomicU64,
+    /// Bytes zeroed.
+    pub zone_bytes: AtomicU64,
+    /// Read requests.
+    pub rd_operations: AtomicU64,
+    /// Write requests (including write-zeroes).
+    pub wr_operations: AtomicU64,
+    /// Flushes.
+    pub flush_operations: AtomicU64,
+    /// Discards.
+    pub unmap_operations: AtomicU64,
+    /// Bytes discarded.
+    pub unmap_bytes: AtomicU64,
+    /// Failed reads.
+    pub failed_rd_operations: AtomicU64,
+    /// Failed writes.
+    pub failed_wr_operations: AtomicU64,
+    /// Failed flushes.
+    pub failed_flush_operations: AtomicU64,
+    /// Failed discards.
+    pub failed_unmap_operations: AtomicU64,
+    /// Time spent in reads.
+    pub rd_total_time_ns: AtomicU64,
+    /// Time spent in writes.
+    pub wr_total_time_ns: AtomicU64,
+    /// Time spent in flushes.
+    pub flush_total_time_ns: AtomicU64,
+    /// Time spent in discards.
+    pub unmap_total_time_ns: AtomicU64,
+    /// End of the highest write.
+    pub wr_highest_offset: AtomicU64,
+}
+
+static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A node of the block graph.
+pub struct BlockNode {
+    id: u64,
+    name: String,
+    auto_named: bool,
+    opts: NodeOptions,
+    driver: Box<dyn BlockDriver>,
+    tracker: Tracker,
+    pub(crate) parents: Mutex<Vec<ParentLink>>,
+    pub(crate) cumulative: Mutex<PermPair>,
+    /// Statistics.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("driver", &self.driver.format_name())
+            .finish()
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x & !(a - 1)
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    (x + a - 1) & !(a - 1)
+}
+
+/// Largest request the layer accepts (QEMU's `BDRV_REQUEST_MAX_BYTES`).
+pub const MAX_REQUEST: u64 = i32::MAX as u64 & !511;
+
+impl BlockNode {
+    /// A node around an opened driver.
+    pub fn new(
+        name: String,
+        auto_named: bool,
+        opts: NodeOptions,
+        driver: Box<dyn BlockDriver>,
+    ) -> Self {
+        BlockNode {
+            id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            auto_named,
+            opts,
+            driver,
+            tracker: Tracker::default(),
+            parents: Mutex::new(Vec::new()),
+            cumulative: Mutex::new(PermPair::FREE),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Unique id within the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The node-name (`#blockN` when generated).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the name was generated.
+    pub fn auto_named(&self) -> bool {
+        self.auto_named
+    }
+
+    /// The node options.
+    pub fn options(&self) -> &NodeOptions {
+        &self.opts
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &dyn BlockDriver {
+        &*self.driver
+    }
+
+    /// The children, as the driver lists them.
+    pub fn children(&self) -> Vec<ChildRef> {
+        self.driver.children()
+    }
+
+    /// The child with role name `name`.
+    pub fn child(&self, name: &str) -> Option<ChildRef> {
+        self.children().into_iter().find(|c| c.name() == name)
+    }
+
+    /// The users of this node.
+    pub fn parents(&self) -> Vec<ParentLink> {
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Cumulative permissions of all users.
+    pub fn cumulative_perm(&self) -> PermPair {
+        *self.cumulative.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Current length in bytes.
+    pub fn length(&self) -> u64 {
+        self.driver.length()
+    }
+
+    /// The file name queries show: the driver's own, else the primary
+    /// (first) child's.
+    pub fn filename(&self) -> String {
+        if let Some(f) = self.driver.filename() {
+            return f;
+        }
+        match self.children().first() {
+            Some(c) => c.node().filename(),
+            None => String::new(),
+        }
+    }
+
+    /// Disk space used (`actual-size`): the driver's, else the primary child's.
+    pub fn allocated_size(&self) -> Option<u64> {
+        if let Some(s) = self.driver.allocated_size() {
+            return Some(s);
+        }
+        self.children()
+            .first()
+            .and_then(|c| c.node().allocated_size())
+    }
+
+    fn alignment(&self) -> u64 {
+        u64::from(self.driver.limits().request_alignment.max(1))
+    }
+
+    /// Waits until no request is in flight on this node.
+    pub async fn drain(&self) {
+        self.tracker.drain().await
+    }
+
+    /// Reads `len` bytes at `offset`. Bytes beyond the end read as zeroes.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let start = Instant::now();
+        let r = self.read_inner(offset, len).await;
+        let s = &self.stats;
+        match &r {
+            Ok(_) => {
+                s.rd_operations.fetch_add(1, Ordering::Relaxed);
+                s.rd_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                s.rd_total_time_ns
+                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.failed_rd_operations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    async fn read_inner(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        let len64 = len as u64;
+        if len64 > MAX_REQUEST || offset.checked_add(len64).is_none() {
+            return Err(einval());
+        }
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let size = self.length();
+        if offset >= size {
+            return Ok(Bytes::from(vec![0u8; len]));
+        }
+        let in_bounds = (size - offset).min(len64);
+        let data = self.read_aligned(offset, in_bounds).await?;
+        if in_bounds == len64 {
+            return Ok(data);
+        }
+        let mut b = BytesMut::with_capacity(len);
+        b.extend_from_slice(&data);
+        b.resize(len, 0);
+        Ok(b.freeze())
+    }
+
+    /// Reads an in-bounds range, padding it to the driver's alignment.
+    async fn read_aligned(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+        let a = self.alignment();
+        let start = align_down(offset, a);
+        let end = align_up(offset + len, a);
+        let _t = self.tracker.begin(start, end, false).await;
+        let data = self.driver_read_split(start, end - start).await?;
+        let skip = (offset - start) as usize;
+        Ok(data.slice(skip..skip + len as usize))
+    }
+
+    /// Reads an aligned range from the driver, split by `max_transfer`; the
+    /// part beyond the driver's length (padding) reads as zeroes.
+    async fn driver_read_split(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+        let size = self.driver.length();
+        let a = self.alignment();
+        let readable = if offset >= size {
+            0
+        } else {
+            align_up(size.min(offset + len), a).min(offset + len) - offset
+        };
+        let max = match self.driver.limits().max_transfer {
+            0 => u64::MAX,
+            m => u64::from(m),
+        };
+        if readable == len && len <= max {
+            return self.driver.read(offset, len as usize).await;
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut done = 0;
+        while done < readable {
+            let n = (readable - done).min(max);
+            let part = self.driver.read(offset + done, n as usize).await?;
+            out.extend_from_slice(&part);
+            done += n;
+        }
+        out.resize(len as usize, 0);
+        Ok(out.freeze())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.opts.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if len > MAX_REQUEST || offset.checked_add(len).is_none() {
+            return Err(einval());
+        }
+        Ok(())
+    }
+
+    fn account_write(&self, offset: u64, len: u64, start: Instant, ok: bool) {
+        let s = &self.stats;
+        if ok {
+            s.wr_operations.fetch_add(1, Ordering::Relaxed);
+            s.wr_bytes.fetch_add(len, Ordering::Relaxed);
+            s.wr_total_time_ns
+                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            s.wr_highest_offset
+                .fetch_max(offset + len, Ordering::Relaxed);
+        } else {
+            s.failed_wr_operations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let r = if self.opts.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
+            let unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+            let zflags = ReqFlags {
+                may_unmap: unmap,
+                ..flags
+            };
+            self.zeroes_inner(offset, len, zflags).await
+        } else {
+            self.write_inner(offset, data, flags).await
+        };
+        self.account_write(offset, len, start, r.is_ok());
+        r
+    }
+
+    async fn write_inner(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
+        let a = self.alignment();
+        let len = data.len() as u64;
+        let start = align_down(offset, a);
+        let end = align_up(offset + len, a);
+        if start == offset && end == offset + len {
+            let _t = self.tracker.begin(start, end, false).await;
+            return self.driver_write_split(offset, data, flags).await;
+        }
+        // Read-modify-write of the partial head and tail blocks; no other
+        // request may touch these blocks meanwhile.
+        let _t = self.tracker.begin(start, end, true).await;
+        let mut buf = BytesMut::with_capacity((end - start) as usize);
+        let head = offset - start;
+        if head > 0 {
+            let h = self.driver_read_split(start, a).await?;
+            buf.extend_from_slice(&h[..head as usize]);
+        }
+        buf.extend_from_slice(&data);
+        let tail_start = offset + len;
+        if tail_start < end {
+            let block = align_down(tail_start, a);
+            let t = if block == start && head > 0 {
+                // Head and tail are the same block: reuse it.
+                self.driver_read_split(block, a).await?
+            } else {
+                self.driver_read_split(block, a).await?
+            };
+            buf.extend_from_slice(&t[(tail_start - block) as usize..]);
+        }
+        self.driver_write_split(start, buf.freeze(), flags).await
+    }
+
+    async fn driver_write_split(
+        &self,
+        offset: u64,
+        data: Bytes,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        let max = match self.driver.limits().max_transfer {
+            0 => u64::MAX,
+            m => u64::from(m),
+        };
+        let len = data.len() as u64;
+        if len <= max {
+            return self.driver.write(offset, data, flags).await;
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            let part = data.slice(done as usize..(done + n) as usize);
+            self.driver.write(offset + done, part, flags).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes a range read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let flags = ReqFlags {
+            may_unmap: flags.may_unmap && self.opts.discard_unmap,
+            ..flags
+        };
+        let r = self.zeroes_inner(offset, len, flags).await;
+        self.account_write(offset, len, start, r.is_ok());
+        if r.is_ok() {
+            self.stats.zone_bytes.fetch_add(0, Ordering::Relaxed);
+        }
+        r
+    }
+
+    async fn zeroes_inner(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+        let a = self.alignment();
+        let start = align_up(offset, a);
+        let end = align_down(offset + len, a);
+        if end <= start {
+            // Entirely inside one block: an ordinary padded write.
+            let zero = Bytes::from(vec![0u8; len as usize]);
+            return self.write_inner(offset, zero, flags).await;
+        }
+        if start > offset {
+            let zero = Bytes::from(vec![0u8; (start - offset) as usize]);
+            self.write_inner(offset, zero, flags).await?;
+        }
+        {
+            let _t = self.tracker.begin(start, end, false).await;
+            self.driver.write_zeroes(start, end - start, flags).await?;
+        }
+        if offset + len > end {
+            let zero = Bytes::from(vec![0u8; (offset + len - end) as usize]);
+            self.write_inner(end, zero, flags).await?;
+        }
+        Ok(())
+    }
+
+    /// Discards a range (ignored unless `discard=unmap`).
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if !self.opts.discard_unmap || len == 0 {
+            return Ok(());
+        }
+        let start_t = Instant::now();
+        // Only whole aligned blocks can be discarded; the rest is left alone.
+        let a = self
+            .alignment()
+            .max(u64::from(self.driver.limits().pdiscard_alignment.max(1)));
+        let start = align_up(offset, a);
+        let end = align_down(offset + len, a);
+        let r = if end > start {
+            let _t = self.tracker.begin(start, end, false).await;
+            self.driver.discard(start, end - start).await
+        } else {
+            Ok(())
+        };
+        let s = &self.stats;
+        match &r {
+            Ok(()) => {
+                s.unmap_operations.fetch_add(1, Ordering::Relaxed);
+                s.unmap_bytes.fetch_add(len, Ordering::Relaxed);
+                s.unmap_total_time_ns
+                    .fetch_add(start_t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.failed_unmap_operations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// Flushes completed writes to stable storage (no-op with `cache.no-flush`).
+    pub async fn flush(&self) -> io::Result<()> {
+        let start = Instant::now();
+        let r = if self.opts.cache_no_flush {
+            Ok(())
+        } else {
+            self.driver.flush().await
+        };
+        let s = &self.stats;
+        match &r {
+            Ok(()) => {
+                s.flush_operations.fetch_add(1, Ordering::Relaxed);
+                s.flush_total_time_ns
+                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.failed_flush_operations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// What the range at `offset` holds, for at most `len` bytes (the
+    /// answer's `len` is how far it applies; beyond the end: zero).
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let size = self.length();
+        if len == 0 {
+            return Err(einval());
+        }
+        if offset >= size {
+            return Ok(BlockStatus {
+                len,
+                data: false,
+                zero: true,
+                allocated: false,
+            });
+        }
+        let len = len.min(size - offset);
+        let mut st = self.driver.block_status(offset, len).await?;
+        st.len = st.len.clamp(1, len);
+        Ok(st)
+    }
+
+    /// Changes the length.
+    pub async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.check_write(0, 0)?;
+        self.drain().await;
+        self.driver.truncate(len).await
+    }
+
+    /// Flushes and releases the driver (the node is leaving the graph).
+    pub async fn close(&self) -> io::Result<()> {
+        self.drain().await;
+        self.driver.close().await
+    }
+}
+
+/// Whether a buffer is all zeroes.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+        // the aligned middle of the slice.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}

@@ -1,0 +1,253 @@
+//! Opening a tree of nodes for `blockdev-add` (QEMU's `bdrv_open` with
+//! inline children and references).
+//!
+//! 1. Check the whole tree before opening anything: node-names valid and
+//!    unused, the root named, references resolvable, driver options sane.
+//! 2. Open bottom-up: each driver opens its children through [`OpenCtx`],
+//!    which opens inline definitions (inheriting the parent's read-only and
+//!    cache options, as QEMU does) or resolves references.
+//! 3. Insert the new nodes into the graph in one step (names and
+//!    permissions checked again under the graph lock).
+//!
+//! If any step fails, every node opened so far is closed and the graph is
+//! unchanged.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use blockd_core::graph::check_node_name;
+use blockd_core::{
+    BlockDriver, BlockError, BlockGraph, BlockNode, Child, ChildRef, ChildRole, DetectZeroes,
+    NodeOptions,
+};
+
+use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroesOpt, Discard, DriverOptions};
+
+/// Descriptor sets passed by the client (`add-fd`), for `/dev/fdset/N`.
+pub trait FdSets: Send + Sync {
+    /// A duplicate of a descriptor of set `set` whose access mode fits
+    /// `writable`, as QEMU's `qemu_open` picks one.
+    fn dup_for(&self, set: i64, writable: bool) -> Result<OwnedFd, BlockError>;
+}
+
+/// What opening needs from outside the graph.
+#[derive(Clone, Default)]
+pub struct Env {
+    /// Descriptor sets, if the server has any.
+    pub fdsets: Option<Arc<dyn FdSets>>,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Opens children for a driver that is being opened.
+pub struct OpenCtx<'a> {
+    graph: &'a BlockGraph,
+    env: &'a Env,
+    /// The options of the node being opened (children inherit from them).
+    pub node: NodeOptions,
+    /// The node-name of the node being opened.
+    pub node_name: String,
+    created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
+}
+
+impl OpenCtx<'_> {
+    /// The environment.
+    pub fn env(&self) -> &Env {
+        self.env
+    }
+
+    /// Opens (or resolves) the child `name` with `role`.
+    pub async fn open_child(
+        &mut self,
+        name: &str,
+        child: BlockdevRef,
+        role: ChildRole,
+    ) -> Result<ChildRef, BlockError> {
+        let node = match child {
+            BlockdevRef::Reference(r) => self.graph.get(&r).ok_or_else(|| {
+                BlockError::not_found(format!("Cannot find device='{r}' nor node-name='{r}'"))
+            })?,
+            BlockdevRef::Definition(opts) => {
+                let inherit = Inherit::from_parent(&self.node, role);
+                open_node(self.graph, self.env, *opts, inherit, self.created.clone()).await?
+            }
+        };
+        Ok(Child::new(name, role, node))
+    }
+}
+
+/// Options a child takes from its parent unless it sets them itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct Inherit {
+    read_only: Option<bool>,
+    auto_read_only: Option<bool>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+    discard_unmap: bool,
+}
+
+impl Inherit {
+    fn from_parent(p: &NodeOptions, role: ChildRole) -> Inherit {
+        Inherit {
+            read_only: Some(p.read_only || role.has(ChildRole::COW)),
+            auto_read_only: Some(p.auto_read_only && !role.has(ChildRole::COW)),
+            direct: Some(p.cache_direct),
+            no_flush: Some(p.cache_no_flush),
+            // Lower layers default to passing discards down; the parent's
+            // own policy decides what reaches them.
+            discard_unmap: true,
+        }
+    }
+}
+
+/// `blockdev-add`: checks, opens and inserts a tree; returns its root.
+pub async fn blockdev_add(
+    graph: &BlockGraph,
+    env: &Env,
+    opts: BlockdevOptions,
+) -> Result<Arc<BlockNode>, BlockError> {
+    if opts.node_name.is_none() {
+        return Err(BlockError::invalid(
+            "'node-name' must be specified for the root node",
+        ));
+    }
+    check_tree(graph, &opts, &mut HashSet::new())?;
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let root = match open_node(graph, env, opts, Inherit::default(), created.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            close_all(created).await;
+            return Err(e);
+        }
+    };
+    let nodes: Vec<Arc<BlockNode>> = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Err(e) = graph.insert(&nodes, &root, true) {
+        drop(root);
+        close_all(created).await;
+        return Err(e);
+    }
+    Ok(root)
+}
+
+async fn close_all(created: Arc<Mutex<Vec<Arc<BlockNode>>>>) {
+    let nodes: Vec<Arc<BlockNode>> =
+        std::mem::take(&mut *created.lock().unwrap_or_else(|e| e.into_inner()));
+    for n in nodes.iter().rev() {
+        if let Err(e) = n.close().await {
+            tracing::warn!(node = n.name(), error = %e, "closing after a failed open");
+        }
+    }
+}
+
+/// Checks names, references and static driver options of a whole tree.
+fn check_tree(
+    graph: &BlockGraph,
+    opts: &BlockdevOptions,
+    names: &mut HashSet<String>,
+) -> Result<(), BlockError> {
+    if let Some(n) = &opts.node_name {
+        check_node_name(n)?;
+        if graph.contains(n) || !names.insert(n.clone()) {
+            return Err(BlockError::invalid(format!(
+                "Duplicate nodes with node-name='{n}'"
+            )));
+        }
+    }
+    if opts.force_share == Some(true) && opts.read_only != Some(true) {
+        return Err(BlockError::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    let mut check_ref = |r: &BlockdevRef| -> Result<(), BlockError> {
+        match r {
+            BlockdevRef::Reference(name) => {
+                if graph.contains(name) {
+                    Ok(())
+                } else {
+                    Err(BlockError::not_found(format!(
+                        "Cannot find device='{name}' nor node-name='{name}'"
+                    )))
+                }
+            }
+            BlockdevRef::Definition(d) => check_tree(graph, d, names),
+        }
+    };
+    match &opts.driver {
+        DriverOptions::Raw(r) => {
+            check_ref(&r.file)?;
+            crate::raw::check(r)
+        }
+        DriverOptions::Blkdebug(b) => {
+            check_ref(&b.image)?;
+            crate::blkdebug::check(b)
+        }
+        DriverOptions::Null(n) => crate::null::check(n),
+        DriverOptions::File(f) => crate::file::check(f),
+    }
+}
+
+fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
+    let cache = opts.cache.unwrap_or_default();
+    NodeOptions {
+        read_only: opts.read_only.or(inherit.read_only).unwrap_or(false),
+        auto_read_only: opts
+            .auto_read_only
+            .or(inherit.auto_read_only)
+            .unwrap_or(false),
+        detect_zeroes: match opts.detect_zeroes.unwrap_or_default() {
+            DetectZeroesOpt::Off => DetectZeroes::Off,
+            DetectZeroesOpt::On => DetectZeroes::On,
+            DetectZeroesOpt::Unmap => DetectZeroes::Unmap,
+        },
+        discard_unmap: match opts.discard {
+            Some(d) => d == Discard::Unmap,
+            None => inherit.discard_unmap,
+        },
+        cache_direct: cache.direct.or(inherit.direct).unwrap_or(false),
+        cache_no_flush: cache.no_flush.or(inherit.no_flush).unwrap_or(false),
+        force_share: opts.force_share.unwrap_or(false),
+    }
+}
+
+fn open_node<'a>(
+    graph: &'a BlockGraph,
+    env: &'a Env,
+    opts: BlockdevOptions,
+    inherit: Inherit,
+    created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
+) -> BoxFuture<'a, Result<Arc<BlockNode>, BlockError>> {
+    Box::pin(async move {
+        let (name, auto) = match &opts.node_name {
+            Some(n) => (n.clone(), false),
+            None => (graph.auto_name(), true),
+        };
+        let mut nopts = node_options(&opts, inherit);
+        let mut ctx = OpenCtx {
+            graph,
+            env,
+            node: nopts,
+            node_name: name.clone(),
+            created: created.clone(),
+        };
+        let driver: Box<dyn BlockDriver> = match opts.driver {
+            DriverOptions::File(f) => {
+                let (d, ro) = crate::file::open(f, &ctx.node, env).await?;
+                // auto-read-only may have fallen back to read-only.
+                nopts.read_only = ro;
+                Box::new(d)
+            }
+            DriverOptions::Null(n) => Box::new(crate::null::open(n)?),
+            DriverOptions::Raw(r) => Box::new(crate::raw::open(r, &mut ctx).await?),
+            DriverOptions::Blkdebug(b) => Box::new(crate::blkdebug::open(b, &mut ctx).await?),
+        };
+        let node = Arc::new(BlockNode::new(name, auto, nopts, driver));
+        created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(node.clone());
+        Ok(node)
+    })
+}

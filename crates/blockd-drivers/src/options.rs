@@ -1,0 +1,254 @@
+//! Typed `blockdev-add` options, mirroring `schema/block-core.json`.
+//!
+//! The QMP layer checks arguments against the schema first (so errors are
+//! QEMU's), then deserialises them into these types; they must therefore
+//! accept exactly what the schema accepts.
+
+use serde::Deserialize;
+
+/// `BlockdevDiscardOptions`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    /// Discard requests are ignored.
+    #[default]
+    Ignore,
+    /// Discard requests are passed down.
+    Unmap,
+}
+
+/// `BlockdevDetectZeroesOptions`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroesOpt {
+    /// Off.
+    #[default]
+    Off,
+    /// On.
+    On,
+    /// On, and may unmap.
+    Unmap,
+}
+
+/// `BlockdevCacheOptions`.
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CacheOptions {
+    /// O_DIRECT.
+    pub direct: Option<bool>,
+    /// Ignore flushes.
+    #[serde(rename = "no-flush")]
+    pub no_flush: Option<bool>,
+}
+
+/// `OnOffAuto`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOffAuto {
+    /// Automatic.
+    #[default]
+    Auto,
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `BlockdevAioOptions`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Aio {
+    /// Thread pool.
+    #[default]
+    Threads,
+    /// Accepted for compatibility; same as threads.
+    Native,
+}
+
+/// `BlockdevOptionsFile`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOptions {
+    /// Path, or `/dev/fdset/N`.
+    pub filename: String,
+    /// Image locking.
+    pub locking: Option<OnOffAuto>,
+    /// I/O method.
+    pub aio: Option<Aio>,
+    /// Accepted, unused.
+    #[serde(rename = "aio-max-batch")]
+    pub aio_max_batch: Option<i64>,
+    /// Accepted, unused.
+    #[serde(rename = "drop-cache")]
+    pub drop_cache: Option<bool>,
+}
+
+/// `BlockdevOptionsNull`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NullOptions {
+    /// Length in bytes.
+    pub size: Option<i64>,
+    /// Latency of every request.
+    #[serde(rename = "latency-ns")]
+    pub latency_ns: Option<u64>,
+    /// Whether reads return zeroes.
+    #[serde(rename = "read-zeroes")]
+    pub read_zeroes: Option<bool>,
+}
+
+/// `BlockdevRef`: new options inline, or an existing node's name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    /// The node-name of an existing node.
+    Reference(String),
+    /// A new node.
+    Definition(Box<BlockdevOptions>),
+}
+
+/// `BlockdevRefOrNull`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BlockdevRefOrNull {
+    /// No child.
+    Null(()),
+    /// The node-name of an existing node.
+    Reference(String),
+    /// A new node.
+    Definition(Box<BlockdevOptions>),
+}
+
+/// `BlockdevOptionsRaw`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOptions {
+    /// The storage child.
+    pub file: BlockdevRef,
+    /// Start of the window.
+    pub offset: Option<i64>,
+    /// Length of the window.
+    pub size: Option<i64>,
+}
+
+/// `BlkdebugInjectErrorOptions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkdebugInjectError {
+    /// Where the rule triggers.
+    pub event: String,
+    /// Only in this state.
+    pub state: Option<i64>,
+    /// Only requests of this type.
+    pub iotype: Option<String>,
+    /// The errno to fail with (default EIO).
+    pub errno: Option<i64>,
+    /// Only requests touching this sector.
+    pub sector: Option<i64>,
+    /// Remove the rule once it fired.
+    pub once: Option<bool>,
+    /// Fail before the child sees the request.
+    pub immediately: Option<bool>,
+}
+
+/// `BlkdebugSetStateOptions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkdebugSetState {
+    /// Where the rule triggers.
+    pub event: String,
+    /// Only in this state.
+    pub state: Option<i64>,
+    /// The state to move to.
+    pub new_state: i64,
+}
+
+/// `BlockdevOptionsBlkdebug`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkdebugOptions {
+    /// The filtered child.
+    pub image: BlockdevRef,
+    /// A rules file in QEMU's blkdebug config syntax.
+    pub config: Option<String>,
+    /// Request alignment to declare.
+    pub align: Option<i64>,
+    /// Largest transfer to declare.
+    #[serde(rename = "max-transfer")]
+    pub max_transfer: Option<i32>,
+    /// Preferred write-zeroes size.
+    #[serde(rename = "opt-write-zero")]
+    pub opt_write_zero: Option<i32>,
+    /// Largest write-zeroes.
+    #[serde(rename = "max-write-zero")]
+    pub max_write_zero: Option<i32>,
+    /// Preferred discard size.
+    #[serde(rename = "opt-discard")]
+    pub opt_discard: Option<i32>,
+    /// Largest discard.
+    #[serde(rename = "max-discard")]
+    pub max_discard: Option<i32>,
+    /// Error injection rules.
+    #[serde(rename = "inject-error")]
+    pub inject_error: Option<Vec<BlkdebugInjectError>>,
+    /// State change rules.
+    #[serde(rename = "set-state")]
+    pub set_state: Option<Vec<BlkdebugSetState>>,
+}
+
+/// The driver and its own options (the union's variants).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "driver")]
+pub enum DriverOptions {
+    /// `blkdebug`.
+    #[serde(rename = "blkdebug")]
+    Blkdebug(BlkdebugOptions),
+    /// `file`.
+    #[serde(rename = "file")]
+    File(FileOptions),
+    /// `null-co`.
+    #[serde(rename = "null-co")]
+    Null(NullOptions),
+    /// `raw`.
+    #[serde(rename = "raw")]
+    Raw(RawOptions),
+}
+
+impl DriverOptions {
+    /// The driver name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DriverOptions::Blkdebug(_) => "blkdebug",
+            DriverOptions::File(_) => "file",
+            DriverOptions::Null(_) => "null-co",
+            DriverOptions::Raw(_) => "raw",
+        }
+    }
+}
+
+/// `BlockdevOptions`: common options plus the driver's.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockdevOptions {
+    /// The node-name (generated if absent, except for a root).
+    #[serde(rename = "node-name")]
+    pub node_name: Option<String>,
+    /// Discard handling.
+    pub discard: Option<Discard>,
+    /// Cache modes.
+    pub cache: Option<CacheOptions>,
+    /// Read-only.
+    #[serde(rename = "read-only")]
+    pub read_only: Option<bool>,
+    /// Fall back to read-only if read-write is not possible.
+    #[serde(rename = "auto-read-only")]
+    pub auto_read_only: Option<bool>,
+    /// Ignore other processes' locks (read-only nodes only).
+    #[serde(rename = "force-share")]
+    pub force_share: Option<bool>,
+    /// Zero detection.
+    #[serde(rename = "detect-zeroes")]
+    pub detect_zeroes: Option<DetectZeroesOpt>,
+    /// The driver and its options.
+    #[serde(flatten)]
+    pub driver: DriverOptions,
+}
