@@ -2,14 +2,14 @@
 //! run state (the design of QEMU's `block.c`, `block/io.c` and
 //! `block/block-backend.c`).
 //!
-//! * [`driver`]: the trait every block driver implements, and child edges.
-//! * [`node`]: a graph node and its request path (padding, read-modify-write,
+//! * [`driver`] — the trait every block driver implements, and child edges.
+//! * [`node`] — a graph node and its request path (padding, read-modify-write,
 //!   serialisation, detect-zeroes, statistics).
-//! * [`tracked`]: in-flight request tracking.
-//! * [`graph`]: names, users, permission propagation, insertion and removal.
-//! * [`perm`]: QEMU's permission model.
-//! * [`error`]: control-path errors.
-//! * [`runstate`]: running/paused.
+//! * [`tracked`] — in-flight request tracking.
+//! * [`graph`] — names, users, permission propagation, insertion and removal.
+//! * [`perm`] — QEMU's permission model.
+//! * [`error`] — control-path errors.
+//! * [`runstate`] — running/paused.
 
 pub mod driver;
 pub mod error;

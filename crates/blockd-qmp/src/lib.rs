@@ -1,11 +1,11 @@
 //! QMP, QEMU's JSON monitor protocol, as blockd speaks it.
 //!
-//! * [`json`]: the QEMU-dialect streaming JSON parser (byte stream, not lines).
-//! * [`schema`]: blockd's schema, argument checking and introspection.
-//! * [`wire`]: message encoding (ASCII, CRLF) and the request envelope.
-//! * [`dispatch`]: the command table and typed handlers.
-//! * [`events`]: event fan-out to negotiated clients.
-//! * [`server`]: listeners, connections, ordering, shutdown.
+//! * [`json`] — the QEMU-dialect streaming JSON parser (byte stream, not lines).
+//! * [`schema`] — blockd's schema, argument checking and introspection.
+//! * [`wire`] — message encoding (ASCII, CRLF) and the request envelope.
+//! * [`dispatch`] — the command table and typed handlers.
+//! * [`events`] — event fan-out to negotiated clients.
+//! * [`server`] — listeners, connections, ordering, shutdown.
 //!
 //! The crate knows nothing about block devices: the server is generic over
 //! the state its handlers share.

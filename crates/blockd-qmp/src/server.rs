@@ -222,7 +222,10 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
                     .subscribe(session.id, out_tx.clone(), kill.clone());
             }
         }
-        self.events.unsubscribe(session.id);
+        // At shutdown the client stays subscribed until SHUTDOWN was sent.
+        if !self.stop.is_cancelled() {
+            self.events.unsubscribe(session.id);
+        }
         tracing::debug!(session = session.id, "client done");
     }
 

@@ -125,6 +125,10 @@ impl Server {
     /// clients, removes the sockets.
     pub async fn shutdown(self, reason: &str) {
         self.qmp.shutdown(reason).await;
+        // Flush and close every image: parents (created later) first.
+        let mut nodes = self.state.graph.clear();
+        nodes.reverse();
+        qmp::close_nodes(nodes).await;
         self.remove_sockets();
     }
 

@@ -3,6 +3,8 @@
 use std::sync::{Arc, Mutex};
 
 use blockd_core::runstate::RunState;
+use blockd_core::BlockGraph;
+use blockd_drivers::Env;
 use blockd_qmp::EventBus;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +15,10 @@ pub struct State {
     pub events: EventBus,
     /// Running or paused.
     pub run: RunState,
+    /// The block graph.
+    pub graph: BlockGraph,
+    /// What drivers need from outside the graph (descriptor sets).
+    pub env: Env,
     /// The `VersionInfo` reported by the greeting and `query-version`.
     pub version: Value,
     /// `query-qmp-schema`'s answer, generated once from the schema.
@@ -29,6 +35,8 @@ impl State {
         State {
             events,
             run: RunState::default(),
+            graph: BlockGraph::new(),
+            env: Env::default(),
             version,
             schema_info: Arc::new(schema_info),
             command_list: Arc::new(command_list),

@@ -55,11 +55,13 @@ impl<'a> Path<'a> {
     }
 
     /// The bare member name QEMU uses in some messages (enum values,
-    /// integer ranges); a list element has none, so its full name is used.
+    /// integer ranges); a list element has no name, which QEMU prints as
+    /// "null".
     fn bare(&self) -> String {
         match self.segs.last() {
             Some(Seg::Key(k)) => k.to_string(),
-            _ => self.full(),
+            Some(Seg::Index(_)) => "null".to_string(),
+            None => String::new(),
         }
     }
 
@@ -145,15 +147,17 @@ impl Schema {
     fn accepts_json_type(&self, ty: &TypeRef, v: &Value) -> bool {
         match (ty, v) {
             (TypeRef::Array(_), Value::Array(_)) => true,
-            (TypeRef::Builtin(b), _) => match (b, v) {
-                (Builtin::Str, Value::String(_)) => true,
-                (Builtin::Int(_) | Builtin::Uint(_) | Builtin::Size, Value::Number(_)) => true,
-                (Builtin::Number, Value::Number(_)) => true,
-                (Builtin::Bool, Value::Bool(_)) => true,
-                (Builtin::Null, Value::Null) => true,
-                (Builtin::Any, _) => true,
-                _ => false,
-            },
+            (TypeRef::Builtin(b), _) => matches!(
+                (b, v),
+                (Builtin::Str, Value::String(_))
+                    | (
+                        Builtin::Int(_) | Builtin::Uint(_) | Builtin::Size | Builtin::Number,
+                        Value::Number(_)
+                    )
+                    | (Builtin::Bool, Value::Bool(_))
+                    | (Builtin::Null, Value::Null)
+                    | (Builtin::Any, _)
+            ),
             (TypeRef::Named(n), _) => matches!(
                 (&self.types[n], v),
                 (TypeDef::Enum(_), Value::String(_))

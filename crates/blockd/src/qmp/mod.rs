@@ -6,12 +6,16 @@ use blockd_qmp::Dispatcher;
 
 use crate::state::State;
 
+mod block;
 mod control;
+
+pub use block::{block_device_info, close_nodes, image_info, qerr};
 
 /// Builds the command table: every schema command gets its handler here.
 pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatcher<State> {
     let mut d = Dispatcher::new(schema);
     d.register_builtin("qmp_capabilities");
     control::register(&mut d);
+    block::register(&mut d);
     d
 }

@@ -1,0 +1,198 @@
+//! Block graph commands: `blockdev-add`, `blockdev-del`,
+//! `query-named-block-nodes`, `x-debug-query-block-graph`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use blockd_core::node::User;
+use blockd_core::{BlockError, BlockNode};
+use blockd_drivers::options::BlockdevOptions;
+use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::state::State;
+
+type R<T> = Result<T, QmpError>;
+
+/// Control-path errors are GenericError with the core's message (QEMU's
+/// wording lives there).
+pub fn qerr(e: BlockError) -> QmpError {
+    QmpError::generic(e.msg)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeName {
+    #[serde(rename = "node-name")]
+    node_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryNodes {
+    flat: Option<bool>,
+}
+
+/// Registers the block graph commands.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register(
+        "blockdev-add",
+        |cx: Ctx<State>, opts: BlockdevOptions| async move {
+            let st = &cx.state;
+            blockd_drivers::blockdev_add(&st.graph, &st.env, opts)
+                .await
+                .map_err(qerr)?;
+            R::Ok(Empty {})
+        },
+    );
+    d.register("blockdev-del", |cx: Ctx<State>, a: NodeName| async move {
+        let removed = cx.state.graph.remove(&a.node_name).map_err(qerr)?;
+        close_nodes(removed).await;
+        R::Ok(Empty {})
+    });
+    d.register(
+        "query-named-block-nodes",
+        |cx: Ctx<State>, a: QueryNodes| async move {
+            let flat = a.flat.unwrap_or(false);
+            let nodes = cx.state.graph.nodes();
+            R::Ok(Value::Array(
+                nodes.iter().map(|n| block_device_info(n, flat)).collect(),
+            ))
+        },
+    );
+    d.register(
+        "x-debug-query-block-graph",
+        |cx: Ctx<State>, _: blockd_qmp::NoArgs| async move { R::Ok(debug_graph(&cx.state)) },
+    );
+}
+
+/// Closes nodes that left the graph, parents before children.
+pub async fn close_nodes(nodes: Vec<Arc<BlockNode>>) {
+    for n in nodes {
+        if let Err(e) = n.close().await {
+            tracing::warn!(node = n.name(), error = %e, "error closing node");
+        }
+    }
+}
+
+fn backing(n: &BlockNode) -> Option<Arc<BlockNode>> {
+    n.child("backing").map(|c| c.node())
+}
+
+fn backing_depth(n: &BlockNode) -> u64 {
+    let mut depth = 0;
+    let mut cur = backing(n);
+    while let Some(b) = cur {
+        depth += 1;
+        cur = backing(&b);
+    }
+    depth
+}
+
+/// `ImageInfo` of a node; with `nested`, the backing image is included.
+pub fn image_info(n: &BlockNode, nested: bool) -> Value {
+    let info = n.driver().info();
+    let mut m = Map::new();
+    m.insert("filename".into(), n.filename().into());
+    m.insert("format".into(), n.driver().format_name().into());
+    m.insert("dirty-flag".into(), info.dirty.unwrap_or(false).into());
+    if let Some(a) = n.allocated_size() {
+        m.insert("actual-size".into(), a.into());
+    }
+    m.insert("virtual-size".into(), n.length().into());
+    if let Some(c) = info.cluster_size {
+        m.insert("cluster-size".into(), c.into());
+    }
+    if let Some(f) = &info.backing_filename {
+        m.insert("backing-filename".into(), f.clone().into());
+        if let Some(b) = backing(n) {
+            m.insert("full-backing-filename".into(), b.filename().into());
+        }
+        if let Some(fmt) = &info.backing_format {
+            m.insert("backing-filename-format".into(), fmt.clone().into());
+        }
+    }
+    if let Some(fs) = info.format_specific {
+        m.insert("format-specific".into(), fs);
+    }
+    if nested {
+        if let Some(b) = backing(n) {
+            m.insert("backing-image".into(), image_info(&b, true));
+        }
+    }
+    Value::Object(m)
+}
+
+/// `BlockDeviceInfo` of a node.
+pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
+    let o = n.options();
+    let mut m = Map::new();
+    m.insert("file".into(), n.filename().into());
+    m.insert("node-name".into(), n.name().into());
+    m.insert("ro".into(), n.read_only().into());
+    m.insert("drv".into(), n.driver().format_name().into());
+    if let Some(b) = backing(n) {
+        m.insert("backing_file".into(), b.filename().into());
+    }
+    m.insert("backing_file_depth".into(), backing_depth(n).into());
+    m.insert("active".into(), true.into());
+    m.insert("encrypted".into(), false.into());
+    m.insert("detect_zeroes".into(), o.detect_zeroes.as_str().into());
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        m.insert(k.into(), 0.into());
+    }
+    m.insert("image".into(), image_info(n, !flat));
+    m.insert(
+        "cache".into(),
+        json!({"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush}),
+    );
+    m.insert("write_threshold".into(), 0.into());
+    Value::Object(m)
+}
+
+fn debug_graph(st: &State) -> Value {
+    let nodes = st.graph.nodes();
+    let mut ids: HashMap<u64, u64> = HashMap::new();
+    let mut out_nodes = Vec::new();
+    let mut edges = Vec::new();
+    let mut next = 1u64;
+    for n in &nodes {
+        ids.insert(n.id(), next);
+        out_nodes.push(json!({"id": next, "type": "block-driver", "name": n.name()}));
+        next += 1;
+    }
+    for n in &nodes {
+        for p in n.parents() {
+            let parent = match &p.user {
+                User::Node { parent, .. } => match st.graph.get(parent) {
+                    Some(pn) => ids[&pn.id()],
+                    None => continue,
+                },
+                User::External { label, backend, .. } => {
+                    let id = next;
+                    next += 1;
+                    let ty = if *backend {
+                        "block-backend"
+                    } else {
+                        "block-export"
+                    };
+                    out_nodes.push(json!({"id": id, "type": ty, "name": label}));
+                    id
+                }
+            };
+            let name = match &p.user {
+                User::Node { child, .. } => child.clone(),
+                User::External { .. } => "root".to_string(),
+            };
+            edges.push(json!({
+                "parent": parent,
+                "child": ids[&n.id()],
+                "name": name,
+                "perm": p.perm.perm.names(),
+                "shared-perm": p.perm.shared.names(),
+            }));
+        }
+    }
+    json!({"nodes": out_nodes, "edges": edges})
+}
