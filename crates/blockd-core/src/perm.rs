@@ -171,6 +171,18 @@ pub fn cow_default(parent: PermPair) -> PermPair {
     }
 }
 
+/// QEMU's `bdrv_default_perms`: filters pass through, backing children
+/// are read-only, storage children follow [`storage_default`].
+pub fn default_perms(role: ChildRole, parent: PermPair, node_writable: bool) -> PermPair {
+    if role.has(ChildRole::FILTERED) {
+        filter_default(parent)
+    } else if role.has(ChildRole::COW) {
+        cow_default(parent)
+    } else {
+        storage_default(parent, role, node_writable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! `raw`: the child's bytes as they are, optionally a window
 //! (`offset`, `size`) of them.
 
-use blockd_core::perm::storage_default;
+use blockd_core::perm::default_perms;
 use blockd_core::{
     BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, IoFuture, PermPair, ReqFlags,
 };
@@ -20,11 +20,12 @@ pub struct RawDriver {
 
 /// Checks the options that need no child.
 pub fn check(o: &RawOptions) -> Result<(), BlockError> {
-    if o.offset.is_some_and(|v| v < 0) {
-        return Err(BlockError::invalid("offset cannot be negative"));
-    }
-    if o.size.is_some_and(|v| v < 0) {
-        return Err(BlockError::invalid("size cannot be negative"));
+    for (name, v) in [("offset", o.offset), ("size", o.size)] {
+        if let Some(v) = v.filter(|&v| v < 0) {
+            return Err(BlockError::invalid(format!(
+                "Value '{v}' is out of range for parameter '{name}'"
+            )));
+        }
     }
     Ok(())
 }
@@ -43,14 +44,15 @@ pub async fn open(o: RawOptions, ctx: &mut OpenCtx<'_>) -> Result<RawDriver, Blo
     let offset = o.offset.unwrap_or(0) as u64;
     let size = o.size.map(|s| s as u64);
     if offset > real {
-        return Err(BlockError::invalid(
-            "Offset cannot be larger than the size of the containing file",
-        ));
+        return Err(BlockError::invalid(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+        )));
     }
     if let Some(s) = size {
-        if offset + s > real {
+        if offset.checked_add(s).is_none_or(|end| end > real) {
+            // (QEMU's message has the double space too.)
             return Err(BlockError::invalid(format!(
-                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the actual size of the containing file ({real})"
+                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({real})"
             )));
         }
     }
@@ -135,7 +137,9 @@ impl BlockDriver for RawDriver {
     }
 
     fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {
-        let mut p = storage_default(parent, child.role(), writable);
+        // Without a window the child is FILTERED (pass-through); with one it
+        // is DATA (storage defaults), as in QEMU.
+        let mut p = default_perms(child.role(), parent, writable);
         if self.size.is_some() || self.offset != 0 {
             // A window's bounds are fixed: nobody may resize under it.
             p.shared = p.shared & !blockd_core::Perm::RESIZE;

@@ -174,14 +174,27 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// Turns a `--blockdev` value into a JSON object: JSON as is, QEMU's
-/// `key=value` form with dotted keys as nested objects of strings (the
-/// schema then converts strings where it expects numbers or booleans).
-pub fn blockdev_arg(s: &str) -> Result<Value, String> {
+/// A `--blockdev` value: the arguments, and whether they came in the
+/// `key=value` form (whose strings the schema converts to numbers and
+/// booleans where it expects them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionArgs {
+    /// The arguments object.
+    pub value: Value,
+    /// Given as `key=value,...`.
+    pub keyval: bool,
+}
+
+/// Parses a `--blockdev` value: JSON as is, QEMU's `key=value` form with
+/// dotted keys as nested objects of strings.
+pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
     if s.trim_start().starts_with('{') {
         let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
         return match v {
-            Value::Object(_) => Ok(v),
+            Value::Object(_) => Ok(OptionArgs {
+                value: v,
+                keyval: false,
+            }),
             _ => Err("expected a JSON object".into()),
         };
     }
@@ -203,7 +216,10 @@ pub fn blockdev_arg(s: &str) -> Result<Value, String> {
             return Err(format!("Parameter '{k}' given twice"));
         }
     }
-    Ok(Value::Object(root))
+    Ok(OptionArgs {
+        value: Value::Object(root),
+        keyval: true,
+    })
 }
 
 #[cfg(test)]
@@ -231,8 +247,9 @@ mod tests {
     #[test]
     fn blockdev_keyval_nests() {
         let v = blockdev_arg("driver=raw,node-name=r,file.driver=file,file.filename=/x").unwrap();
+        assert!(v.keyval);
         assert_eq!(
-            v,
+            v.value,
             serde_json::json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/x"}})
         );
         assert!(blockdev_arg("a=1,a=2").is_err());

@@ -56,7 +56,10 @@ impl std::fmt::Display for StartError {
 
 impl Server {
     /// Builds the server, binds every socket and applies `--blockdev`s.
-    pub async fn start(sockets: &[PathBuf], blockdevs: &[Value]) -> Result<Server, StartError> {
+    pub async fn start(
+        sockets: &[PathBuf],
+        blockdevs: &[cli::OptionArgs],
+    ) -> Result<Server, StartError> {
         let schema = schema::load();
         let events = EventBus::new(schema.clone());
         let dispatcher = qmp::dispatcher(schema.clone());
@@ -93,7 +96,12 @@ impl Server {
             sockets: sockets.to_vec(),
         };
         for b in blockdevs {
-            if let Err(e) = server.qmp.execute("blockdev-add", b.clone()).await {
+            let args = if b.keyval {
+                schema.coerce_keyval("blockdev-add", b.value.clone())
+            } else {
+                b.value.clone()
+            };
+            if let Err(e) = server.qmp.execute("blockdev-add", args).await {
                 server.remove_sockets();
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
             }

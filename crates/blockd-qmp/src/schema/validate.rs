@@ -285,3 +285,275 @@ fn visit_builtin(b: Builtin, v: &Value, path: &Path<'_>) -> Result<Value, QmpErr
         }
     }
 }
+
+impl Schema {
+    /// Converts a command's arguments given in QEMU's `key=value` command
+    /// line form (every scalar a string, lists as objects with keys `0`,
+    /// `1`, ...) to the JSON types the schema expects, as QEMU's keyval
+    /// input visitor does: `on`/`off` (and `yes`/`no`, `true`/`false`) for
+    /// booleans, decimal or `0x` numbers (with `k`/`M`/`G`/`T` suffixes
+    /// for sizes). What cannot be converted is left for the normal check
+    /// to report.
+    pub fn coerce_keyval(&self, command: &str, args: Value) -> Value {
+        match self.command(command) {
+            Some(cmd) => {
+                let ty = TypeRef::Named(cmd.args.clone());
+                self.coerce(&ty, args)
+            }
+            None => args,
+        }
+    }
+
+    fn coerce(&self, ty: &TypeRef, v: Value) -> Value {
+        match ty {
+            TypeRef::Builtin(b) => match (b, &v) {
+                (Builtin::Bool, Value::String(s)) => match s.as_str() {
+                    "on" | "yes" | "true" | "y" => Value::Bool(true),
+                    "off" | "no" | "false" | "n" => Value::Bool(false),
+                    _ => v,
+                },
+                (Builtin::Int(_), Value::String(s)) => {
+                    parse_int(s).map(|n| Value::from(n as i64)).unwrap_or(v)
+                }
+                (Builtin::Uint(_), Value::String(s)) => parse_int(s).map(Value::from).unwrap_or(v),
+                (Builtin::Size, Value::String(s)) => parse_size(s).map(Value::from).unwrap_or(v),
+                (Builtin::Number, Value::String(s)) => s
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(Number::from_f64)
+                    .map(Value::Number)
+                    .unwrap_or(v),
+                _ => v,
+            },
+            TypeRef::Array(elem) => match v {
+                Value::Object(m) => {
+                    let mut items: Vec<(usize, Value)> = Vec::new();
+                    for (k, x) in m.iter() {
+                        match k.parse::<usize>() {
+                            Ok(i) => items.push((i, x.clone())),
+                            Err(_) => return Value::Object(m),
+                        }
+                    }
+                    items.sort_by_key(|(i, _)| *i);
+                    if items.iter().enumerate().any(|(n, (i, _))| n != *i) {
+                        return Value::Object(m);
+                    }
+                    Value::Array(
+                        items
+                            .into_iter()
+                            .map(|(_, x)| self.coerce(elem, x))
+                            .collect(),
+                    )
+                }
+                Value::Array(a) => {
+                    Value::Array(a.into_iter().map(|x| self.coerce(elem, x)).collect())
+                }
+                other => other,
+            },
+            TypeRef::Named(n) => match (&self.types[n], v) {
+                (TypeDef::Struct(s), Value::Object(m)) => {
+                    Value::Object(self.coerce_members(&s.members, m))
+                }
+                (TypeDef::Union(u), Value::Object(m)) => {
+                    let mut m = self.coerce_members(&u.base, m);
+                    let case = m
+                        .get(&u.discriminator)
+                        .and_then(Value::as_str)
+                        .and_then(|tag| u.cases.iter().find(|(c, _)| c == tag))
+                        .map(|(_, st)| st.clone());
+                    if let Some(st) = case {
+                        if let TypeDef::Struct(s) = &self.types[&st] {
+                            m = self.coerce_members(&s.members, m);
+                        }
+                    }
+                    Value::Object(m)
+                }
+                (TypeDef::Alternate(a), v) => {
+                    // An object picks the object branch; a string stays a string
+                    // (a reference) unless only scalar branches exist.
+                    let branch = a.branches.iter().find(|b| self.accepts_json_type(b, &v));
+                    match branch {
+                        Some(b) => self.coerce(b, v),
+                        None => match a.branches.first() {
+                            Some(b) => self.coerce(b, v),
+                            None => v,
+                        },
+                    }
+                }
+                (_, v) => v,
+            },
+        }
+    }
+
+    fn coerce_members(
+        &self,
+        members: &[super::model::Member],
+        mut m: Map<String, Value>,
+    ) -> Map<String, Value> {
+        for mem in members {
+            if let Some(v) = m.remove(&mem.name) {
+                let nv = self.coerce(&mem.ty, v);
+                m.insert(mem.name.clone(), nv);
+            }
+        }
+        m
+    }
+}
+
+fn parse_int(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).ok();
+    }
+    if let Some(neg) = s.strip_prefix('-') {
+        return neg.parse::<i64>().ok().map(|n| (-n) as u64);
+    }
+    s.parse().ok()
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return None,
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    if mult == 1 {
+        return parse_int(num);
+    }
+    let f: f64 = num.parse().ok()?;
+    if !(0.0..=(u64::MAX as f64) / mult as f64).contains(&f) {
+        return None;
+    }
+    Some((f * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        let text = r#"[
+          {"enum": "Drv", "doc": "d", "data": ["a", "b"]},
+          {"struct": "A", "doc": "d", "data": {"size": "size", "flag": "bool", "*n": "int8", "*u": "uint32", "*list": ["int"]}},
+          {"struct": "B", "doc": "d", "data": {"child": "Ref"}},
+          {"alternate": "Ref", "doc": "d", "data": {"definition": "Opts", "reference": "str"}},
+          {"union": "Opts", "doc": "d", "base": {"driver": "Drv", "*name": "str"}, "discriminator": "driver", "data": {"a": "A", "b": "B"}},
+          {"command": "add", "doc": "d", "data": "Opts"},
+          {"command": "plain", "doc": "d", "data": {"x": "int", "*e": "Drv", "*items": ["Drv"]}}
+        ]"#;
+        Schema::load(&[("t.json", text)]).unwrap()
+    }
+
+    fn err(s: &Schema, cmd: &str, v: Value) -> String {
+        s.check_command_args(cmd, v.as_object()).unwrap_err().desc
+    }
+
+    #[test]
+    fn qemu_wording_and_paths() {
+        let s = schema();
+        assert_eq!(err(&s, "plain", json!({})), "Parameter 'x' is missing");
+        assert_eq!(
+            err(&s, "plain", json!({"x": "1"})),
+            "Invalid parameter type for 'x', expected: integer"
+        );
+        assert_eq!(
+            err(&s, "plain", json!({"x": 1, "y": 2})),
+            "Parameter 'y' is unexpected"
+        );
+        assert_eq!(
+            err(&s, "plain", json!({"x": 1, "e": "zz"})),
+            "Parameter 'e' does not accept value 'zz'"
+        );
+        assert_eq!(
+            err(&s, "plain", json!({"x": 1, "items": ["a", "q"]})),
+            "Parameter 'null' does not accept value 'q'"
+        );
+        assert_eq!(
+            err(
+                &s,
+                "add",
+                json!({"driver": "b", "child": {"driver": "a", "size": 1}})
+            ),
+            "Parameter 'child.flag' is missing"
+        );
+        assert_eq!(
+            err(&s, "add", json!({"driver": "b", "child": 5})),
+            "Invalid parameter type for 'child', expected: Ref"
+        );
+        assert_eq!(
+            err(&s, "add", json!({"driver": "a", "size": "x", "flag": true})),
+            "Parameter 'size' expects uint64"
+        );
+        assert_eq!(
+            err(
+                &s,
+                "add",
+                json!({"driver": "a", "size": 1, "flag": true, "n": 200})
+            ),
+            "Parameter 'n' expects int8_t"
+        );
+        assert_eq!(
+            err(
+                &s,
+                "add",
+                json!({"driver": "a", "size": 1, "flag": true, "u": -1})
+            ),
+            "Parameter 'u' expects uint32_t"
+        );
+        assert_eq!(
+            err(
+                &s,
+                "add",
+                json!({"driver": "a", "size": 1, "flag": true, "list": [1, "x"]})
+            ),
+            "Invalid parameter type for 'list[1]', expected: integer"
+        );
+        // Missing members are reported before unexpected ones.
+        assert_eq!(
+            err(&s, "plain", json!({"y": 1})),
+            "Parameter 'x' is missing"
+        );
+    }
+
+    #[test]
+    fn negative_unsigned_wraps_like_qemu() {
+        let s = schema();
+        let v = s
+            .check_command_args(
+                "add",
+                json!({"driver": "a", "size": -1, "flag": false}).as_object(),
+            )
+            .unwrap();
+        assert_eq!(v["size"], json!(u64::MAX));
+    }
+
+    #[test]
+    fn keyval_strings_become_typed() {
+        let s = schema();
+        let args = json!({"driver": "b", "child": {"driver": "a", "size": "1M", "flag": "on",
+                          "n": "-3", "list": {"0": "1", "1": "0x10"}}});
+        let v = s.coerce_keyval("add", args);
+        assert_eq!(
+            v,
+            json!({"driver": "b", "child": {"driver": "a", "size": 1048576, "flag": true,
+                    "n": -3, "list": [1, 16]}})
+        );
+        assert!(s.check_command_args("add", v.as_object()).is_ok());
+        // A reference stays a string.
+        let v = s.coerce_keyval("add", json!({"driver": "b", "child": "node0"}));
+        assert_eq!(v["child"], "node0");
+    }
+}

@@ -1,0 +1,291 @@
+//! The `blockd` command line: sockets, qemu-storage-daemon spellings,
+//! `--blockdev`, start-up errors, signals and clean shutdown.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blockd_testkit::QmpClient;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blockd");
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = PathBuf::from(format!("/tmp/bc-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Server {
+    Server(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "socket {} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn signal(s: &Server, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+    unsafe { libc::kill(s.0.id() as i32, sig) };
+}
+
+fn wait_exit(s: &mut Server) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = s.0.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "--qmp",
+        "--chardev",
+        "--monitor",
+        "--blockdev",
+        "--pidfile",
+        "--log",
+    ] {
+        assert!(out.contains(opt), "--help lists {opt}");
+    }
+    let o = run(&["--version"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("blockd "));
+    let o = run(&["--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let d = scratch("term");
+    let sock = d.join("s");
+    let pid = d.join("pid");
+    let mut s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--pidfile",
+        pid.to_str().unwrap(),
+    ]);
+    wait_socket(&sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "QMP socket is owner-only");
+    assert_eq!(
+        std::fs::read_to_string(&pid).unwrap().trim(),
+        s.0.id().to_string()
+    );
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    signal(&s, libc::SIGTERM);
+    let ev = c
+        .wait_event_with(|e| e["event"] == "SHUTDOWN", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(ev["data"], json!({"guest": false, "reason": "host-signal"}));
+    assert_eq!(wait_exit(&mut s), 0);
+    assert!(!sock.exists(), "socket removed");
+    assert!(!pid.exists(), "pidfile removed");
+}
+
+#[test]
+fn sigint_exits_zero() {
+    let d = scratch("int");
+    let sock = d.join("s");
+    let mut s = spawn(&["--qmp", sock.to_str().unwrap()]);
+    wait_socket(&sock);
+    signal(&s, libc::SIGINT);
+    assert_eq!(wait_exit(&mut s), 0);
+    assert!(!sock.exists());
+}
+
+#[test]
+fn several_sockets_and_qsd_spelling() {
+    let d = scratch("multi");
+    let a = d.join("a");
+    let b = d.join("b");
+    let chardev = format!("socket,path={},server=on,wait=off,id=m0", b.display());
+    let _s = spawn(&[
+        "--qmp",
+        a.to_str().unwrap(),
+        "--chardev",
+        &chardev,
+        "--monitor",
+        "chardev=m0",
+    ]);
+    wait_socket(&a);
+    wait_socket(&b);
+    for p in [&a, &b] {
+        let mut c = QmpClient::connect_retry(p, Duration::from_secs(5)).unwrap();
+        c.negotiate().unwrap();
+        let v = c.execute("query-version", None).unwrap();
+        assert_eq!(v["qemu"]["major"], 10);
+    }
+}
+
+#[test]
+fn live_socket_refused_stale_socket_replaced() {
+    let d = scratch("live");
+    let sock = d.join("s");
+    let _s = spawn(&["--qmp", sock.to_str().unwrap()]);
+    wait_socket(&sock);
+    let o = run(&["--qmp", sock.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another server"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The first server still answers.
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+
+    // A stale socket (no listener) is replaced.
+    let stale = d.join("stale");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let _t = spawn(&["--qmp", stale.to_str().unwrap()]);
+    let mut c = QmpClient::connect_retry(&stale, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+
+    // A regular file is never replaced.
+    let file = d.join("file");
+    std::fs::write(&file, b"precious").unwrap();
+    let o = run(&["--qmp", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+}
+
+#[test]
+fn blockdev_options_at_start_up() {
+    let d = scratch("bdev");
+    let sock = d.join("s");
+    let _s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=4096,read-zeroes=on",
+        "--blockdev",
+        r#"{"driver": "raw", "node-name": "r0", "file": "n0", "read-only": true}"#,
+    ]);
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    let nodes = c
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))
+        .unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["n0", "r0"]);
+    assert_eq!(nodes[0]["image"]["virtual-size"], 4096);
+    assert_eq!(nodes[1]["ro"], true);
+}
+
+#[test]
+fn bad_blockdev_stops_start_up() {
+    let d = scratch("badbdev");
+    let sock = d.join("s");
+    for (arg, msg) in [
+        (
+            "driver=null-co,node-name=n0,size=-1",
+            "Parameter 'size' expects a non-negative size",
+        ),
+        ("driver=null-co,node-name=1x", "Invalid node-name: '1x'"),
+        (
+            "driver=nope,node-name=x",
+            "Parameter 'driver' does not accept value 'nope'",
+        ),
+        ("{\"driver\": \"null-co\"", "invalid JSON"),
+    ] {
+        let o = run(&["--qmp", sock.to_str().unwrap(), "--blockdev", arg]);
+        assert_eq!(o.status.code(), Some(1), "{arg}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "{arg}: {err}");
+        assert!(!sock.exists(), "no socket left behind after a failed start");
+    }
+}
+
+#[test]
+fn bad_monitor_options() {
+    for args in [
+        vec!["--monitor", "chardev=nope"],
+        vec![
+            "--chardev",
+            "socket,path=/tmp/x,id=m0",
+            "--monitor",
+            "chardev=m0",
+        ],
+        vec!["--chardev", "file,path=/tmp/x,id=m0"],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(!o.stderr.is_empty());
+    }
+    let long = format!("/tmp/{}", "x".repeat(120));
+    let o = run(&["--qmp", &long]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("too long"));
+}
+
+#[test]
+fn default_socket_is_announced() {
+    let d = scratch("default");
+    let mut s = Server(
+        Command::new(BIN)
+            .env("XDG_RUNTIME_DIR", &d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = d.join("blockd/qmp.sock");
+    wait_socket(&sock);
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    c.execute("quit", None).unwrap();
+    assert_eq!(wait_exit(&mut s), 0);
+    let mut out = String::new();
+    use std::io::Read;
+    s.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(
+        out.contains(&format!("socat - UNIX-CONNECT:{}", sock.display())),
+        "{out}"
+    );
+}
