@@ -28,6 +28,8 @@ pub struct Session {
     /// File descriptors received with SCM_RIGHTS and not yet claimed by a
     /// command (`getfd`, `add-fd`), oldest first.
     pub fds: Mutex<Vec<OwnedFd>>,
+    /// Descriptors named with `getfd`, per connection as in QEMU.
+    pub named_fds: Mutex<std::collections::HashMap<String, OwnedFd>>,
 }
 
 impl Session {

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
 pub mod cli;
+pub mod fds;
 pub mod qmp;
 pub mod schema;
 pub mod state;

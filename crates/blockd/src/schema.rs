@@ -11,6 +11,7 @@ pub const FILES: &[(&str, &str)] = &[
         "block-core.json",
         include_str!("../../../schema/block-core.json"),
     ),
+    ("misc.json", include_str!("../../../schema/misc.json")),
 ];
 
 /// Loads the compiled-in schema.

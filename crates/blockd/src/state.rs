@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 use blockd_core::runstate::RunState;
 use blockd_core::BlockGraph;
 use blockd_drivers::Env;
+
+use crate::fds::FdSetStore;
 use blockd_qmp::EventBus;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +21,8 @@ pub struct State {
     pub graph: BlockGraph,
     /// What drivers need from outside the graph (descriptor sets).
     pub env: Env,
+    /// Descriptor sets (`add-fd`), also reachable through `env`.
+    pub fdsets: Arc<FdSetStore>,
     /// The `VersionInfo` reported by the greeting and `query-version`.
     pub version: Value,
     /// `query-qmp-schema`'s answer, generated once from the schema.
@@ -32,11 +36,15 @@ pub struct State {
 impl State {
     /// New state around an event bus.
     pub fn new(events: EventBus, version: Value, schema_info: Value, command_list: Value) -> Self {
+        let fdsets = Arc::new(FdSetStore::default());
         State {
             events,
             run: RunState::default(),
             graph: BlockGraph::new(),
-            env: Env::default(),
+            env: Env {
+                fdsets: Some(fdsets.clone()),
+            },
+            fdsets,
             version,
             schema_info: Arc::new(schema_info),
             command_list: Arc::new(command_list),

@@ -8,6 +8,7 @@ use crate::state::State;
 
 mod block;
 mod control;
+mod misc;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
 
@@ -17,5 +18,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     d.register_builtin("qmp_capabilities");
     control::register(&mut d);
     block::register(&mut d);
+    misc::register(&mut d);
     d
 }
