@@ -430,19 +430,20 @@ impl BlockNode {
         let _t = self.tracker.begin(start, end, true).await;
         let mut buf = BytesMut::with_capacity((end - start) as usize);
         let head = offset - start;
+        let mut head_block = None;
         if head > 0 {
             let h = self.driver_read_split(start, a).await?;
             buf.extend_from_slice(&h[..head as usize]);
+            head_block = Some(h);
         }
         buf.extend_from_slice(&data);
         let tail_start = offset + len;
         if tail_start < end {
             let block = align_down(tail_start, a);
-            let t = if block == start && head > 0 {
-                // Head and tail are the same block: reuse it.
-                self.driver_read_split(block, a).await?
-            } else {
-                self.driver_read_split(block, a).await?
+            let t = match head_block {
+                // Head and tail in the same block: it was read already.
+                Some(h) if block == start => h,
+                _ => self.driver_read_split(block, a).await?,
             };
             buf.extend_from_slice(&t[(tail_start - block) as usize..]);
         }
@@ -507,7 +508,16 @@ impl BlockNode {
         }
         {
             let _t = self.tracker.begin(start, end, false).await;
-            self.driver.write_zeroes(start, end - start, flags).await?;
+            let max = match self.driver.limits().max_transfer {
+                0 => end - start,
+                m => align_down(u64::from(m), a).max(a),
+            };
+            let mut pos = start;
+            while pos < end {
+                let n = (end - pos).min(max);
+                self.driver.write_zeroes(pos, n, flags).await?;
+                pos += n;
+            }
         }
         if offset + len > end {
             let zero = Bytes::from(vec![0u8; (offset + len - end) as usize]);
