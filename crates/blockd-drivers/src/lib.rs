@@ -6,6 +6,7 @@
 //! request layer pads and serialises for them.
 
 pub mod blkdebug;
+pub mod create;
 pub mod file;
 pub mod null;
 pub mod open;

@@ -134,6 +134,7 @@ impl Server {
     /// clients, removes the sockets.
     pub async fn shutdown(self, reason: &str) {
         self.qmp.shutdown(reason).await;
+        self.state.jobs.cancel_sync_all().await;
         // Flush and close every image: parents (created later) first.
         let mut nodes = self.state.graph.clear();
         nodes.reverse();

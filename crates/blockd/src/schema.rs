@@ -12,6 +12,7 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../schema/block-core.json"),
     ),
     ("misc.json", include_str!("../../../schema/misc.json")),
+    ("job.json", include_str!("../../../schema/job.json")),
 ];
 
 /// Loads the compiled-in schema.

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use blockd_core::runstate::RunState;
 use blockd_core::BlockGraph;
 use blockd_drivers::Env;
+use blockd_jobs::JobManager;
 
 use crate::fds::FdSetStore;
 use blockd_qmp::EventBus;
@@ -23,6 +24,8 @@ pub struct State {
     pub env: Env,
     /// Descriptor sets (`add-fd`), also reachable through `env`.
     pub fdsets: Arc<FdSetStore>,
+    /// Jobs.
+    pub jobs: JobManager,
     /// The `VersionInfo` reported by the greeting and `query-version`.
     pub version: Value,
     /// `query-qmp-schema`'s answer, generated once from the schema.
@@ -37,7 +40,12 @@ impl State {
     /// New state around an event bus.
     pub fn new(events: EventBus, version: Value, schema_info: Value, command_list: Value) -> Self {
         let fdsets = Arc::new(FdSetStore::default());
+        let bus = events.clone();
+        let jobs = JobManager::new(Arc::new(move |name: &str, data: Value| {
+            bus.emit(name, Some(data));
+        }));
         State {
+            jobs,
             events,
             run: RunState::default(),
             graph: BlockGraph::new(),

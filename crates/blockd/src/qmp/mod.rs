@@ -8,9 +8,11 @@ use crate::state::State;
 
 mod block;
 mod control;
+mod job;
 mod misc;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
+pub use job::jerr;
 
 /// Builds the command table: every schema command gets its handler here.
 pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatcher<State> {
@@ -19,5 +21,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     control::register(&mut d);
     block::register(&mut d);
     misc::register(&mut d);
+    job::register(&mut d);
     d
 }

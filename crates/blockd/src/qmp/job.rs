@@ -1,0 +1,116 @@
+//! Jobs: `blockdev-create`, `query-jobs` and the `job-*` verbs.
+
+use blockd_drivers::create::{create_file, FileCreateOptions};
+use blockd_jobs::{JobCtx, JobDriver, JobError, JobErrorClass, JobFuture, JobOptions, JobType};
+use blockd_qmp::{Ctx, Dispatcher, Empty, ErrorClass, NoArgs, QmpError};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::state::State;
+
+type R<T> = Result<T, QmpError>;
+
+/// A job error as a QMP error, with the class the job layer chose.
+pub fn jerr(e: JobError) -> QmpError {
+    let class = match e.class {
+        JobErrorClass::DeviceNotActive => ErrorClass::DeviceNotActive,
+        _ => ErrorClass::GenericError,
+    };
+    QmpError::with_class(class, e.desc)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "driver")]
+enum CreateOptions {
+    #[serde(rename = "file")]
+    File(FileCreateOptions),
+    #[serde(other)]
+    Unsupported,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockdevCreate {
+    #[serde(rename = "job-id")]
+    job_id: String,
+    options: Value,
+}
+
+/// The body of a `create` job for the file driver: the blocking work runs
+/// on the blocking pool, so the event loop never waits for the disk.
+struct FileCreateJob {
+    opts: FileCreateOptions,
+}
+
+impl JobDriver for FileCreateJob {
+    fn run(&self, ctx: JobCtx) -> JobFuture<'_> {
+        let opts = self.opts.clone();
+        Box::pin(async move {
+            ctx.set_total(1);
+            let r = tokio::task::spawn_blocking(move || create_file(&opts))
+                .await
+                .map_err(|e| format!("image creation failed: {e}"))?;
+            // QEMU counts the step as done whether or not it succeeded.
+            ctx.add_progress(1);
+            r.map_err(|e| e.msg)
+        })
+    }
+}
+
+macro_rules! verb {
+    ($d:expr, $name:literal, $method:ident) => {
+        $d.register($name, |cx: Ctx<State>, a: JobId| async move {
+            cx.state.jobs.$method(&a.id).map_err(jerr)?;
+            R::Ok(Empty {})
+        });
+    };
+}
+
+/// Registers the job commands.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register(
+        "blockdev-create",
+        |cx: Ctx<State>, a: BlockdevCreate| async move {
+            let opts: CreateOptions = serde_json::from_value(a.options)
+                .map_err(|e| QmpError::generic(format!("internal error: {e}")))?;
+            let job: Box<dyn JobDriver> = match opts {
+                CreateOptions::File(f) => Box::new(FileCreateJob { opts: f }),
+                CreateOptions::Unsupported => {
+                    return Err(QmpError::generic("Driver does not support blockdev-create"));
+                }
+            };
+            // QEMU's blockdev-create job finalizes itself but waits for
+            // job-dismiss.
+            let options = JobOptions {
+                auto_finalize: true,
+                auto_dismiss: false,
+            };
+            let handle = cx
+                .state
+                .jobs
+                .create(&a.job_id, JobType::Create, options, job)
+                .map_err(jerr)?;
+            handle.start();
+            R::Ok(Empty {})
+        },
+    );
+    d.register("query-jobs", |cx: Ctx<State>, _: NoArgs| async move {
+        R::Ok(cx.state.jobs.query())
+    });
+    verb!(d, "job-pause", pause);
+    verb!(d, "job-resume", resume);
+    verb!(d, "job-complete", complete);
+    verb!(d, "job-dismiss", dismiss);
+    verb!(d, "job-finalize", finalize);
+    d.register("job-cancel", |cx: Ctx<State>, a: JobId| async move {
+        // job-cancel is always a forced cancel in QEMU.
+        cx.state.jobs.cancel(&a.id, true).map_err(jerr)?;
+        R::Ok(Empty {})
+    });
+}
