@@ -56,9 +56,7 @@ pub fn create_file(o: &FileCreateOptions) -> Result<(), BlockError> {
         .mode(0o644)
         .custom_flags(libc::O_CLOEXEC)
         .open(&o.filename)
-        .map_err(|e| {
-            BlockError::io(format!("Could not create '{}'", o.filename), e)
-        })?;
+        .map_err(|e| BlockError::io(format!("Could not create '{}'", o.filename), e))?;
     let ctx = |what: &str, e: io::Error| {
         BlockError::new(
             blockd_core::ErrorKind::Io,
@@ -120,7 +118,11 @@ mod tests {
         create_file(&opts(&p, 1 << 20, Prealloc::Off)).unwrap();
         let md = std::fs::metadata(&p).unwrap();
         assert_eq!(md.len(), 1 << 20);
-        assert_eq!(&std::fs::read(&p).unwrap()[..12], &[0u8; 12], "old data cleared");
+        assert_eq!(
+            &std::fs::read(&p).unwrap()[..12],
+            &[0u8; 12],
+            "old data cleared"
+        );
         let full = d.join("full");
         create_file(&opts(&full, 1 << 20, Prealloc::Full)).unwrap();
         assert!(std::fs::metadata(&full).unwrap().blocks() * 512 >= 1 << 20);

@@ -113,18 +113,11 @@ impl Server {
         Ok(server)
     }
 
-    /// Waits for `quit` or SIGTERM/SIGINT, then shuts down cleanly.
-    pub async fn run_until_shutdown(self) {
-        let reason = {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let mut int =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
-            tokio::select! {
-                r = self.state.shutdown_requested() => r,
-                _ = recv_signal(&mut term) => "host-signal",
-                _ = recv_signal(&mut int) => "host-signal",
-            }
+    /// Waits for `quit` or a signal from `signals`, then shuts down cleanly.
+    pub async fn run_until_shutdown(self, mut signals: Signals) {
+        let reason = tokio::select! {
+            r = self.state.shutdown_requested() => r,
+            _ = signals.recv() => "host-signal",
         };
         tracing::info!(reason, "shutting down");
         self.shutdown(reason).await;
@@ -149,12 +142,37 @@ impl Server {
     }
 }
 
-async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) {
-    match s {
-        Some(s) => {
-            s.recv().await;
+/// SIGTERM and SIGINT, installed before any socket exists so that a
+/// signal arriving during start-up still shuts down cleanly.
+pub struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers (inside the runtime).
+    pub fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-        None => std::future::pending().await,
+    }
+
+    /// Waits for either signal.
+    pub async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = one(&mut self.term) => {}
+            _ = one(&mut self.int) => {}
+        }
     }
 }
 
@@ -287,32 +305,43 @@ where
         }
     };
     rt.block_on(async {
+        let signals = Signals::install();
+        // The pidfile exists before the sockets do: whoever waits for a
+        // socket can read the pid at once.
+        if let Some(p) = &args.pidfile {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                eprintln!("blockd: cannot write pidfile '{}': {e}", p.display());
+                return 1;
+            }
+        }
+        let remove_pidfile = || {
+            if let Some(p) = &args.pidfile {
+                let _ = std::fs::remove_file(p);
+            }
+        };
         let server = match Server::start(&sockets, &blockdevs).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("blockd: {e}");
+                remove_pidfile();
                 return 1;
             }
         };
-        if let Some(p) = &args.pidfile {
-            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-                eprintln!("blockd: cannot write pidfile '{}': {e}", p.display());
-                server.shutdown("host-signal").await;
-                return 1;
-            }
-        }
         if announce {
+            use std::io::Write;
             let p = sockets[0].display();
-            println!(
+            // A closed stdout must not stop the server: ignore write errors.
+            let mut out = std::io::stdout();
+            let _ = writeln!(
+                out,
                 "blockd {} listening for QMP on {p}",
                 env!("CARGO_PKG_VERSION")
             );
-            println!("connect with:  socat - UNIX-CONNECT:{p}");
+            let _ = writeln!(out, "connect with:  socat - UNIX-CONNECT:{p}");
+            let _ = out.flush();
         }
-        server.run_until_shutdown().await;
-        if let Some(p) = &args.pidfile {
-            let _ = std::fs::remove_file(p);
-        }
+        server.run_until_shutdown(signals).await;
+        remove_pidfile();
         0
     })
 }
