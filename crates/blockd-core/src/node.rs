@@ -603,6 +603,31 @@ impl BlockNode {
         Ok(st)
     }
 
+    /// QEMU's allocation depth of the range at `offset` (at most `len`
+    /// bytes): 1 if this node allocates it, n if the (n-1)-th backing node
+    /// does, 0 if no layer does. Returns how many bytes the answer covers.
+    pub fn allocation_depth(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<(u64, u32)>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let st = self.block_status(offset, len).await?;
+            if st.allocated {
+                return Ok((st.len, 1));
+            }
+            match self.child("backing") {
+                Some(b) => {
+                    let backing = b.node();
+                    let (n, d) = backing.allocation_depth(offset, st.len).await?;
+                    Ok((n, if d == 0 { 0 } else { d + 1 }))
+                }
+                None => Ok((st.len, 0)),
+            }
+        })
+    }
+
     /// Changes the length.
     pub async fn truncate(&self, len: u64) -> io::Result<()> {
         self.check_write(0, 0)?;

@@ -95,6 +95,10 @@ struct Inner {
     has_discard: AtomicBool,
     /// `fallocate(0)` may work (regular files only).
     has_fallocate: AtomicBool,
+    /// Non-blocking buffered reads (`RWF_NOWAIT`) may work.
+    nowait_read: AtomicBool,
+    /// Non-blocking buffered writes (`RWF_NOWAIT`) may work.
+    nowait_write: AtomicBool,
     /// errno of a failed buffered `fdatasync`: the page cache may have
     /// dropped dirty data, so every later flush fails too (as QEMU).
     page_cache_inconsistent: AtomicI32,
@@ -320,6 +324,8 @@ fn open_blocking(
         has_write_zeroes: AtomicBool::new(!blkdev || direct),
         has_discard: AtomicBool::new(true),
         has_fallocate: AtomicBool::new(!blkdev),
+        nowait_read: AtomicBool::new(true),
+        nowait_write: AtomicBool::new(true),
         page_cache_inconsistent: AtomicI32::new(0),
         write_gen: AtomicU64::new(0),
         flushed_gen: AtomicU64::new(0),
@@ -342,6 +348,10 @@ fn on_nfs(fd: RawFd) -> bool {
     let magic = sfs.f_type as i64;
     magic == NFS_SUPER_MAGIC
 }
+
+/// Largest request tried inline with RWF_NOWAIT: bigger copies would hold
+/// an event-loop thread too long.
+const NOWAIT_MAX: usize = 128 * 1024;
 
 fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
@@ -381,6 +391,48 @@ impl Inner {
             )?))
         } else {
             Ok(Bytes::from(sys::read_vec(self.raw(), len, offset)?))
+        }
+    }
+
+    /// A buffered read done inline if the page cache holds all of it
+    /// (`preadv2(RWF_NOWAIT)`); `None` means "use the blocking pool".
+    fn try_read_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        if self.direct || len > NOWAIT_MAX || !self.nowait_read.load(Ordering::Relaxed) {
+            return None;
+        }
+        match sys::read_vec_nowait(self.raw(), len, offset) {
+            Ok(Some(v)) => Some(v),
+            Ok(None) => None,
+            Err(_) => {
+                // Not supported here (EOPNOTSUPP and the like): stop trying.
+                self.nowait_read.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// A buffered write done inline if it can complete without blocking
+    /// (`pwritev2(RWF_NOWAIT)`, only within the current length so the file
+    /// never grows from the event loop); `false` means "use the pool".
+    fn try_write_nowait(&self, offset: u64, data: &[u8]) -> bool {
+        let end = offset.saturating_add(data.len() as u64);
+        if self.direct
+            || data.len() > NOWAIT_MAX
+            || end > self.length.load(Ordering::Acquire)
+            || !self.nowait_write.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        match sys::write_nowait(self.raw(), data, offset) {
+            Ok(true) => {
+                self.wrote(end);
+                true
+            }
+            Ok(false) => false,
+            Err(_) => {
+                self.nowait_write.store(false, Ordering::Relaxed);
+                false
+            }
         }
     }
 
@@ -731,10 +783,19 @@ impl BlockDriver for FileDriver {
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        // Fast path: a buffered read that the page cache can satisfy is
+        // done inline with RWF_NOWAIT, without a trip to the blocking pool
+        // (the kernel refuses with EAGAIN instead of blocking).
+        if let Some(v) = self.inner.try_read_nowait(offset, len) {
+            return Box::pin(async move { Ok(Bytes::from(v)) });
+        }
         Box::pin(blocking(&self.inner, move |i| i.read(offset, len)))
     }
 
     fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
+        if !flags.fua && self.inner.try_write_nowait(offset, &data) {
+            return Box::pin(async { Ok(()) });
+        }
         Box::pin(blocking(&self.inner, move |i| {
             i.write(offset, &data, flags.fua)
         }))

@@ -419,6 +419,59 @@ pub(super) fn read_vec(fd: RawFd, len: usize, offset: u64) -> io::Result<Vec<u8>
     Ok(v)
 }
 
+/// A buffered read that must not block: `Ok(Some)` with all `len` bytes
+/// if the page cache held them, `Ok(None)` if the kernel would have to
+/// wait (EAGAIN) or returned less (EOF, partly cached: the caller retries
+/// on the blocking pool), `Err` if `RWF_NOWAIT` is not supported.
+pub(super) fn read_vec_nowait(fd: RawFd, len: usize, offset: u64) -> io::Result<Option<Vec<u8>>> {
+    let pos = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    let iov = libc::iovec {
+        iov_base: v.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    // SAFETY: `iov` describes the vector's spare capacity of `len` bytes,
+    // which stays allocated during the call.
+    let r = unsafe { libc::preadv2(fd, &iov, 1, pos, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = errno();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Err(e),
+            // EAGAIN, EINTR, and real errors: the blocking pool retries
+            // and reports what it finds.
+            _ => Ok(None),
+        };
+    }
+    if r as usize != len {
+        return Ok(None);
+    }
+    // SAFETY: the kernel initialised all `len` bytes.
+    unsafe { v.set_len(len) };
+    Ok(Some(v))
+}
+
+/// A buffered write that must not block: `Ok(true)` if all of `data` was
+/// written, `Ok(false)` if the kernel would have to wait (nothing or part
+/// written: the caller redoes the whole write on the blocking pool, which
+/// is harmless as it writes the same bytes), `Err` if not supported.
+pub(super) fn write_nowait(fd: RawFd, data: &[u8], offset: u64) -> io::Result<bool> {
+    let pos = i64::try_from(offset).map_err(|_| err(libc::EINVAL))?;
+    let iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: `iov` describes `data`, live and readable during the call.
+    let r = unsafe { libc::pwritev2(fd, &iov, 1, pos, libc::RWF_NOWAIT) };
+    if r < 0 {
+        let e = errno();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Err(e),
+            _ => Ok(false),
+        };
+    }
+    Ok(r as usize == data.len())
+}
+
 /// Whether `p` is aligned for O_DIRECT.
 pub(super) fn mem_aligned(p: *const u8) -> bool {
     (p as usize) % MEM_ALIGN == 0
