@@ -610,8 +610,7 @@ impl BlockNode {
         &self,
         offset: u64,
         len: u64,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<(u64, u32)>> + Send + '_>>
-    {
+    ) -> crate::driver::IoFuture<'_, (u64, u32)> {
         Box::pin(async move {
             let st = self.block_status(offset, len).await?;
             if st.allocated {
