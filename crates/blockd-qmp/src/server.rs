@@ -186,6 +186,11 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
                 },
             };
             parser.feed(&buf[..n], &mut items);
+            if n == buf.len() && items.is_empty() {
+                // A client streaming a huge message: let other connections
+                // run between chunks instead of parsing it in one go.
+                tokio::task::yield_now().await;
+            }
             for item in items.drain(..) {
                 tokio::select! {
                     _ = self.stop.cancelled() => break 'outer,

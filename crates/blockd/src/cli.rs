@@ -39,6 +39,16 @@ pub struct Args {
     #[arg(long, value_name = "JSON|OPTIONS")]
     pub blockdev: Vec<String>,
 
+    /// Starts the NBD server at start-up, as qemu-storage-daemon spells it:
+    /// `addr.type=unix,addr.path=PATH[,max-connections=N]` or JSON.
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    pub nbd_server: Option<String>,
+
+    /// Adds a block export at start-up: the `block-export-add` arguments,
+    /// e.g. `type=nbd,id=e0,node-name=n0,writable=on` (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    pub export: Vec<String>,
+
     /// Writes the process id to FILE (removed at exit).
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -183,6 +193,12 @@ pub struct OptionArgs {
     pub value: Value,
     /// Given as `key=value,...`.
     pub keyval: bool,
+}
+
+/// Parses an option value given as JSON or `key=value,...` (see
+/// [`blockdev_arg`]).
+pub fn option_arg(s: &str) -> Result<OptionArgs, String> {
+    blockdev_arg(s)
 }
 
 /// Parses a `--blockdev` value: JSON as is, QEMU's `key=value` form with

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
 pub mod cli;
+pub mod exports;
 pub mod fds;
 pub mod qmp;
 pub mod schema;
@@ -61,6 +62,16 @@ impl Server {
         sockets: &[PathBuf],
         blockdevs: &[cli::OptionArgs],
     ) -> Result<Server, StartError> {
+        Self::start_with(sockets, blockdevs, None, &[]).await
+    }
+
+    /// [`Server::start`] with the NBD server and exports of the command line.
+    pub async fn start_with(
+        sockets: &[PathBuf],
+        blockdevs: &[cli::OptionArgs],
+        nbd_server: Option<&cli::OptionArgs>,
+        exports: &[cli::OptionArgs],
+    ) -> Result<Server, StartError> {
         let schema = schema::load();
         let events = EventBus::new(schema.clone());
         let dispatcher = qmp::dispatcher(schema.clone());
@@ -103,14 +114,57 @@ impl Server {
                 b.value.clone()
             };
             if let Err(e) = server.qmp.execute("blockdev-add", args).await {
-                server.remove_sockets();
+                server.shutdown("host-signal").await;
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
+            }
+        }
+        if let Some(n) = nbd_server {
+            if let Err(e) = server.start_nbd_option(&schema, n).await {
+                server.shutdown("host-signal").await;
+                return Err(StartError(format!("--nbd-server: {e}")));
+            }
+        }
+        for x in exports {
+            let args = if x.keyval {
+                schema.coerce_keyval("block-export-add", x.value.clone())
+            } else {
+                x.value.clone()
+            };
+            if let Err(e) = server.qmp.execute("block-export-add", args).await {
+                server.shutdown("host-signal").await;
+                return Err(StartError(format!("--export: {}", e.desc)));
             }
         }
         for l in listeners {
             server.qmp.serve(l);
         }
         Ok(server)
+    }
+
+    /// `--nbd-server`: NbdServerOptions (flat address) to `nbd-server-start`.
+    async fn start_nbd_option(
+        &self,
+        schema: &blockd_qmp::schema::Schema,
+        n: &cli::OptionArgs,
+    ) -> Result<(), String> {
+        let v = if n.keyval {
+            schema.coerce_keyval_type("NbdServerOptions", n.value.clone())
+        } else {
+            n.value.clone()
+        };
+        let mut v = schema
+            .check_value("NbdServerOptions", &v)
+            .map_err(|e| e.desc)?;
+        // The flat address becomes the legacy {type, data} form.
+        if let Some(Value::Object(mut addr)) = v.get_mut("addr").map(Value::take) {
+            let ty = addr.remove("type").unwrap_or(Value::Null);
+            v["addr"] = json!({"type": ty, "data": Value::Object(addr)});
+        }
+        self.qmp
+            .execute("nbd-server-start", v)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.desc)
     }
 
     /// Waits for `quit` or a signal from `signals`, then shuts down cleanly.
@@ -128,6 +182,7 @@ impl Server {
     pub async fn shutdown(self, reason: &str) {
         self.qmp.shutdown(reason).await;
         self.state.jobs.cancel_sync_all().await;
+        exports::stop_server(&self.state).await;
         // Flush and close every image: parents (created later) first.
         let mut nodes = self.state.graph.clear();
         nodes.reverse();
@@ -294,8 +349,12 @@ where
             }
         }
     }
+    // Big stacks (virtual memory; only touched pages cost anything): QMP
+    // arguments may nest 1024 levels deep, and decoding and opening such a
+    // tree recurses once per level.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(64 << 20)
         .build()
     {
         Ok(rt) => rt,
@@ -319,14 +378,34 @@ where
                 let _ = std::fs::remove_file(p);
             }
         };
-        let server = match Server::start(&sockets, &blockdevs).await {
-            Ok(s) => s,
+        let nbd_server = match args.nbd_server.as_deref().map(cli::option_arg).transpose() {
+            Ok(n) => n,
             Err(e) => {
-                eprintln!("blockd: {e}");
+                eprintln!("blockd: --nbd-server: {e}");
                 remove_pidfile();
                 return 1;
             }
         };
+        let mut exports = Vec::new();
+        for x in &args.export {
+            match cli::option_arg(x) {
+                Ok(v) => exports.push(v),
+                Err(e) => {
+                    eprintln!("blockd: --export {x}: {e}");
+                    remove_pidfile();
+                    return 1;
+                }
+            }
+        }
+        let server =
+            match Server::start_with(&sockets, &blockdevs, nbd_server.as_ref(), &exports).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("blockd: {e}");
+                    remove_pidfile();
+                    return 1;
+                }
+            };
         if announce {
             use std::io::Write;
             let p = sockets[0].display();

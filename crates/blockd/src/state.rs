@@ -7,6 +7,7 @@ use blockd_core::BlockGraph;
 use blockd_drivers::Env;
 use blockd_jobs::JobManager;
 
+use crate::exports::Exports;
 use crate::fds::FdSetStore;
 use blockd_qmp::EventBus;
 use serde_json::Value;
@@ -26,6 +27,8 @@ pub struct State {
     pub fdsets: Arc<FdSetStore>,
     /// Jobs.
     pub jobs: JobManager,
+    /// The NBD server and the exports.
+    pub exports: tokio::sync::Mutex<Exports>,
     /// The `VersionInfo` reported by the greeting and `query-version`.
     pub version: Value,
     /// `query-qmp-schema`'s answer, generated once from the schema.
@@ -46,6 +49,7 @@ impl State {
         }));
         State {
             jobs,
+            exports: tokio::sync::Mutex::new(Exports::default()),
             events,
             run: RunState::default(),
             graph: BlockGraph::new(),

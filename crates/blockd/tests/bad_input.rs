@@ -16,8 +16,13 @@
 mod common;
 
 use std::cell::{Cell, RefCell};
+use std::ffi::CString;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -89,6 +94,84 @@ fn read_crlf_line(s: &mut UnixStream, timeout: Duration) -> Vec<u8> {
         line.push(b[0]);
     }
     line
+}
+
+/// Creates a FIFO in the server's directory.
+fn make_fifo(srv: &Server, name: &str) -> PathBuf {
+    let path = srv.dir.join(name);
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+    path
+}
+
+/// `blockdev-add` of a blkdebug node over a null-co image, with `config`:
+/// opening the config blocks while it is a FIFO nobody writes to.
+fn blkdebug_add(name: &str, config: &Path, id: Option<&str>) -> Value {
+    let mut v = json!({"execute": "blockdev-add", "arguments": {
+        "driver": "blkdebug", "node-name": name, "config": config,
+        "image": {"driver": "null-co", "node-name": format!("{name}-img")}}});
+    if let Some(id) = id {
+        v["id"] = json!(id);
+    }
+    v
+}
+
+/// Opens (and at once closes) a FIFO for writing whenever a reader waits on
+/// it, after `delay`, until dropped: each open lets one blocked reader see
+/// an empty file.
+struct FifoOpener {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl FifoOpener {
+    fn start(path: &Path, delay: Duration) -> FifoOpener {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (path, flag) = (path.to_path_buf(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let mut opens = 0;
+            while !flag.load(Ordering::Relaxed) {
+                // O_NONBLOCK: fails with ENXIO while no reader is waiting
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path);
+                if f.is_ok() {
+                    opens += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opens
+        });
+        FifoOpener {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FifoOpener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls `query-named-block-nodes` until `name` is listed (10 s at most).
+fn wait_for_node(c: &mut QmpClient, name: &str, row: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_names(c).iter().any(|n| n == name) {
+        assert!(
+            Instant::now() < deadline,
+            "row {row}: node '{name}' never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -804,16 +887,31 @@ fn rows_65_66_70_disconnects() {
     }
     alive_check(&mut c2, &mut srv, "row66");
 
-    // row 70 needs a command that blocks (a blkdebug config FIFO); the
-    // blkdebug driver is being written, so that form is not expressible yet.
-    // Instead: hang up while 200 pipelined blockdev-adds are being executed.
+    // row 70, as probed: hang up while a blockdev-add is blocked (its
+    // blkdebug config is a FIFO nobody writes), then unblock it: the
+    // command completes and the node exists.
+    let fifo = make_fifo(&srv, "mid.fifo");
+    let mut c = srv.client();
+    c.send_json(&blkdebug_add("mid", &fifo, None)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(c);
+    let opener = FifoOpener::start(&fifo, Duration::ZERO);
+    wait_for_node(&mut c2, "mid", 70);
+    assert!(
+        node_names(&mut c2).contains(&"mid-img".to_string()),
+        "row 70"
+    );
+    drop(opener);
+    alive_check(&mut c2, &mut srv, "row70");
+
+    // row 70, also: hang up while 200 pipelined blockdev-adds are queued.
     // BLOCKD: every fully received command runs (server.rs), so all 200
     // nodes appear.
     let mut c = srv.client();
     let mut input = Vec::new();
     for i in 0..200 {
         input.extend_from_slice(
-            format!("{{\"execute\": \"blockdev-add\", \"arguments\": {{\"driver\": \"null-co\", \"node-name\": \"mid{i}\"}}}}\n")
+            format!("{{\"execute\": \"blockdev-add\", \"arguments\": {{\"driver\": \"null-co\", \"node-name\": \"many{i}\"}}}}\n")
                 .as_bytes(),
         );
     }
@@ -822,7 +920,7 @@ fn rows_65_66_70_disconnects() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let names = node_names(&mut c2);
-        let n = names.iter().filter(|n| n.starts_with("mid")).count();
+        let n = names.iter().filter(|n| n.starts_with("many")).count();
         if n == 200 {
             break;
         }
@@ -905,26 +1003,15 @@ fn row_68_race_blockdev_add() {
 // row 69: one slow client does not hold up another
 
 #[test]
-fn row_69_slow_client_blocks_nobody() {
-    // The probe's form (a blockdev-add blocked on a blkdebug config FIFO)
-    // needs the blkdebug driver, which is being written. Expressible now:
-    // one client stuck in the middle of a message, another streaming a
-    // 30 MB message, while a third keeps getting prompt answers.
+fn row_69_stalled_client_blocks_nobody() {
+    // One client stuck in the middle of a message while another keeps
+    // getting prompt answers (the probe's form is the ignored test below).
     // BLOCKD: connections are independent (QEMU: nothing answered for 3 s).
     let mut srv = Server::start("bi");
     let mut stuck = srv.client();
     stuck
         .send_raw(br#"{"execute": "query-version", "id": "#)
         .unwrap();
-    let mut big = srv.client();
-    let streamer = std::thread::spawn(move || {
-        let mut input = br#"{"execute": "query-version", "arguments": {"pad": ""#.to_vec();
-        input.resize(input.len() + 30_000_000, b'A');
-        input.extend_from_slice(b"\"}, \"id\": \"big\"}\n");
-        big.send_raw(&input).unwrap();
-        let r = big.next_response(T).unwrap();
-        (big, r)
-    });
     let mut other = srv.client();
     let mut worst = Duration::ZERO;
     for i in 0..20 {
@@ -934,13 +1021,88 @@ fn row_69_slow_client_blocks_nobody() {
             .unwrap_or_else(|e| panic!("row 69: query {i}: {e}"));
         assert!(r["return"].is_object(), "row 69: {r}");
         worst = worst.max(t0.elapsed());
-        std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!("row 69: slowest answer to the other client: {worst:?}");
     assert!(
         worst < Duration::from_secs(2),
         "row 69: other client waited {worst:?}"
     );
+    // the stuck message completes and is answered
+    stuck.send_raw(b"\"late\"}\n").unwrap();
+    assert_version(69, &stuck.next_response(T).unwrap(), json!("late"));
+    alive_check(&mut stuck, &mut srv, "row69-stuck");
+    alive_check(&mut other, &mut srv, "row69-other");
+}
+
+/// Row 69 as probed: a blockdev-add that blocks (its blkdebug config is a
+/// FIFO nobody writes to for 3 s) while another, already negotiated client
+/// sends `query-version`, and a third client connects.
+/// Expected (BLOCKD: connections are independent): the other client is
+/// answered at once, the new client greeted at once. Observed: neither
+/// gets anything until the FIFO is opened, exactly like QEMU. Cause, from
+/// the source: `check_tree` (blockd-drivers/src/open.rs) calls
+/// `blkdebug::check`, whose `read_config_sync` does a blocking
+/// `std::fs::File::open` + `read_to_end` on a runtime worker thread.
+/// (The config is also read a second time, asynchronously, by
+/// `blkdebug::open`: a FIFO must be opened twice to unblock the command.)
+#[test]
+
+fn row_69_blocked_blockdev_add_blocks_nobody() {
+    let mut srv = Server::start("bi");
+    let fifo = make_fifo(&srv, "slow.fifo");
+    let mut other = srv.client();
+    let mut slow = srv.client();
+    slow.send_json(&blkdebug_add("slow", &fifo, Some("slow")))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let opener = FifoOpener::start(&fifo, Duration::from_secs(3));
+    let t0 = Instant::now();
+    other
+        .send_raw(b"{\"execute\": \"query-version\", \"id\": \"other\"}\n")
+        .unwrap();
+    let mut third = srv.raw_client();
+    third.next_response(T).expect("row 69: greeting");
+    let greeted = t0.elapsed();
+    let r = other.next_response(T).unwrap();
+    let waited = t0.elapsed();
+    assert_version(69, &r, json!("other"));
+    let r = slow.next_response(T).unwrap();
+    assert_eq!(r, json!({"return": {}, "id": "slow"}), "row 69");
+    drop(opener);
+    alive_check(&mut slow, &mut srv, "row69-slow");
+    alive_check(&mut other, &mut srv, "row69-other");
+    assert!(
+        waited < Duration::from_secs(1) && greeted < Duration::from_secs(1),
+        "row 69: while one blockdev-add was blocked, another client waited {waited:?} for \
+         query-version and a new client {greeted:?} for its greeting"
+    );
+}
+
+/// Row 69 with a busy client: while one client streams a 40 MB message,
+/// another client's `query-version` should be answered in milliseconds.
+/// Measured (debug build, 2 CPUs, test run alone): median 0.5 ms, but
+/// the slowest of ~20 queries took 0.65–1.6 s in every run.
+#[test]
+
+fn row_69_streaming_client_starves_others() {
+    let mut srv = Server::start("bi");
+    let mut big = srv.client();
+    let streamer = std::thread::spawn(move || {
+        let mut input = br#"{"execute": "query-version", "arguments": {"pad": ""#.to_vec();
+        input.resize(input.len() + 40_000_000, b'A');
+        input.extend_from_slice(b"\"}, \"id\": \"big\"}\n");
+        big.send_raw(&input).unwrap();
+        let r = big.next_response(T).unwrap();
+        (big, r)
+    });
+    let mut other = srv.client();
+    let mut lat = Vec::new();
+    while !streamer.is_finished() {
+        let t0 = Instant::now();
+        let r = other.command("query-version", None).expect("row 69");
+        assert!(r["return"].is_object(), "row 69: {r}");
+        lat.push(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (mut big, r) = streamer.join().unwrap();
     let desc = "Parameter 'pad' is unexpected";
     assert_eq!(
@@ -949,11 +1111,18 @@ fn row_69_slow_client_blocks_nobody() {
         "row 69"
     );
     alive_check(&mut big, &mut srv, "row69-big");
-    // the stuck message completes and is answered
-    stuck.send_raw(b"\"late\"}\n").unwrap();
-    assert_version(69, &stuck.next_response(T).unwrap(), json!("late"));
-    alive_check(&mut stuck, &mut srv, "row69-stuck");
     alive_check(&mut other, &mut srv, "row69-other");
+    lat.sort();
+    let worst = lat.last().copied().unwrap_or_default();
+    eprintln!(
+        "row 69 streaming: {} queries, median {:?}, worst {worst:?}",
+        lat.len(),
+        lat.get(lat.len() / 2).copied().unwrap_or_default()
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "row 69: another client's query-version took {worst:?} while a 40 MB message streamed"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -967,14 +1136,6 @@ fn row_71_create_job_events() {
     let img = srv.dir.join("img");
     let args = json!({"job-id": "mk", "options": {"driver": "file", "filename": img, "size": 0}});
     let r = c.command("blockdev-create", Some(args)).unwrap();
-    if r["error"]["class"] == "CommandNotFound" {
-        // blockdev-create is not implemented yet: only the error path and
-        // liveness are checked
-        let desc = "The command blockdev-create has not been found";
-        assert_eq!(r, error_reply("CommandNotFound", desc, None), "row 71");
-        alive_check(&mut c, &mut srv, "row71");
-        return;
-    }
     assert_eq!(r, json!({"return": {}}), "row 71");
     let status_of = |e: &Value| e["data"]["status"].as_str().unwrap_or("").to_string();
     let job_event = |e: &Value| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == "mk";
@@ -988,6 +1149,7 @@ fn row_71_create_job_events() {
         ["created", "running", "waiting", "pending", "concluded"],
         "row 71"
     );
+    assert!(img.is_file(), "row 71: image not created");
     let jobs = c.execute("query-jobs", None).unwrap();
     assert_eq!(jobs[0]["id"], "mk", "row 71: {jobs}");
     assert_eq!(jobs[0]["status"], "concluded", "row 71: {jobs}");
@@ -1014,6 +1176,61 @@ fn row_71_create_job_events() {
     );
     alive_check(&mut c, &mut srv, "row71");
     alive_check(&mut idle, &mut srv, "row71-idle");
+}
+
+// ---------------------------------------------------------------------------
+// beyond the table: deeply nested inline children
+
+/// `blockdev-add` of a raw node whose `file` is a raw node whose `file` is
+/// ... `depth` levels, over `bottom`.
+fn nested_raw(depth: usize, bottom: &str) -> Vec<u8> {
+    let mut inner = bottom.to_string();
+    for _ in 0..depth {
+        inner = format!(r#"{{"driver": "raw", "file": {inner}}}"#);
+    }
+    format!(
+        "{{\"execute\": \"blockdev-add\", \"arguments\": {{\"node-name\": \"deep\", \"driver\": \"raw\", \"file\": {inner}}}, \"id\": \"deep\"}}\n"
+    )
+    .into_bytes()
+}
+
+/// A chain of 300 inline raw definitions over null-co (well within the
+/// parser's nesting limit of 1024) must be opened or refused, not crash.
+/// Observed (debug build): the server aborts with "thread 'tokio-rt-worker'
+/// has overflowed its stack" (SIGABRT) while opening; 240 levels still
+/// work, 250 crash. The same happens with nested blkdebug `image`s (400).
+#[test]
+
+fn deep_inline_children_open_does_not_crash() {
+    let mut srv = Server::start("bi");
+    let mut c = srv.client();
+    let r = case1(
+        &mut c,
+        &mut srv,
+        0,
+        &nested_raw(300, r#"{"driver": "null-co"}"#),
+    );
+    if r.get("return").is_none() {
+        assert_generic(0, &r, Some(json!("deep")));
+    }
+}
+
+/// 1000 nested inline raw definitions with an unknown driver at the bottom
+/// must be refused with an error. Observed (debug build): stack overflow,
+/// SIGABRT, while decoding the arguments (300 levels still get "Parameter
+/// 'driver' does not accept value 'nope'"; 400 crash).
+#[test]
+
+fn deep_inline_children_decode_does_not_crash() {
+    let mut srv = Server::start("bi");
+    let mut c = srv.client();
+    let r = case1(
+        &mut c,
+        &mut srv,
+        0,
+        &nested_raw(1000, r#"{"driver": "nope"}"#),
+    );
+    assert_generic(0, &r, Some(json!("deep")));
 }
 
 // ---------------------------------------------------------------------------
@@ -1092,21 +1309,21 @@ fn memory_bounded_under_200mb_garbage() {
     let mut rd = s.try_clone().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut all = Vec::new();
+        let mut tail = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut lines = 0usize;
         loop {
             match rd.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    all.extend_from_slice(&buf[..n]);
                     lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
-                    if all.windows(9).any(|w| w == b"\"mem-end\"") {
+                    // look for the end marker in the new bytes plus a
+                    // little of the previous read
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.windows(9).any(|w| w == b"\"mem-end\"") {
                         break;
                     }
-                    if all.len() > 1 << 20 {
-                        all.drain(..all.len() - 64);
-                    }
+                    tail.drain(..tail.len().saturating_sub(16));
                 }
             }
         }
@@ -1150,12 +1367,18 @@ fn memory_bounded_under_200mb_garbage() {
         sent += send(&chunk);
     }
     sent += send(b"\n");
-    // ~50 MB of 1 KB broken lines mixed with control bytes, 0xFF and bad UTF-8
-    let mut line = br#"{"execute": "query-version", "arguments": {"pad": ""#.to_vec();
-    line.resize(900, b'x');
-    line.extend_from_slice(b"\xc3\x28\", ]\x01\xff {\"a\" : [1, 2, \x00 }\n");
+    // ~50 MB of 4 KB lines, each broken once: bad UTF-8, 0xFF, a control
+    // byte, NUL, a stray bracket (one error each, so few replies)
     let mut chunk = Vec::new();
-    while chunk.len() < 1 << 20 {
+    let breaks: [&[u8]; 5] = [b"\xc3\x28\"}}", b"\xff", b"\x01", b"\x00", b"\"]"];
+    for i in 0.. {
+        if chunk.len() >= 1 << 20 {
+            break;
+        }
+        let mut line = br#"{"execute": "query-version", "arguments": {"pad": ""#.to_vec();
+        line.resize(4000, b'x');
+        line.extend_from_slice(breaks[i % breaks.len()]);
+        line.push(b'\n');
         chunk.extend_from_slice(&line);
     }
     while sent < 200_000_000 {

@@ -304,6 +304,15 @@ impl Schema {
         }
     }
 
+    /// [`Schema::coerce_keyval`] for a named type instead of a command.
+    pub fn coerce_keyval_type(&self, ty: &str, v: Value) -> Value {
+        if self.types.contains_key(ty) {
+            self.coerce(&TypeRef::Named(ty.to_string()), v)
+        } else {
+            v
+        }
+    }
+
     fn coerce(&self, ty: &TypeRef, v: Value) -> Value {
         match ty {
             TypeRef::Builtin(b) => match (b, &v) {

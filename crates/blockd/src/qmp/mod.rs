@@ -8,6 +8,7 @@ use crate::state::State;
 
 mod block;
 mod control;
+mod export;
 mod job;
 mod misc;
 
@@ -22,5 +23,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     block::register(&mut d);
     misc::register(&mut d);
     job::register(&mut d);
+    export::register(&mut d);
     d
 }

@@ -1,0 +1,345 @@
+//! NBD server and block export commands.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use blockd_nbd::{ExportConfig, Listen, NbdServer, ServerOptions};
+use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::exports::{begin_removal, export_perm, stop_server, user_key, ExportEntry, NodeIo};
+use crate::state::State;
+
+type R<T> = Result<T, QmpError>;
+
+fn gen(msg: impl Into<String>) -> QmpError {
+    QmpError::generic(msg)
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum LegacyAddr {
+    Inet { data: InetAddr },
+    Unix { data: UnixAddr },
+    Fd { data: FdAddr },
+}
+
+#[derive(Deserialize)]
+struct InetAddr {
+    host: String,
+    port: String,
+}
+
+#[derive(Deserialize)]
+struct UnixAddr {
+    path: String,
+}
+
+#[derive(Deserialize)]
+struct FdAddr {
+    str: String,
+}
+
+#[derive(Deserialize)]
+struct ServerStart {
+    addr: LegacyAddr,
+    #[serde(rename = "tls-creds")]
+    tls_creds: Option<String>,
+    #[serde(rename = "tls-authz")]
+    tls_authz: Option<String>,
+    #[serde(rename = "max-connections")]
+    max_connections: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ExportAdd {
+    id: String,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    writable: Option<bool>,
+    writethrough: Option<bool>,
+    iothread: Option<String>,
+    #[serde(rename = "fixed-iothread")]
+    _fixed_iothread: Option<bool>,
+    name: Option<String>,
+    description: Option<String>,
+    bitmaps: Option<Vec<String>>,
+    #[serde(rename = "allocation-depth")]
+    allocation_depth: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ServerAdd {
+    device: String,
+    name: Option<String>,
+    description: Option<String>,
+    writable: Option<bool>,
+    bitmap: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Safe,
+    Hard,
+}
+
+#[derive(Deserialize)]
+struct ExportDel {
+    id: String,
+    mode: Option<Mode>,
+}
+
+#[derive(Deserialize)]
+struct ServerRemove {
+    name: String,
+    mode: Option<Mode>,
+}
+
+/// What block-export-add and nbd-server-add share.
+struct NewExport {
+    id: String,
+    node_name: String,
+    name: Option<String>,
+    description: Option<String>,
+    writable: bool,
+    writethrough: bool,
+    allocation_depth: bool,
+}
+
+/// QEMU's `id_wellformed`.
+fn id_wellformed(id: &str) -> bool {
+    id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
+    let mut ex = state.exports.lock().await;
+    if !id_wellformed(&n.id) {
+        return Err(gen("Invalid block export id"));
+    }
+    if ex.list.iter().any(|e| e.id == n.id) {
+        return Err(gen(format!("Block export id '{}' is already in use", n.id)));
+    }
+    let node = state.graph.get(&n.node_name).ok_or_else(|| {
+        gen(format!(
+            "Cannot find device='' nor node-name='{}'",
+            n.node_name
+        ))
+    })?;
+    if node.read_only() && n.writable {
+        return Err(gen("Cannot export read-only node as writable"));
+    }
+    let server = ex
+        .server
+        .clone()
+        .ok_or_else(|| gen("NBD server not running"))?;
+    let name = n.name.unwrap_or_else(|| n.node_name.clone());
+    if name.len() > 4096 {
+        return Err(gen(format!("export name '{name}' too long")));
+    }
+    if let Some(d) = &n.description {
+        if d.len() > 4096 {
+            return Err(gen(format!("description '{d}' too long")));
+        }
+    }
+    if server.has_export(&name) {
+        return Err(gen(format!("NBD server already has export named '{name}'")));
+    }
+    let key = user_key(&n.id);
+    state
+        .graph
+        .add_user(
+            &node,
+            &key,
+            &format!("export '{}'", n.id),
+            false,
+            export_perm(n.writable),
+        )
+        .map_err(crate::qmp::qerr)?;
+    let cfg = ExportConfig {
+        name: name.clone(),
+        description: n.description,
+        io: Arc::new(NodeIo::new(node.clone(), n.writethrough)),
+        writable: n.writable,
+        allocation_depth: n.allocation_depth,
+    };
+    if let Err(e) = server.add_export(cfg) {
+        state.graph.remove_user(&node, &key);
+        return Err(gen(e));
+    }
+    ex.list.push(ExportEntry {
+        id: n.id,
+        name,
+        node,
+        shutting_down: false,
+    });
+    Ok(())
+}
+
+async fn del_export(state: &Arc<State>, id: &str, mode: Option<Mode>) -> R<()> {
+    let mut ex = state.exports.lock().await;
+    let entry = ex
+        .list
+        .iter()
+        .find(|e| e.id == id)
+        .ok_or_else(|| gen(format!("Export '{id}' is not found")))?;
+    if entry.shutting_down {
+        return Err(gen(format!("Export '{id}' is already shutting down")));
+    }
+    let hard = mode == Some(Mode::Hard);
+    let clients = ex
+        .server
+        .as_ref()
+        .map(|s| s.export_clients(&entry.name))
+        .unwrap_or(0);
+    if !hard && clients > 0 {
+        return Err(gen(format!("export '{id}' still in use")));
+    }
+    begin_removal(state, &mut ex, id, hard);
+    Ok(())
+}
+
+fn listen_addr(cx: &Ctx<State>, addr: LegacyAddr) -> R<Listen> {
+    Ok(match addr {
+        LegacyAddr::Unix { data } => Listen::Unix(data.path.into()),
+        LegacyAddr::Inet { data } => Listen::Tcp {
+            host: data.host,
+            port: data.port,
+        },
+        LegacyAddr::Fd { data } => {
+            let name = data.str;
+            if name.starts_with(|c: char| c.is_ascii_digit()) {
+                let n: i32 = name
+                    .parse()
+                    .map_err(|_| gen(format!("Invalid file descriptor number '{name}'")))?;
+                // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; an
+                // invalid one fails with EBADF and is reported.
+                let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(gen(format!("Invalid file descriptor number '{name}'")));
+                }
+                // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+                Listen::Fd(unsafe { OwnedFd::from_raw_fd(dup) })
+            } else {
+                let fd = cx
+                    .session
+                    .named_fds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name)
+                    .ok_or_else(|| {
+                        gen(format!("File descriptor named '{name}' has not been found"))
+                    })?;
+                Listen::Fd(fd)
+            }
+        }
+    })
+}
+
+/// Registers the export commands.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register(
+        "nbd-server-start",
+        |cx: Ctx<State>, a: ServerStart| async move {
+            if let Some(c) = &a.tls_creds {
+                return Err(gen(format!("No TLS credentials with id '{c}'")));
+            }
+            if a.tls_authz.is_some() {
+                return Err(gen("'tls-authz' is only supported with 'tls-creds'"));
+            }
+            let state = cx.state.clone();
+            let mut ex = state.exports.lock().await;
+            if ex.server.is_some() {
+                return Err(gen("NBD server already running"));
+            }
+            let listen = listen_addr(&cx, a.addr)?;
+            let opts = ServerOptions {
+                max_connections: a.max_connections.unwrap_or(0),
+            };
+            let server = NbdServer::start(listen, opts).await.map_err(|e| {
+                gen(format!(
+                    "Failed to start NBD server: {}",
+                    blockd_core::error::strerror(&e)
+                ))
+            })?;
+            ex.server = Some(server);
+            R::Ok(Empty {})
+        },
+    );
+    d.register("nbd-server-stop", |cx: Ctx<State>, _: NoArgs| async move {
+        if !stop_server(&cx.state).await {
+            return Err(gen("NBD server not running"));
+        }
+        R::Ok(Empty {})
+    });
+    d.register(
+        "block-export-add",
+        |cx: Ctx<State>, a: ExportAdd| async move {
+            if let Some(t) = &a.iothread {
+                return Err(gen(format!("iothread \"{t}\" not found")));
+            }
+            if a.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
+                return Err(gen("blockd does not support dirty bitmaps in exports"));
+            }
+            let n = NewExport {
+                id: a.id,
+                node_name: a.node_name,
+                name: a.name,
+                description: a.description,
+                writable: a.writable.unwrap_or(false),
+                writethrough: a.writethrough.unwrap_or(false),
+                allocation_depth: a.allocation_depth.unwrap_or(false),
+            };
+            add_export(&cx.state, n).await?;
+            R::Ok(Empty {})
+        },
+    );
+    d.register(
+        "block-export-del",
+        |cx: Ctx<State>, a: ExportDel| async move {
+            del_export(&cx.state, &a.id, a.mode).await?;
+            R::Ok(Empty {})
+        },
+    );
+    d.register("query-block-exports", |cx: Ctx<State>, _: NoArgs| async move {
+        R::<Value>::Ok(cx.state.exports.lock().await.query())
+    });
+    d.register(
+        "nbd-server-add",
+        |cx: Ctx<State>, a: ServerAdd| async move {
+            if cx.state.exports.lock().await.server.is_none() {
+                return Err(gen("NBD server not running"));
+            }
+            if a.bitmap.is_some() {
+                return Err(gen("blockd does not support dirty bitmaps in exports"));
+            }
+            // The export name is also the export id (QEMU's legacy command).
+            let name = a.name.unwrap_or_else(|| a.device.clone());
+            let n = NewExport {
+                id: name.clone(),
+                node_name: a.device,
+                name: Some(name),
+                description: a.description,
+                writable: a.writable.unwrap_or(false),
+                writethrough: false,
+                allocation_depth: false,
+            };
+            add_export(&cx.state, n).await?;
+            R::Ok(Empty {})
+        },
+    );
+    d.register(
+        "nbd-server-remove",
+        |cx: Ctx<State>, a: ServerRemove| async move {
+            if cx.state.exports.lock().await.server.is_none() {
+                return Err(gen("NBD server not running"));
+            }
+            del_export(&cx.state, &a.name, a.mode).await?;
+            R::Ok(Empty {})
+        },
+    );
+}
