@@ -277,12 +277,10 @@ where
                 opt_name(code)
             )));
         }
-        match h.option(code, length).await {
-            Ok(Step::Continue) => {}
-            Ok(Step::Go(n)) => return Ok(Some(n)),
-            Ok(Step::Abort) => return Ok(None),
-            Err(OptFail::Fatal(e)) => return Err(e),
-            Err(OptFail::Reply(..)) => unreachable!("option() answers errors itself"),
+        match h.option(code, length).await? {
+            Step::Continue => {}
+            Step::Go(n) => return Ok(Some(n)),
+            Step::Abort => return Ok(None),
         }
     }
 }
@@ -292,16 +290,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    /// Handles one option; soft errors are answered here.
-    async fn option(&mut self, code: u32, length: u32) -> Result<Step, OptFail> {
+    /// Handles one option; soft errors are answered here, so what comes
+    /// back is the next step or the error that ends the connection.
+    async fn option(&mut self, code: u32, length: u32) -> io::Result<Step> {
         let mut opt = Opt {
             r: &mut *self.r,
             code,
             left: length,
         };
         let res = match code {
+            // Fails only fatally: there is no way to answer an error.
             OPT_EXPORT_NAME => {
-                return Self::export_name(
+                Self::export_name(
                     self.shared,
                     &mut opt,
                     self.w,
@@ -361,13 +361,13 @@ where
             )),
         };
         match res {
+            Ok(step) => Ok(step),
+            Err(OptFail::Fatal(e)) => Err(e),
             Err(OptFail::Reply(ty, msg)) => {
                 opt.drain().await?;
-                debug_assert!(msg.len() < MAX_STRING_SIZE);
                 send_rep(self.w, code, ty, &[msg.as_bytes()]).await?;
                 Ok(Step::Continue)
             }
-            other => other,
         }
     }
 

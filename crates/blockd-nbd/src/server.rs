@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
@@ -93,7 +94,7 @@ impl NbdServer {
     /// the same); a TCP socket gets `SO_REUSEADDR`. A passed descriptor
     /// must be a listening Unix or TCP socket.
     pub async fn start(listen: Listen, opts: ServerOptions) -> io::Result<NbdServer> {
-        let (listener, local_addr, unix_path) = bind(listen).await?;
+        let (listeners, local_addr, unix_path) = bind(listen).await?;
         let shared = Arc::new(Shared {
             exports: Mutex::new(Vec::new()),
             cancel: CancellationToken::new(),
@@ -104,7 +105,7 @@ impl NbdServer {
             0 => None,
             n => Some(Arc::new(Semaphore::new(n as usize))),
         };
-        let task = tokio::spawn(accept_loop(shared.clone(), listener, limit));
+        let task = tokio::spawn(accept_loop(shared.clone(), listeners, limit));
         tracing::debug!(addr = %local_addr, "NBD server listening");
         Ok(NbdServer {
             inner: Arc::new(Inner {
@@ -196,7 +197,10 @@ impl NbdServer {
     }
 }
 
-async fn bind(listen: Listen) -> io::Result<(Listener, String, Option<PathBuf>)> {
+/// Binds the listening sockets: one, except for a TCP host name that
+/// resolves to several addresses, where (like QEMU) every address that can
+/// be bound is listened on (only the first with port 0).
+async fn bind(listen: Listen) -> io::Result<(Vec<Listener>, String, Option<PathBuf>)> {
     match listen {
         Listen::Unix(path) => {
             match std::fs::remove_file(&path) {
@@ -206,7 +210,7 @@ async fn bind(listen: Listen) -> io::Result<(Listener, String, Option<PathBuf>)>
             }
             let l = UnixListener::bind(&path)?;
             let addr = path.display().to_string();
-            Ok((Listener::Unix(l), addr, Some(path)))
+            Ok((vec![Listener::Unix(l)], addr, Some(path)))
         }
         Listen::Tcp { host, port } => {
             let port: u16 = port.parse().map_err(|_| {
@@ -216,21 +220,33 @@ async fn bind(listen: Listen) -> io::Result<(Listener, String, Option<PathBuf>)>
                 )
             })?;
             let host = if host.is_empty() { "0.0.0.0" } else { &host };
-            let mut last = None;
-            for addr in tokio::net::lookup_host((host, port)).await? {
+            let mut addrs: Vec<SocketAddr> = Vec::new();
+            for a in tokio::net::lookup_host((host, port)).await? {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            if port == 0 {
+                addrs.truncate(1);
+            }
+            let (mut ls, mut first, mut last) = (Vec::new(), None, None);
+            for addr in addrs {
                 match bind_tcp(addr) {
                     Ok(l) => {
-                        let a = l.local_addr()?.to_string();
-                        return Ok((Listener::Tcp(l), a, None));
+                        first.get_or_insert(l.local_addr()?.to_string());
+                        ls.push(Listener::Tcp(l));
                     }
                     Err(e) => last = Some(e),
                 }
             }
-            Err(last.unwrap_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, format!("no address for '{host}'"))
-            }))
+            match first {
+                Some(a) => Ok((ls, a, None)),
+                None => Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("no address for '{host}'"))
+                })),
+            }
         }
-        Listen::Fd(fd) => from_fd(fd),
+        Listen::Fd(fd) => from_fd(fd).map(|(l, a)| (vec![l], a, None)),
     }
 }
 
@@ -245,7 +261,7 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     s.listen(libc::SOMAXCONN as u32)
 }
 
-fn from_fd(fd: OwnedFd) -> io::Result<(Listener, String, Option<PathBuf>)> {
+fn from_fd(fd: OwnedFd) -> io::Result<(Listener, String)> {
     let mut accepting: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is an open descriptor we own; the option buffer and its
@@ -275,12 +291,12 @@ fn from_fd(fd: OwnedFd) -> io::Result<(Listener, String, Option<PathBuf>)> {
             .as_pathname()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "unix:<unnamed>".into());
-        return Ok((Listener::Unix(UnixListener::from_std(unix)?), name, None));
+        return Ok((Listener::Unix(UnixListener::from_std(unix)?), name));
     }
     let tcp = std::net::TcpListener::from(OwnedFd::from(unix));
     let addr = tcp.local_addr()?.to_string();
     tcp.set_nonblocking(true)?;
-    Ok((Listener::Tcp(TcpListener::from_std(tcp)?), addr, None))
+    Ok((Listener::Tcp(TcpListener::from_std(tcp)?), addr))
 }
 
 /// Errors of `accept` that concern one connection only.
@@ -300,7 +316,7 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: Listener, limit: Option<Arc<Semaphore>>) {
+async fn accept_loop(shared: Arc<Shared>, listeners: Vec<Listener>, limit: Option<Arc<Semaphore>>) {
     let cancel = shared.cancel.clone();
     loop {
         let permit = match &limit {
@@ -315,7 +331,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, limit: Option<Arc<
         };
         let res = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = accept(&listener) => r,
+            r = accept(&listeners) => r,
         };
         match res {
             Ok(Conn::Unix(s)) => {
@@ -344,11 +360,21 @@ enum Conn {
     Tcp(tokio::net::TcpStream),
 }
 
-async fn accept(l: &Listener) -> io::Result<Conn> {
-    match l {
-        Listener::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
-        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
-    }
+/// Accepts a connection on whichever listener has one first.
+async fn accept(ls: &[Listener]) -> io::Result<Conn> {
+    std::future::poll_fn(|cx| {
+        for l in ls {
+            let r = match l {
+                Listener::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Conn::Unix(s)),
+                Listener::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Conn::Tcp(s)),
+            };
+            if r.is_ready() {
+                return r;
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// One connection, from greeting to close.

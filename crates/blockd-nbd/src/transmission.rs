@@ -10,8 +10,10 @@
 //! at once; if its payload could not be consumed (it is larger than the
 //! limit) the connection is closed after the answer, as QEMU does.
 
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
@@ -38,23 +40,27 @@ where
 {
     let cancel = neg.guard.export().kill.child_token();
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = shared.spawn(run_writer(w, rx, cancel.clone()));
     let conn = Arc::new(Conn::new(neg, tx));
     let budget = Budget {
         slots: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT as usize)),
         bytes: Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT as usize)),
     };
-    let res = tokio::select! {
-        _ = cancel.cancelled() => Ok(()),
-        res = read_loop(shared, &mut r, &conn, &budget) => res,
+    // Reader and writer share this task: replies of requests that complete
+    // at once are sent without waking another thread.
+    let reader = async {
+        let res = tokio::select! {
+            _ = cancel.cancelled() => Ok(()),
+            res = read_loop(shared, &mut r, &conn, &budget) => res,
+        };
+        // In-flight requests keep their own references; the writer ends
+        // when the last of them has queued its reply.
+        drop(conn);
+        if res.is_err() {
+            cancel.cancel();
+        }
+        res
     };
-    // In-flight requests keep their own references; the writer ends when
-    // the last of them has queued its reply.
-    drop(conn);
-    if res.is_err() {
-        cancel.cancel();
-    }
-    let wres = writer.await.unwrap_or(Ok(()));
+    let (res, wres) = tokio::join!(reader, run_writer(w, rx, cancel.clone()));
     res.and(wres)
 }
 
@@ -256,24 +262,19 @@ where
     }
 
     let size = conn.size;
+    // Read-only: EPERM as the spec recommends (QEMU 10 sends EINVAL).
     let check = if check_rofs && !conn.writable {
         Err(Failure {
             error: NBD_EPERM,
             msg: "Export is read-only".into(),
         })
     } else if req.offset > size || req.len > size - req.offset {
-        let error = if matches!(req.ty, CMD_WRITE | CMD_WRITE_ZEROES) {
-            NBD_ENOSPC
-        } else {
-            NBD_EINVAL
-        };
-        Err(Failure {
-            error,
-            msg: format!(
-                "operation past EOF; From: {}, Len: {}, Size: {size}",
-                req.offset, req.len
-            ),
-        })
+        // QEMU computes ENOSPC for writes here but sends every failed check
+        // as EINVAL; clients see EINVAL.
+        Err(invalid(format!(
+            "operation past EOF; From: {}, Len: {}, Size: {size}",
+            req.offset, req.len
+        )))
     } else if req.flags & !valid != 0 {
         Err(invalid(format!(
             "unsupported flags for command {} (got 0x{:x})",
@@ -298,7 +299,13 @@ where
         };
         bytes = budget.bytes(need).await;
     }
-    shared.spawn(commands::run(conn.clone(), req, data, permits(bytes)));
+    // Poll the request once here: one that completes at once (a cache
+    // hit, an in-memory backend) is answered without a task of its own.
+    let mut fut = Box::pin(commands::run(conn.clone(), req, data, permits(bytes)));
+    let ready = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await;
+    if !ready {
+        shared.spawn(fut);
+    }
     Ok(Next::Continue)
 }
 

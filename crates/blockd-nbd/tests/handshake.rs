@@ -43,11 +43,18 @@ async fn export_name_with_and_without_zeroes() {
     ] {
         let mut c = Client::connect_flags(&s.local_addr(), cflags).await;
         c.opt(OPT_EXPORT_NAME, b"b").await;
-        let n = if cflags & FLAG_C_NO_ZEROES != 0 { 10 } else { 134 };
+        let n = if cflags & FLAG_C_NO_ZEROES != 0 {
+            10
+        } else {
+            134
+        };
         let mut b = vec![0u8; n];
         c.s.read_exact(&mut b).await.unwrap();
         // 3 MiB + 1000 is exported as whole sectors.
-        assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), 3 << 20 | 512);
+        assert_eq!(
+            u64::from_be_bytes(b[..8].try_into().unwrap()),
+            3 << 20 | 512
+        );
         let flags = u16::from_be_bytes([b[8], b[9]]);
         assert_eq!(
             flags,
@@ -62,7 +69,14 @@ async fn export_name_with_and_without_zeroes() {
         // Simple replies in transmission.
         c.cmd(0, CMD_READ, 5, 0, 512, &[]).await;
         let r = c.reply(512).await;
-        assert!(matches!(r, Reply::Simple { cookie: 5, error: 0, .. }));
+        assert!(matches!(
+            r,
+            Reply::Simple {
+                cookie: 5,
+                error: 0,
+                ..
+            }
+        ));
     }
     s.stop().await;
 }
@@ -73,7 +87,11 @@ async fn go_and_info_report_what_qemu_reports() {
     let mut c = Client::connect(&s.local_addr()).await;
     c.opt_ack(OPT_STRUCTURED_REPLY).await;
     let reps = c
-        .info(OPT_INFO, "a", &[INFO_NAME, INFO_BLOCK_SIZE, INFO_DESCRIPTION])
+        .info(
+            OPT_INFO,
+            "a",
+            &[INFO_NAME, INFO_BLOCK_SIZE, INFO_DESCRIPTION],
+        )
         .await;
     let kinds: Vec<u16> = reps
         .iter()
@@ -157,7 +175,10 @@ async fn list_abort_unknown_and_tls() {
     }
     assert_eq!(
         seen,
-        vec![("a".into(), "first disk".into()), ("b".into(), String::new())]
+        vec![
+            ("a".into(), "first disk".into()),
+            ("b".into(), String::new())
+        ]
     );
     c.opt(OPT_LIST, b"x").await;
     assert_eq!(c.rep().await.ty, REP_ERR_INVALID);
@@ -266,13 +287,18 @@ async fn meta_contexts() {
     let b = c.meta(OPT_LIST_META_CONTEXT, "b", &[]).await.unwrap();
     assert_eq!(b, vec![(0, "base:allocation".into())]);
     let q = c
-        .meta(OPT_LIST_META_CONTEXT, "a", &["qemu:", "other:", "base:nope"])
+        .meta(
+            OPT_LIST_META_CONTEXT,
+            "a",
+            &["qemu:", "other:", "base:nope"],
+        )
         .await
         .unwrap();
     assert_eq!(q, vec![(0, "qemu:allocation-depth".into())]);
     // SET needs structured replies.
     assert_eq!(
-        c.meta(OPT_SET_META_CONTEXT, "a", &["base:allocation"]).await,
+        c.meta(OPT_SET_META_CONTEXT, "a", &["base:allocation"])
+            .await,
         Err(REP_ERR_INVALID)
     );
     assert_eq!(

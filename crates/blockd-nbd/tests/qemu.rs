@@ -173,7 +173,11 @@ async fn qemu_img_convert_and_compare() {
     )
     .await;
     assert_eq!(disk.get(0, 4096), vec![0x5a; 4096]);
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.path(), &u]).await;
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src.path(), &u],
+    )
+    .await;
     run(
         "qemu-img",
         &["convert", "-f", "raw", "-O", "raw", &u, dst.path()],
@@ -245,7 +249,10 @@ async fn qemu_nbd_lists_exports() {
     let s = NbdServer::start(Listen::Unix(sock_path("list")), ServerOptions::default())
         .await
         .unwrap();
-    for (name, desc, depth) in [("disk0", Some("the first disk"), true), ("other", None, false)] {
+    for (name, desc, depth) in [
+        ("disk0", Some("the first disk"), true),
+        ("other", None, false),
+    ] {
         s.add_export(ExportConfig {
             name: name.into(),
             description: desc.map(Into::into),
@@ -347,7 +354,7 @@ async fn bench_report() {
             .and_then(|n| n.parse().ok())
             .unwrap();
         println!(
-            "blockd-nbd {}: {:.0} ops/s ({t})",
+            "blockd-nbd {}: {:.0} ops/s ({secs} s for 20000 requests)",
             if extra.is_empty() { "read" } else { "write" },
             20000.0 / secs
         );

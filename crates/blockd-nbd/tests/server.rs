@@ -21,7 +21,9 @@ async fn export_table() {
     assert!(!s.has_export("f"));
     let err = s.add_export(export("e", disk(), true)).unwrap_err();
     assert_eq!(err, "NBD server already has export named 'e'");
-    assert!(s.add_export(export(&"n".repeat(4097), disk(), true)).is_err());
+    assert!(s
+        .add_export(export(&"n".repeat(4097), disk(), true))
+        .is_err());
     assert!(s.remove_export("f", false).is_err());
     assert_eq!(s.export_clients("e"), 0);
     let c = open(&s, "e", Style::Simple).await;
@@ -119,6 +121,32 @@ async fn tcp_and_passed_descriptors() {
     assert_eq!(&g[..8], b"NBDMAGIC");
     s.stop().await;
 
+    // A name with several addresses: every one is listened on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = NbdServer::start(
+        Listen::Tcp {
+            host: "localhost".into(),
+            port: port.to_string(),
+        },
+        ServerOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut reached = 0;
+    for a in tokio::net::lookup_host(("localhost", port)).await.unwrap() {
+        let mut t = tokio::net::TcpStream::connect(a).await.unwrap();
+        tokio::io::AsyncReadExt::read_exact(&mut t, &mut g)
+            .await
+            .unwrap();
+        reached += 1;
+    }
+    assert!(reached >= 1);
+    s.stop().await;
+
     // A listening Unix socket passed as a descriptor.
     let path = sock_path("fd");
     let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -174,7 +202,10 @@ async fn max_connections_holds_further_clients_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "third client waits for a free slot");
     drop(a);
-    let mut c = timeout(Duration::from_secs(5), third).await.unwrap().unwrap();
+    let mut c = timeout(Duration::from_secs(5), third)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(c.read(0, 8).await.unwrap(), vec![0; 8]);
     s.stop().await;
 }

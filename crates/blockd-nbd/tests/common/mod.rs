@@ -203,7 +203,9 @@ impl Client {
 
     /// SET_META_CONTEXT; returns (id, name) pairs.
     pub async fn set_meta(&mut self, name: &str, queries: &[&str]) -> Vec<(u32, String)> {
-        self.meta(OPT_SET_META_CONTEXT, name, queries).await.unwrap()
+        self.meta(OPT_SET_META_CONTEXT, name, queries)
+            .await
+            .unwrap()
     }
 
     /// LIST or SET_META_CONTEXT; Err(reply type) on an error reply.
@@ -229,7 +231,15 @@ impl Client {
     }
 
     /// Sends one request.
-    pub async fn cmd(&mut self, flags: u16, ty: u16, cookie: u64, offset: u64, len: u64, payload: &[u8]) {
+    pub async fn cmd(
+        &mut self,
+        flags: u16,
+        ty: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) {
         let b = encode_request(self.style, flags, ty, cookie, offset, len, payload);
         self.s.write_all(&b).await.unwrap();
     }
@@ -253,7 +263,11 @@ impl Client {
                 let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
                 let mut data = vec![0; if error == 0 { read_len } else { 0 }];
                 self.s.read_exact(&mut data).await.ok()?;
-                Some(Reply::Simple { cookie, error, data })
+                Some(Reply::Simple {
+                    cookie,
+                    error,
+                    data,
+                })
             }
             STRUCTURED_REPLY_MAGIC => {
                 let mut h = [0u8; 16];
@@ -313,7 +327,9 @@ impl Client {
         }
         let mut buf = vec![0xeeu8; len as usize];
         for c in self.chunks().await {
-            let Reply::Chunk { ty, payload, .. } = &c else { panic!() };
+            let Reply::Chunk { ty, payload, .. } = &c else {
+                panic!()
+            };
             match *ty {
                 REPLY_TYPE_OFFSET_DATA => {
                     let o = u64::from_be_bytes(payload[..8].try_into().unwrap()) - offset;
@@ -333,8 +349,13 @@ impl Client {
 
     /// Writes `data` at `offset`; returns the NBD error (0 on success).
     pub async fn write(&mut self, offset: u64, data: &[u8], flags: u16) -> u32 {
-        let flags = if self.style == Style::Extended { flags | CMD_FLAG_PAYLOAD_LEN } else { flags };
-        self.cmd(flags, CMD_WRITE, 78, offset, data.len() as u64, data).await;
+        let flags = if self.style == Style::Extended {
+            flags | CMD_FLAG_PAYLOAD_LEN
+        } else {
+            flags
+        };
+        self.cmd(flags, CMD_WRITE, 78, offset, data.len() as u64, data)
+            .await;
         self.simple_cmd_reply().await
     }
 
@@ -348,14 +369,23 @@ impl Client {
         let r = self.reply(0).await;
         assert!(r.done(), "{r:?}");
         if self.style == Style::Extended {
-            assert!(matches!(r, Reply::Chunk { .. }), "no simple replies with extended headers");
+            assert!(
+                matches!(r, Reply::Chunk { .. }),
+                "no simple replies with extended headers"
+            );
         }
         r.error()
     }
 
     /// Block status; returns per context (id, extents).
-    pub async fn block_status(&mut self, flags: u16, offset: u64, len: u64) -> Result<Vec<(u32, Vec<(u64, u64)>)>, u32> {
-        self.cmd(flags, CMD_BLOCK_STATUS, 80, offset, len, &[]).await;
+    pub async fn block_status(
+        &mut self,
+        flags: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u32, Vec<(u64, u64)>)>, u32> {
+        self.cmd(flags, CMD_BLOCK_STATUS, 80, offset, len, &[])
+            .await;
         self.block_status_reply().await
     }
 
@@ -477,5 +507,7 @@ pub async fn open(server: &NbdServer, name: &str, style: Style) -> Client {
 
 /// A pattern buffer.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
