@@ -926,6 +926,16 @@ impl BlockDriver for BlkdebugDriver {
 }
 
 /// The rules a node would have, for the checks in tests.
+/// [`check`] plus the config file, read synchronously: what `open` checks
+/// before it opens the child (tests only).
+#[cfg(test)]
+fn check_with_config(o: &BlkdebugOptions) -> Result<(), BlockError> {
+    let limits = Limits::from_options(o)?;
+    let config = o.config.as_deref().map(read_config_sync).transpose()?;
+    build_rules(config.as_deref(), o)?;
+    limits.check(1)
+}
+
 #[cfg(test)]
 fn rules_of(o: &BlkdebugOptions) -> Result<Vec<Rule>, BlockError> {
     let config = o.config.as_deref().map(read_config_sync).transpose()?;

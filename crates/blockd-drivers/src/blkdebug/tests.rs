@@ -163,7 +163,7 @@ fn options(extra: Value) -> BlkdebugOptions {
 }
 
 fn check_err(extra: Value) -> String {
-    check(&options(extra)).unwrap_err().msg
+    check_with_config(&options(extra)).unwrap_err().msg
 }
 
 /// A file in the temporary directory, removed on drop.
@@ -502,8 +502,8 @@ fn limit_checks_read_like_qemu() {
         "Parameter 'max-discard' expects a non-negative number below 2^64"
     );
     // 0 means "no override", as in QEMU.
-    check(&options(json!({"align": 0, "max-transfer": 0}))).unwrap();
-    check(&options(
+    check_with_config(&options(json!({"align": 0, "max-transfer": 0}))).unwrap();
+    check_with_config(&options(
         json!({"align": 4096, "max-transfer": 8192, "opt-write-zero": 12288}),
     ))
     .unwrap();
@@ -532,7 +532,7 @@ fn rule_values_are_checked() {
         check_err(json!({"inject-error": [{"event": "read_aio", "sector": i64::MAX}]})),
         format!("inject-error: sector {} is out of range", i64::MAX)
     );
-    check(&options(
+    check_with_config(&options(
         json!({"inject-error": [{"event": "read_aio", "sector": -1, "errno": 0}]}),
     ))
     .unwrap();
@@ -653,7 +653,8 @@ fn bad_config_files_are_refused() {
 
 #[tokio::test]
 async fn missing_or_unreadable_config_file() {
-    let e = check(&options(json!({"config": "/nonexistent/blkdebug.conf"}))).unwrap_err();
+    let e =
+        check_with_config(&options(json!({"config": "/nonexistent/blkdebug.conf"}))).unwrap_err();
     assert_eq!(
         e.msg,
         "Could not read blkdebug config file: No such file or directory"
