@@ -71,7 +71,7 @@ impl Conn {
     pub fn new(neg: Negotiated, tx: UnboundedSender<Reply>) -> Conn {
         let exp = neg.guard.export();
         Conn {
-            size: exp.size,
+            size: exp.size(),
             writable: exp.writable(),
             mode: neg.mode,
             contexts: neg.contexts,

@@ -27,8 +27,6 @@ pub(crate) struct Export {
     pub description: Option<String>,
     /// The I/O backend.
     pub io: Arc<dyn ExportIo>,
-    /// Size advertised to clients (the backend's length rounded down to 512).
-    pub size: u64,
     /// Transmission flags common to every client.
     pub flags: u16,
     /// Whether `qemu:allocation-depth` is offered.
@@ -71,18 +69,22 @@ impl Export {
         } else {
             flags |= FLAG_READ_ONLY;
         }
-        // QEMU exports whole sectors only.
-        let size = cfg.io.length() & !511;
         Ok(Export {
             name: cfg.name,
             description: cfg.description,
             io: cfg.io,
-            size,
             flags,
             allocation_depth: cfg.allocation_depth,
             kill,
             state: Mutex::new(ExportState::default()),
         })
+    }
+
+    /// The size clients are told at negotiation: read from the I/O at
+    /// every handshake (a backend's medium may have changed), in whole
+    /// sectors as QEMU exports.
+    pub fn size(&self) -> u64 {
+        self.io.length() & !511
     }
 
     /// Whether the export accepts writes.

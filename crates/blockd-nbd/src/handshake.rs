@@ -434,7 +434,7 @@ where
         };
         let exp = guard.export();
         let mut buf = [0u8; 134];
-        buf[..8].copy_from_slice(&exp.size.to_be_bytes());
+        buf[..8].copy_from_slice(&exp.size().to_be_bytes());
         buf[8..10].copy_from_slice(&Self::tx_flags(exp, mode, sel.count() > 0).to_be_bytes());
         let n = if no_zeroes { 10 } else { buf.len() };
         w.write_all(&buf[..n]).await?;
@@ -512,7 +512,7 @@ where
             None => true,
         };
         let mut ex = [0u8; 10];
-        ex[..8].copy_from_slice(&exp.size.to_be_bytes());
+        ex[..8].copy_from_slice(&exp.size().to_be_bytes());
         ex[8..].copy_from_slice(&Self::tx_flags(&exp, mode, stat_payload).to_be_bytes());
         send_rep(w, code, REP_INFO, &[&info(INFO_EXPORT), &ex]).await?;
         if code == OPT_INFO && !blocksize && min > 1 {
