@@ -233,6 +233,75 @@ impl BlockGraph {
         }
     }
 
+    /// Changes the permissions (and description) of an external user in
+    /// one step; on error nothing changed.
+    pub fn update_user(
+        &self,
+        node: &Arc<BlockNode>,
+        key: &str,
+        label: &str,
+        perm: PermPair,
+    ) -> Result<(), BlockError> {
+        let _g = self.lock();
+        let old = {
+            let mut parents = node.parents_mut();
+            let Some(link) = parents
+                .iter_mut()
+                .find(|p| matches!(&p.user, User::External { key: k, .. } if k == key))
+            else {
+                return Err(BlockError::not_found(format!(
+                    "internal error: no user '{key}' on node '{}'",
+                    node.name()
+                )));
+            };
+            let old = link.clone();
+            if let User::External { label: l, .. } = &mut link.user {
+                *l = label.to_string();
+            }
+            link.perm = perm;
+            old
+        };
+        if let Err(e) = update_perms(node) {
+            let mut parents = node.parents_mut();
+            if let Some(link) = parents
+                .iter_mut()
+                .find(|p| matches!(&p.user, User::External { key: k, .. } if k == key))
+            {
+                *link = old;
+            }
+            drop(parents);
+            let _ = update_perms(node);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes a node that was opened implicitly (not by `blockdev-add`) out
+    /// of the graph once nothing uses it any more, with the children that
+    /// die with it. Returns the nodes to close; empty if the node is
+    /// monitor-owned, still used, or already gone.
+    pub fn release(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
+        let mut g = self.lock();
+        let present = g
+            .index
+            .get(node.name())
+            .is_some_and(|n| n.id() == node.id());
+        if !present || g.monitor_owned.contains(node.name()) || !node.parents().is_empty() {
+            return Vec::new();
+        }
+        let mut removed = Vec::new();
+        remove_unreferenced(&mut g, node, &mut removed);
+        removed
+    }
+
+    /// Whether an external user that is a block backend uses the node
+    /// (QEMU's `bdrv_has_blk`).
+    pub fn has_backend_user(&self, node: &BlockNode) -> bool {
+        node.parents()
+            .iter()
+            .any(|p| matches!(p.user, User::External { backend: true, .. }))
+    }
+
     /// Removes every node (shutdown); returns them for closing.
     pub fn clear(&self) -> Vec<Arc<BlockNode>> {
         let mut g = self.lock();

@@ -10,15 +10,22 @@
 //! * [`perm`] — QEMU's permission model.
 //! * [`error`] — control-path errors.
 //! * [`runstate`] — running/paused.
+//! * [`backend`] — block backends: the device-side root of a graph, with
+//!   removable media, error policy and accounting ([`accounting`]).
+//! * [`probe`] — image format signatures.
 
+pub mod accounting;
+pub mod backend;
 pub mod driver;
 pub mod error;
 pub mod graph;
 pub mod node;
 pub mod perm;
+pub mod probe;
 pub mod runstate;
 pub mod tracked;
 
+pub use backend::BlockBackend;
 pub use driver::{
     BlockDriver, BlockStatus, Child, ChildRef, DriverInfo, IoFuture, IoLimits, ReqFlags,
 };

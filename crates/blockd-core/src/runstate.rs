@@ -14,6 +14,9 @@ pub enum RunStatus {
     Running,
     /// Stopped by `stop`; I/O from front ends waits.
     Paused,
+    /// Stopped because a backend's error policy said `stop`; `cont`
+    /// resumes (and retries the failed requests).
+    IoError,
 }
 
 impl RunStatus {
@@ -22,6 +25,7 @@ impl RunStatus {
         match self {
             RunStatus::Running => "running",
             RunStatus::Paused => "paused",
+            RunStatus::IoError => "io-error",
         }
     }
 }
@@ -56,6 +60,19 @@ impl RunState {
         })
     }
 
+    /// Stops with `status` if running; returns whether it was running
+    /// (QEMU's `vm_stop`: only a running VM stops, and only then is `STOP`
+    /// sent; a stopped one keeps its state).
+    pub fn stop(&self, status: RunStatus) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if *cur != RunStatus::Running {
+                return false;
+            }
+            *cur = status;
+            true
+        })
+    }
+
     /// Waits until the state is `Running`.
     pub async fn wait_running(&self) {
         let mut rx = self.tx.subscribe();
@@ -77,6 +94,16 @@ mod tests {
         assert!(r.set(RunStatus::Paused));
         assert!(!r.set(RunStatus::Paused));
         assert_eq!(r.get().as_str(), "paused");
+    }
+
+    #[test]
+    fn stop_only_stops_a_running_server() {
+        let r = RunState::default();
+        assert!(r.stop(RunStatus::IoError));
+        assert_eq!(r.get(), RunStatus::IoError);
+        assert!(!r.stop(RunStatus::Paused));
+        assert_eq!(r.get().as_str(), "io-error");
+        assert!(r.set(RunStatus::Running));
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! Image creation (`blockdev-create`) for the `file` driver.
+//! Image creation (`blockdev-create`) for the `file` driver; the `qcow2`
+//! format's is [`crate::qcow2::create`].
 
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -13,6 +14,8 @@ pub enum Prealloc {
     /// Sparse.
     #[default]
     Off,
+    /// Format metadata only (qcow2); refused for files.
+    Metadata,
     /// Reserved with fallocate.
     Falloc,
     /// Written with zeroes.
@@ -48,6 +51,11 @@ pub fn create_file(o: &FileCreateOptions) -> Result<(), BlockError> {
             o.size
         )));
     }
+    if o.preallocation == Some(Prealloc::Metadata) {
+        return Err(BlockError::invalid(
+            "Unsupported preallocation mode: metadata",
+        ));
+    }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -67,6 +75,7 @@ pub fn create_file(o: &FileCreateOptions) -> Result<(), BlockError> {
     f.set_len(0).map_err(|e| ctx("resize image", e))?;
     match o.preallocation.unwrap_or_default() {
         Prealloc::Off => f.set_len(o.size).map_err(|e| ctx("resize image", e))?,
+        Prealloc::Metadata => unreachable!("refused above"),
         Prealloc::Falloc => {
             // SAFETY: fallocate on a descriptor we own; no memory is passed.
             let r = unsafe {

@@ -11,6 +11,7 @@ pub mod file;
 pub mod null;
 pub mod open;
 pub mod options;
+pub mod qcow2;
 pub mod raw;
 
-pub use open::{blockdev_add, Env, FdSets, OpenCtx};
+pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};

@@ -24,7 +24,12 @@ use blockd_core::{
     NodeOptions,
 };
 
-use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroesOpt, Discard, DriverOptions};
+use crate::options::{
+    BlockdevOptions, BlockdevRef, BlockdevRefOrNull, DetectZeroesOpt, Discard, DriverOptions,
+};
+
+/// Longest backing chain opened implicitly (from image headers).
+pub const MAX_BACKING_DEPTH: usize = 256;
 
 /// Descriptor sets passed by the client (`add-fd`), for `/dev/fdset/N`.
 pub trait FdSets: Send + Sync {
@@ -51,6 +56,37 @@ pub struct OpenCtx<'a> {
     /// The node-name of the node being opened.
     pub node_name: String,
     created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
+    /// Image files of the overlays above this node in an implicitly
+    /// opened backing chain (loop and depth detection).
+    backing_chain: Vec<String>,
+}
+
+/// QEMU's `path_combine`: a relative backing file name is relative to the
+/// overlay's directory.
+pub fn resolve_backing_path(overlay: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match overlay.rfind('/') {
+        Some(i) => format!("{}{name}", &overlay[..=i]),
+        None => name.to_string(),
+    }
+}
+
+/// QEMU's probe, reduced to what blockd opens: qcow2 by its magic, else raw.
+fn probe_format(path: &str) -> &'static str {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
+        Ok(()) if magic == *b"QFI\xfb" => "qcow2",
+        _ => "raw",
+    }
+}
+
+fn canonical(path: &str) -> String {
+    std::fs::canonicalize(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| path.to_string())
 }
 
 impl OpenCtx<'_> {
@@ -72,10 +108,84 @@ impl OpenCtx<'_> {
             })?,
             BlockdevRef::Definition(opts) => {
                 let inherit = Inherit::from_parent(&self.node, role);
-                open_node(self.graph, self.env, *opts, inherit, self.created.clone()).await?
+                let chain = self.backing_chain.clone();
+                open_node(
+                    self.graph,
+                    self.env,
+                    *opts,
+                    inherit,
+                    self.created.clone(),
+                    chain,
+                )
+                .await?
             }
         };
         Ok(Child::new(name, role, node))
+    }
+
+    /// Opens the `backing` child of a format node with QEMU's rules:
+    /// `spec` absent opens the chain the image header names (`name`,
+    /// relative to the overlay file `overlay`, in format `format`, else
+    /// probed), read-only and with generated node-names; `null` opens
+    /// none; a reference or definition opens that node.
+    pub async fn open_backing(
+        &mut self,
+        spec: Option<BlockdevRefOrNull>,
+        name: Option<&str>,
+        format: Option<&str>,
+        overlay: &str,
+    ) -> Result<Option<ChildRef>, BlockError> {
+        let role = ChildRole::COW;
+        let child = match spec {
+            Some(BlockdevRefOrNull::Null(())) => return Ok(None),
+            Some(BlockdevRefOrNull::Reference(r)) => BlockdevRef::Reference(r),
+            Some(BlockdevRefOrNull::Definition(d)) => BlockdevRef::Definition(d),
+            None => {
+                let Some(name) = name.filter(|n| !n.is_empty()) else {
+                    return Ok(None);
+                };
+                let path = resolve_backing_path(overlay, name);
+                let mut chain = self.backing_chain.clone();
+                chain.push(canonical(overlay));
+                if chain.contains(&canonical(&path)) {
+                    return Err(BlockError::invalid(format!(
+                        "Could not open backing file: the backing chain of '{overlay}' loops back to '{path}'"
+                    )));
+                }
+                if chain.len() > MAX_BACKING_DEPTH {
+                    return Err(BlockError::invalid(format!(
+                        "Could not open backing file: the backing chain is deeper than {MAX_BACKING_DEPTH} images"
+                    )));
+                }
+                let fmt = format.unwrap_or_else(|| probe_format(&path)).to_string();
+                let opts = serde_json::json!({
+                    "driver": fmt,
+                    "read-only": true,
+                    "file": {"driver": "file", "filename": path},
+                });
+                let opts: BlockdevOptions = serde_json::from_value(opts).map_err(|_| {
+                    BlockError::invalid(format!(
+                        "Could not open backing file: Unknown driver '{fmt}'"
+                    ))
+                })?;
+                let inherit = Inherit::from_parent(&self.node, role);
+                let node = open_node(
+                    self.graph,
+                    self.env,
+                    opts,
+                    inherit,
+                    self.created.clone(),
+                    chain,
+                )
+                .await
+                .map_err(|e| BlockError {
+                    msg: format!("Could not open backing file: {}", e.msg),
+                    ..e
+                })?;
+                return Ok(Some(Child::new("backing", role, node)));
+            }
+        };
+        self.open_child("backing", child, role).await.map(Some)
     }
 }
 
@@ -116,7 +226,16 @@ pub async fn blockdev_add(
     }
     check_tree(graph, &opts, &mut HashSet::new())?;
     let created = Arc::new(Mutex::new(Vec::new()));
-    let root = match open_node(graph, env, opts, Inherit::default(), created.clone()).await {
+    let root = match open_node(
+        graph,
+        env,
+        opts,
+        Inherit::default(),
+        created.clone(),
+        Vec::new(),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             close_all(created).await;
@@ -125,6 +244,42 @@ pub async fn blockdev_add(
     };
     let nodes: Vec<Arc<BlockNode>> = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Err(e) = graph.insert(&nodes, &root, true) {
+        drop(root);
+        close_all(created).await;
+        return Err(e);
+    }
+    Ok(root)
+}
+
+/// Opens a tree the monitor does not own (QEMU's `bdrv_open` for a
+/// backend's medium: `--drive`, `blockdev-change-medium`): the root may be
+/// unnamed (it gets a generated `#blockN` name) and leaves the graph when
+/// its last user lets go of it ([`BlockGraph::release`]).
+pub async fn open_implicit(
+    graph: &BlockGraph,
+    env: &Env,
+    opts: BlockdevOptions,
+) -> Result<Arc<BlockNode>, BlockError> {
+    check_tree(graph, &opts, &mut HashSet::new())?;
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let root = match open_node(
+        graph,
+        env,
+        opts,
+        Inherit::default(),
+        created.clone(),
+        Vec::new(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            close_all(created).await;
+            return Err(e);
+        }
+    };
+    let nodes: Vec<Arc<BlockNode>> = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Err(e) = graph.insert(&nodes, &root, false) {
         drop(root);
         close_all(created).await;
         return Err(e);
@@ -185,6 +340,17 @@ fn check_tree(
             crate::blkdebug::check(b)
         }
         DriverOptions::Null(n) => crate::null::check(n),
+        DriverOptions::Qcow2(q) => {
+            check_ref(&q.file)?;
+            match &q.backing {
+                Some(BlockdevRefOrNull::Reference(r)) => {
+                    check_ref(&BlockdevRef::Reference(r.clone()))?
+                }
+                Some(BlockdevRefOrNull::Definition(d)) => check_tree(graph, d, names)?,
+                _ => {}
+            }
+            crate::qcow2::check(q)
+        }
         DriverOptions::File(f) => crate::file::check(f),
     }
 }
@@ -218,6 +384,7 @@ fn open_node<'a>(
     opts: BlockdevOptions,
     inherit: Inherit,
     created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
+    backing_chain: Vec<String>,
 ) -> BoxFuture<'a, Result<Arc<BlockNode>, BlockError>> {
     Box::pin(async move {
         let (name, auto) = match &opts.node_name {
@@ -231,6 +398,7 @@ fn open_node<'a>(
             node: nopts,
             node_name: name.clone(),
             created: created.clone(),
+            backing_chain,
         };
         let driver: Box<dyn BlockDriver> = match opts.driver {
             DriverOptions::File(f) => {
@@ -242,6 +410,11 @@ fn open_node<'a>(
             DriverOptions::Null(n) => Box::new(crate::null::open(n)?),
             DriverOptions::Raw(r) => Box::new(crate::raw::open(r, &mut ctx).await?),
             DriverOptions::Blkdebug(b) => Box::new(crate::blkdebug::open(b, &mut ctx).await?),
+            DriverOptions::Qcow2(q) => {
+                let (d, ro) = crate::qcow2::open(q, &mut ctx).await?;
+                nopts.read_only = ro;
+                Box::new(d)
+            }
         };
         let node = Arc::new(BlockNode::new(name, auto, nopts, driver));
         created

@@ -196,6 +196,66 @@ pub struct BlkdebugOptions {
     pub set_state: Option<Vec<BlkdebugSetState>>,
 }
 
+/// Deserialises a present member as `Some`, so that `null` stays
+/// distinguishable from an absent member (for `BlockdevRefOrNull`).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// `BlockdevOptionsQcow2`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Qcow2Options {
+    /// The image file.
+    pub file: BlockdevRef,
+    /// The backing node: absent (the header's), `null` (none) or a node.
+    #[serde(default, deserialize_with = "present")]
+    pub backing: Option<BlockdevRefOrNull>,
+    /// Lazy refcounts (default: the image's compatible feature bit).
+    #[serde(rename = "lazy-refcounts")]
+    pub lazy_refcounts: Option<bool>,
+    /// Pass guest discards down to the file (default: `discard=unmap`).
+    #[serde(rename = "pass-discard-request")]
+    pub pass_discard_request: Option<bool>,
+    /// Pass discards of clusters freed by snapshot deletion (default on).
+    #[serde(rename = "pass-discard-snapshot")]
+    pub pass_discard_snapshot: Option<bool>,
+    /// Pass discards of other freed clusters (default off).
+    #[serde(rename = "pass-discard-other")]
+    pub pass_discard_other: Option<bool>,
+    /// Keep discarded clusters allocated (as zero clusters).
+    #[serde(rename = "discard-no-unref")]
+    pub discard_no_unref: Option<bool>,
+    /// Metadata overlap checks: accepted (blockd's allocator never places
+    /// data over metadata it knows).
+    #[serde(rename = "overlap-check")]
+    pub overlap_check: Option<serde_json::Value>,
+    /// Combined L2 and refcount cache size in bytes.
+    #[serde(rename = "cache-size")]
+    pub cache_size: Option<i64>,
+    /// L2 table cache size in bytes.
+    #[serde(rename = "l2-cache-size")]
+    pub l2_cache_size: Option<i64>,
+    /// L2 cache entry size (validated; blockd caches whole tables).
+    #[serde(rename = "l2-cache-entry-size")]
+    pub l2_cache_entry_size: Option<i64>,
+    /// Refcount block cache size in bytes.
+    #[serde(rename = "refcount-cache-size")]
+    pub refcount_cache_size: Option<i64>,
+    /// Seconds after which unused cache entries are dropped.
+    #[serde(rename = "cache-clean-interval")]
+    pub cache_clean_interval: Option<i64>,
+    /// Encryption options: refused (blockd has no qcow2 encryption).
+    pub encrypt: Option<serde_json::Value>,
+    /// External data file: refused (blockd has no external data files).
+    #[serde(rename = "data-file")]
+    pub data_file: Option<BlockdevRef>,
+}
+
 /// The driver and its own options (the union's variants).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "driver")]
@@ -209,6 +269,9 @@ pub enum DriverOptions {
     /// `null-co`.
     #[serde(rename = "null-co")]
     Null(NullOptions),
+    /// `qcow2`.
+    #[serde(rename = "qcow2")]
+    Qcow2(Qcow2Options),
     /// `raw`.
     #[serde(rename = "raw")]
     Raw(RawOptions),
@@ -221,6 +284,7 @@ impl DriverOptions {
             DriverOptions::Blkdebug(_) => "blkdebug",
             DriverOptions::File(_) => "file",
             DriverOptions::Null(_) => "null-co",
+            DriverOptions::Qcow2(_) => "qcow2",
             DriverOptions::Raw(_) => "raw",
         }
     }

@@ -56,7 +56,63 @@ pub struct NoArgs {}
 #[derive(Debug, Default, Serialize)]
 pub struct Empty {}
 
-type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send>>;
+/// A return value already encoded as JSON text, sent as it is: for large
+/// query replies that are cheaper to write straight out than to build as a
+/// [`Value`]. The text must be one JSON value of the command's return type,
+/// ASCII only (see [`crate::wire::to_ascii_json`]).
+#[derive(Debug, Clone)]
+pub struct RawReply(pub String);
+
+impl Serialize for RawReply {
+    /// Only for completeness: the dispatcher passes a `RawReply` through
+    /// without serialising it. As a value it is the JSON it holds.
+    fn serialize<Ser: serde::Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+        let v: Value = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        v.serialize(s)
+    }
+}
+
+/// What a command returned: a value, or encoded JSON text.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A value.
+    Value(Value),
+    /// JSON text to send as it is.
+    Raw(String),
+}
+
+impl Reply {
+    /// The reply as a value (raw text is parsed).
+    pub fn into_value(self) -> Result<Value, QmpError> {
+        match self {
+            Reply::Value(v) => Ok(v),
+            Reply::Raw(s) => serde_json::from_str(&s)
+                .map_err(|e| QmpError::generic(format!("internal error: bad raw reply: {e}"))),
+        }
+    }
+}
+
+/// Turns a handler's return value into a [`Reply`]: values and raw text
+/// pass through as they are, anything else is serialised.
+fn to_reply<R: Serialize + 'static>(cmd: &str, ret: R) -> Result<Reply, QmpError> {
+    let any: Box<dyn std::any::Any> = Box::new(ret);
+    let any = match any.downcast::<Value>() {
+        Ok(v) => return Ok(Reply::Value(*v)),
+        Err(a) => a,
+    };
+    let any = match any.downcast::<RawReply>() {
+        Ok(r) => return Ok(Reply::Raw(r.0)),
+        Err(a) => a,
+    };
+    let ret = any
+        .downcast::<R>()
+        .map_err(|_| QmpError::generic("internal error: reply type"))?;
+    serde_json::to_value(*ret)
+        .map(Reply::Value)
+        .map_err(|e| QmpError::generic(format!("internal error: bad reply of '{cmd}': {e}")))
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Reply, QmpError>> + Send>>;
 type Handler<S> = Box<dyn Fn(Ctx<S>, Value) -> HandlerFuture + Send + Sync>;
 
 /// Maps command names to handlers, checking arguments against the schema.
@@ -110,9 +166,7 @@ impl<S: Send + Sync + 'static> Dispatcher<S> {
                     ))
                 })?;
                 let ret = f(ctx, args).await?;
-                serde_json::to_value(ret).map_err(|e| {
-                    QmpError::generic(format!("internal error: bad reply of '{cmd}': {e}"))
-                })
+                to_reply(&cmd, ret)
             })
         });
         if self.handlers.insert(name.to_string(), handler).is_some() {
@@ -153,7 +207,7 @@ impl<S: Send + Sync + 'static> Dispatcher<S> {
         ctx: Ctx<S>,
         name: &str,
         args: Option<&Map<String, Value>>,
-    ) -> Result<Value, QmpError> {
+    ) -> Result<Reply, QmpError> {
         let Some(handler) = self.handlers.get(name) else {
             return Err(QmpError::command_not_found(name));
         };

@@ -18,7 +18,7 @@ pub mod schema;
 pub mod server;
 pub mod wire;
 
-pub use dispatch::{Ctx, Dispatcher, Empty, NoArgs, Session};
+pub use dispatch::{Ctx, Dispatcher, Empty, NoArgs, RawReply, Reply, Session};
 pub use error::{ErrorClass, QmpError};
 pub use events::EventBus;
 pub use server::{QmpServer, ServerConfig};

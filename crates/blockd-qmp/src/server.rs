@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dispatch::{Ctx, Dispatcher, Session};
+use crate::dispatch::{Ctx, Dispatcher, Reply, Session};
 use crate::error::{ErrorClass, QmpError};
 use crate::events::EventBus;
 use crate::json::{JsonError, Limits, StreamParser};
@@ -112,7 +112,10 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
             state: self.state.clone(),
             session: Arc::new(Session::default()),
         };
-        self.dispatcher.dispatch(ctx, name, Some(&m)).await
+        self.dispatcher
+            .dispatch(ctx, name, Some(&m))
+            .await?
+            .into_value()
     }
 
     /// Accepts connections on `listener` until shutdown.
@@ -220,7 +223,7 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
             let reply = self.process(item, &mut negotiated, &session).await;
             // Waiting for room in the queue is the backpressure; an error
             // means the client is gone, and the command ran all the same.
-            let _ = out_tx.send(wire::encode(&reply)).await;
+            let _ = out_tx.send(reply).await;
             if negotiated && !was_negotiated && !kill.is_cancelled() {
                 // Events flow from here on, after the negotiation reply.
                 self.events
@@ -239,14 +242,14 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
         item: Result<Value, JsonError>,
         negotiated: &mut bool,
         session: &Arc<Session>,
-    ) -> Value {
+    ) -> Bytes {
         let v = match item {
             Ok(v) => v,
-            Err(e) => return wire::failure(&QmpError::generic(e.desc), None),
+            Err(e) => return wire::encode(&wire::failure(&QmpError::generic(e.desc), None)),
         };
         let req = match wire::parse_request(v, false) {
             Ok(r) => r,
-            Err((e, id)) => return wire::failure(&e, id),
+            Err((e, id)) => return wire::encode(&wire::failure(&e, id)),
         };
         let id = req.id;
         let name = req.execute.as_str();
@@ -255,10 +258,11 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
                 ErrorClass::CommandNotFound,
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             );
-            return wire::failure(&e, id);
+            return wire::encode(&wire::failure(&e, id));
         }
         let result = if name == "qmp_capabilities" {
             self.capabilities(req.arguments.as_ref(), negotiated)
+                .map(Reply::Value)
         } else {
             let ctx = Ctx {
                 state: self.state.clone(),
@@ -269,8 +273,9 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
                 .await
         };
         match result {
-            Ok(v) => wire::success(v, id),
-            Err(e) => wire::failure(&e, id),
+            Ok(Reply::Value(v)) => wire::encode(&wire::success(v, id)),
+            Ok(Reply::Raw(text)) => wire::success_raw(&text, id),
+            Err(e) => wire::encode(&wire::failure(&e, id)),
         }
     }
 

@@ -22,6 +22,9 @@ impl serde_json::ser::Formatter for AsciiFormatter {
         writer: &mut W,
         fragment: &str,
     ) -> io::Result<()> {
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
         let mut start = 0;
         for (i, c) in fragment.char_indices() {
             if c.is_ascii() {
@@ -46,6 +49,38 @@ pub fn encode<T: Serialize + ?Sized>(msg: &T) -> Bytes {
     msg.serialize(&mut ser)
         .expect("QMP messages are always serialisable");
     buf.extend_from_slice(b"\r\n");
+    Bytes::from(buf)
+}
+
+/// Serialises a value as ASCII JSON text (non-ASCII characters escaped),
+/// for a [`crate::RawReply`].
+pub fn to_ascii_json<T: Serialize + ?Sized>(v: &T) -> String {
+    to_ascii_json_sized(v, 256)
+}
+
+/// [`to_ascii_json`] into a buffer that starts with `capacity` bytes (a
+/// good guess saves copying a large reply while it grows).
+pub fn to_ascii_json_sized<T: Serialize + ?Sized>(v: &T, capacity: usize) -> String {
+    let mut buf = Vec::with_capacity(capacity);
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, AsciiFormatter);
+    v.serialize(&mut ser)
+        .expect("QMP values are always serialisable");
+    // The formatter escapes everything outside ASCII.
+    String::from_utf8(buf).expect("ASCII is UTF-8")
+}
+
+/// `{"return": TEXT}` (with the id) as one line, TEXT being encoded JSON.
+pub fn success_raw(text: &str, id: Option<Value>) -> Bytes {
+    let mut buf = Vec::with_capacity(text.len() + 32);
+    buf.extend_from_slice(b"{\"return\":");
+    buf.extend_from_slice(text.as_bytes());
+    if let Some(id) = id {
+        buf.extend_from_slice(b",\"id\":");
+        let mut ser = serde_json::Serializer::with_formatter(&mut buf, AsciiFormatter);
+        id.serialize(&mut ser)
+            .expect("QMP values are always serialisable");
+    }
+    buf.extend_from_slice(b"}\r\n");
     Bytes::from(buf)
 }
 
@@ -154,6 +189,18 @@ pub fn parse_request(v: Value, oob_enabled: bool) -> Result<Request, (QmpError, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_replies_are_spliced_in() {
+        let text = to_ascii_json(&json!([{"a": "\u{e9}"}]));
+        assert_eq!(text, "[{\"a\":\"\\u00e9\"}]");
+        let b = success_raw(&text, Some(json!("x")));
+        let back: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(back, json!({"return": [{"a": "\u{e9}"}], "id": "x"}));
+        assert!(b.ends_with(b"}\r\n"));
+        let same = encode(&success(json!([{"a": "\u{e9}"}]), Some(json!("x"))));
+        assert_eq!(b, same);
+    }
 
     #[test]
     fn encode_is_ascii_crlf() {

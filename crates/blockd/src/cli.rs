@@ -49,6 +49,20 @@ pub struct Args {
     #[arg(long, value_name = "OPTIONS")]
     pub export: Vec<String>,
 
+    /// Adds a drive (a named block backend) at start-up, in QEMU's `-drive`
+    /// syntax: `if=none,id=NAME,file=PATH,format=FMT,readonly=on,
+    /// media=cdrom,cache=MODE,rerror=ACTION,werror=ACTION,snapshot=on`
+    /// (repeatable). Without `file`, the drive is empty. `if` defaults to
+    /// `none`: blockd has no board to connect drives to.
+    #[arg(long, value_name = "OPTIONS")]
+    pub drive: Vec<String>,
+
+    /// Adds a device at start-up, in QEMU's `-device` syntax:
+    /// `DRIVER,id=ID,drive=NAME,...` or JSON (repeatable). IDE and floppy
+    /// devices can only be added this way.
+    #[arg(long, value_name = "OPTIONS")]
+    pub device: Vec<String>,
+
     /// Writes the process id to FILE (removed at exit).
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -236,6 +250,22 @@ pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
         value: Value::Object(root),
         keyval: true,
     })
+}
+
+/// Parses a `--device` value: JSON, or `DRIVER,key=value,...` (a later
+/// key replaces an earlier one, as QEMU's options do).
+pub fn device_arg(s: &str) -> Result<Map<String, Value>, String> {
+    if s.trim_start().starts_with('{') {
+        return match serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))? {
+            Value::Object(m) => Ok(m),
+            _ => Err("expected a JSON object".into()),
+        };
+    }
+    let mut m = Map::new();
+    for (k, v) in split_qemu_opts(s, Some("driver"))? {
+        m.insert(k, Value::String(v));
+    }
+    Ok(m)
 }
 
 #[cfg(test)]

@@ -110,8 +110,12 @@ pub struct ExportEntry {
     pub id: String,
     /// The NBD export name.
     pub name: String,
-    /// The exported node.
+    /// The exported node (for a backend: its medium when the export was
+    /// added).
     pub node: Arc<BlockNode>,
+    /// The backend whose I/O the export goes through, if it exports a
+    /// backend rather than a node.
+    pub backend: Option<Arc<blockd_core::BlockBackend>>,
     /// Deletion was requested; waiting for clients to go.
     pub shutting_down: bool,
 }
@@ -132,7 +136,11 @@ impl Exports {
             self.list
                 .iter()
                 .map(|e| {
-                    json!({"id": e.id, "type": "nbd", "node-name": e.node.name(),
+                    let node = match &e.backend {
+                        Some(b) => b.root().map(|n| n.name().to_string()).unwrap_or_default(),
+                        None => e.node.name().to_string(),
+                    };
+                    json!({"id": e.id, "type": "nbd", "node-name": node,
                            "shutting-down": e.shutting_down})
                 })
                 .collect(),
@@ -191,7 +199,13 @@ async fn finish_removal(state: &Arc<State>, id: &str) {
         };
         ex.list.remove(pos)
     };
-    state.graph.remove_user(&entry.node, &user_key(id));
+    match &entry.backend {
+        Some(b) => {
+            let nodes = state.machine.export_unref(&state.graph, b);
+            crate::machine::close_nodes(nodes).await;
+        }
+        None => state.graph.remove_user(&entry.node, &user_key(id)),
+    }
     state
         .events
         .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));

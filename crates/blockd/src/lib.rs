@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 pub mod cli;
 pub mod exports;
 pub mod fds;
+pub mod machine;
 pub mod qmp;
 pub mod schema;
 pub mod state;
@@ -72,6 +73,28 @@ impl Server {
         nbd_server: Option<&cli::OptionArgs>,
         exports: &[cli::OptionArgs],
     ) -> Result<Server, StartError> {
+        let opts = StartOptions {
+            blockdevs,
+            nbd_server,
+            exports,
+            ..StartOptions::default()
+        };
+        Self::start_opts(sockets, &opts).await
+    }
+
+    /// Builds the server and applies the command line, in this order:
+    /// `--blockdev`, `--drive`, `--device`, `--nbd-server`, `--export`.
+    pub async fn start_opts(
+        sockets: &[PathBuf],
+        opts: &StartOptions<'_>,
+    ) -> Result<Server, StartError> {
+        let StartOptions {
+            blockdevs,
+            drives,
+            devices,
+            nbd_server,
+            exports,
+        } = *opts;
         let schema = schema::load();
         let events = EventBus::new(schema.clone());
         let dispatcher = qmp::dispatcher(schema.clone());
@@ -118,6 +141,10 @@ impl Server {
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
             }
         }
+        if let Err(e) = server.start_machine(drives, devices).await {
+            server.shutdown("host-signal").await;
+            return Err(StartError(e));
+        }
         if let Some(n) = nbd_server {
             if let Err(e) = server.start_nbd_option(&schema, n).await {
                 server.shutdown("host-signal").await;
@@ -139,6 +166,25 @@ impl Server {
             server.qmp.serve(l);
         }
         Ok(server)
+    }
+
+    /// `--drive` and `--device`, in order.
+    async fn start_machine(&self, drives: &[String], devices: &[String]) -> Result<(), String> {
+        let st = &self.state;
+        for d in drives {
+            let spec = machine::drive::parse(d).map_err(|e| format!("--drive {d}: {e}"))?;
+            st.machine
+                .drive_new(&st.graph, &st.env, spec)
+                .await
+                .map_err(|e| format!("--drive {d}: {e}"))?;
+        }
+        for d in devices {
+            let args = cli::device_arg(d).map_err(|e| format!("--device {d}: {e}"))?;
+            st.machine
+                .device_add(&st.graph, &args, false)
+                .map_err(|e| format!("--device {d}: {}", e.desc))?;
+        }
+        Ok(())
     }
 
     /// `--nbd-server`: NbdServerOptions (flat address) to `nbd-server-start`.
@@ -183,6 +229,7 @@ impl Server {
         self.qmp.shutdown(reason).await;
         self.state.jobs.cancel_sync_all().await;
         exports::stop_server(&self.state).await;
+        self.state.machine.clear(&self.state.graph);
         // Flush and close every image: parents (created later) first.
         let mut nodes = self.state.graph.clear();
         nodes.reverse();
@@ -195,6 +242,21 @@ impl Server {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// What the command line asks for at start-up (see [`Server::start_opts`]).
+#[derive(Default, Clone, Copy)]
+pub struct StartOptions<'a> {
+    /// `--blockdev`s.
+    pub blockdevs: &'a [cli::OptionArgs],
+    /// `--drive`s, in QEMU's `-drive` syntax.
+    pub drives: &'a [String],
+    /// `--device`s, in QEMU's `-device` syntax.
+    pub devices: &'a [String],
+    /// `--nbd-server`.
+    pub nbd_server: Option<&'a cli::OptionArgs>,
+    /// `--export`s.
+    pub exports: &'a [cli::OptionArgs],
 }
 
 /// SIGTERM and SIGINT, installed before any socket exists so that a
@@ -397,15 +459,21 @@ where
                 }
             }
         }
-        let server =
-            match Server::start_with(&sockets, &blockdevs, nbd_server.as_ref(), &exports).await {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("blockd: {e}");
-                    remove_pidfile();
-                    return 1;
-                }
-            };
+        let opts = StartOptions {
+            blockdevs: &blockdevs,
+            drives: &args.drive,
+            devices: &args.device,
+            nbd_server: nbd_server.as_ref(),
+            exports: &exports,
+        };
+        let server = match Server::start_opts(&sockets, &opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("blockd: {e}");
+                remove_pidfile();
+                return 1;
+            }
+        };
         if announce {
             use std::io::Write;
             let p = sockets[0].display();

@@ -17,6 +17,11 @@ pub const FILES: &[(&str, &str)] = &[
         "block-export.json",
         include_str!("../../../schema/block-export.json"),
     ),
+    (
+        "block-backend.json",
+        include_str!("../../../schema/block-backend.json"),
+    ),
+    ("device.json", include_str!("../../../schema/device.json")),
 ];
 
 /// Loads the compiled-in schema.

@@ -18,7 +18,9 @@ pub struct State {
     /// Where events go.
     pub events: EventBus,
     /// Running or paused.
-    pub run: RunState,
+    pub run: Arc<RunState>,
+    /// Backends, devices and buses.
+    pub machine: crate::machine::Machine,
     /// The block graph.
     pub graph: BlockGraph,
     /// What drivers need from outside the graph (descriptor sets).
@@ -47,11 +49,13 @@ impl State {
         let jobs = JobManager::new(Arc::new(move |name: &str, data: Value| {
             bus.emit(name, Some(data));
         }));
+        let run = Arc::new(RunState::default());
         State {
+            machine: crate::machine::Machine::new(events.clone(), run.clone()),
             jobs,
             exports: tokio::sync::Mutex::new(Exports::default()),
             events,
-            run: RunState::default(),
+            run,
             graph: BlockGraph::new(),
             env: Env {
                 fdsets: Some(fdsets.clone()),

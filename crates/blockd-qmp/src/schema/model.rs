@@ -14,6 +14,7 @@
 //! | `returns` | command | the return type (absent: an empty object) |
 //! | `features` | all, and members | feature names shown by introspection |
 //! | `allow-oob` | command | may run out of band |
+//! | `gen` | command | `false`: the listed members are checked, others are passed to the handler unchecked (QEMU's `'gen': false`, for `device_add`'s device properties) |
 //!
 //! A TYPE is a builtin (`str`, `int`, `int8`..`int64`, `uint8`..`uint64`,
 //! `size`, `number`, `bool`, `null`, `any`), a defined type's name, `[TYPE]` for
@@ -183,6 +184,9 @@ pub struct CommandDef {
     pub ret: TypeRef,
     /// Whether the command may run out of band.
     pub allow_oob: bool,
+    /// Whether members the argument type does not list are passed through
+    /// unchecked (`"gen": false`).
+    pub passthrough: bool,
     /// Features shown by introspection.
     pub features: Vec<String>,
 }
@@ -313,6 +317,11 @@ impl Schema {
                         .map(|v| v.as_bool().ok_or(format!("{ctx}: bad 'allow-oob'")))
                         .transpose()?
                         .unwrap_or(false);
+                    let passthrough = match raw.body.get("gen") {
+                        None => false,
+                        Some(Value::Bool(false)) => true,
+                        Some(_) => return Err(format!("{ctx}: 'gen' must be false if present")),
+                    };
                     schema
                         .command_index
                         .insert(raw.name.clone(), schema.commands.len());
@@ -322,6 +331,7 @@ impl Schema {
                         args,
                         ret,
                         allow_oob,
+                        passthrough,
                         features: features(&raw.body, &ctx)?,
                     });
                 }
@@ -408,7 +418,7 @@ fn parse_raw(file: &str, def: Value) -> Result<RawDef, String> {
         return Err(format!("{file}: the {kind} name must be a string"));
     };
     let allowed: &[&str] = match kind {
-        "command" => &["doc", "data", "returns", "features", "allow-oob"],
+        "command" => &["doc", "data", "returns", "features", "allow-oob", "gen"],
         "event" => &["doc", "data", "features"],
         "struct" => &["doc", "data", "base", "features"],
         "enum" => &["doc", "data", "features"],

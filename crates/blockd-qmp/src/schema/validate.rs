@@ -87,7 +87,23 @@ impl Schema {
         let empty = Map::new();
         let args = args.unwrap_or(&empty);
         let mut path = Path { segs: vec![] };
-        self.visit_object(&cmd.args, args, &mut path)
+        if !cmd.passthrough {
+            return self.visit_object(&cmd.args, args, &mut path);
+        }
+        // "gen": false: check the listed members, pass the others on.
+        let listed: Vec<&str> = match &self.types[&cmd.args] {
+            TypeDef::Struct(s) => s.members.iter().map(|m| m.name.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        let (known, extra): (Map<String, Value>, Map<String, Value>) = args
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| listed.contains(&k.as_str()));
+        let mut out = self.visit_object(&cmd.args, &known, &mut path)?;
+        if let Value::Object(m) = &mut out {
+            m.extend(extra);
+        }
+        Ok(out)
     }
 
     /// Checks a value against a type; used for event data in tests.
@@ -468,6 +484,31 @@ mod tests {
 
     fn err(s: &Schema, cmd: &str, v: Value) -> String {
         s.check_command_args(cmd, v.as_object()).unwrap_err().desc
+    }
+
+    #[test]
+    fn gen_false_passes_unlisted_members_through() {
+        let text = r#"[
+          {"command": "dev", "doc": "d", "gen": false, "data": {"driver": "str", "*id": "str"}}
+        ]"#;
+        let s = Schema::load(&[("t.json", text)]).unwrap();
+        assert_eq!(
+            err(&s, "dev", json!({"x": 1})),
+            "Parameter 'driver' is missing"
+        );
+        assert_eq!(
+            err(&s, "dev", json!({"driver": 1})),
+            "Invalid parameter type for 'driver', expected: string"
+        );
+        let v = s
+            .check_command_args(
+                "dev",
+                json!({"driver": "d", "x": [1], "y": "z"}).as_object(),
+            )
+            .unwrap();
+        assert_eq!(v, json!({"driver": "d", "x": [1], "y": "z"}));
+        let bad = r#"[{"command": "c", "doc": "d", "gen": true}]"#;
+        assert!(Schema::load(&[("t.json", bad)]).is_err());
     }
 
     #[test]

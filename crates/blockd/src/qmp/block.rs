@@ -40,6 +40,15 @@ pub fn register(d: &mut Dispatcher<State>) {
         "blockdev-add",
         |cx: Ctx<State>, opts: BlockdevOptions| async move {
             let st = &cx.state;
+            // Node-names and backend names share a namespace (QEMU's
+            // bdrv_assign_node_name).
+            if let Some(n) = opts.node_name.as_deref() {
+                if st.machine.backend_by_name(n).is_some() {
+                    return Err(QmpError::generic(format!(
+                        "node-name={n} is conflicting with a device id"
+                    )));
+                }
+            }
             blockd_drivers::blockdev_add(&st.graph, &st.env, opts)
                 .await
                 .map_err(qerr)?;

@@ -34,12 +34,16 @@ pub fn register(d: &mut Dispatcher<State>) {
         })
     });
     d.register("stop", |cx: Ctx<State>, _: NoArgs| async move {
-        if cx.state.run.set(RunStatus::Paused) {
+        // Only a running server stops (and sends STOP); a stopped one keeps
+        // its state, io-error included (QEMU's vm_stop).
+        if cx.state.run.stop(RunStatus::Paused) {
             cx.state.events.emit("STOP", None);
         }
         R::Ok(Empty {})
     });
     d.register("cont", |cx: Ctx<State>, _: NoArgs| async move {
+        // As QEMU: cont clears every backend's io-status first.
+        cx.state.machine.iostatus_reset_all();
         if cx.state.run.set(RunStatus::Running) {
             cx.state.events.emit("RESUME", None);
         }

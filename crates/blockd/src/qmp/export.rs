@@ -106,6 +106,8 @@ struct NewExport {
     writable: bool,
     writethrough: bool,
     allocation_depth: bool,
+    /// `node_name` may name a backend (nbd-server-add's `device`).
+    by_device: bool,
 }
 
 /// QEMU's `id_wellformed`.
@@ -124,13 +126,36 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     if ex.list.iter().any(|e| e.id == n.id) {
         return Err(gen(format!("Block export id '{}' is already in use", n.id)));
     }
-    let node = state.graph.get(&n.node_name).ok_or_else(|| {
-        gen(format!(
-            "Cannot find device='' nor node-name='{}'",
-            n.node_name
-        ))
-    })?;
-    if node.read_only() && n.writable {
+    // nbd-server-add looks up a backend name first, then a node-name
+    // (QEMU's bdrv_lookup_bs(device, device)); block-export-add only
+    // node-names. A backend's export goes through the backend: the export
+    // is its front end.
+    let backend = if n.by_device {
+        state.machine.backend_by_name(&n.node_name)
+    } else {
+        None
+    };
+    let shown_device = if n.by_device {
+        n.node_name.as_str()
+    } else {
+        ""
+    };
+    let node = match &backend {
+        Some(b) => b
+            .root()
+            .ok_or_else(|| gen(format!("Device '{}' has no medium", n.node_name)))?,
+        None => state.graph.get(&n.node_name).ok_or_else(|| {
+            gen(format!(
+                "Cannot find device='{shown_device}' nor node-name='{}'",
+                n.node_name
+            ))
+        })?,
+    };
+    let read_only = match &backend {
+        Some(b) => !b.is_writable(),
+        None => node.read_only(),
+    };
+    if read_only && n.writable {
         return Err(gen("Cannot export read-only node as writable"));
     }
     let server = ex
@@ -150,31 +175,50 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
         return Err(gen(format!("NBD server already has export named '{name}'")));
     }
     let key = user_key(&n.id);
-    state
-        .graph
-        .add_user(
-            &node,
-            &key,
-            &format!("export '{}'", n.id),
-            false,
-            export_perm(n.writable),
-        )
-        .map_err(crate::qmp::qerr)?;
+    let io: Arc<dyn blockd_nbd::ExportIo> = match &backend {
+        Some(b) => {
+            state.machine.export_ref(b);
+            Arc::new(crate::machine::io::BackendIo::new(
+                b.clone(),
+                n.writethrough,
+            ))
+        }
+        None => {
+            state
+                .graph
+                .add_user(
+                    &node,
+                    &key,
+                    &format!("export '{}'", n.id),
+                    false,
+                    export_perm(n.writable),
+                )
+                .map_err(crate::qmp::qerr)?;
+            Arc::new(NodeIo::new(node.clone(), n.writethrough))
+        }
+    };
     let cfg = ExportConfig {
         name: name.clone(),
         description: n.description,
-        io: Arc::new(NodeIo::new(node.clone(), n.writethrough)),
+        io,
         writable: n.writable,
         allocation_depth: n.allocation_depth,
     };
     if let Err(e) = server.add_export(cfg) {
-        state.graph.remove_user(&node, &key);
+        match &backend {
+            Some(b) => {
+                let nodes = state.machine.export_unref(&state.graph, b);
+                crate::machine::close_nodes(nodes).await;
+            }
+            None => state.graph.remove_user(&node, &key),
+        }
         return Err(gen(e));
     }
     ex.list.push(ExportEntry {
         id: n.id,
         name,
         node,
+        backend,
         shutting_down: false,
     });
     Ok(())
@@ -293,6 +337,7 @@ pub fn register(d: &mut Dispatcher<State>) {
                 writable: a.writable.unwrap_or(false),
                 writethrough: a.writethrough.unwrap_or(false),
                 allocation_depth: a.allocation_depth.unwrap_or(false),
+                by_device: false,
             };
             add_export(&cx.state, n).await?;
             R::Ok(Empty {})
@@ -327,6 +372,7 @@ pub fn register(d: &mut Dispatcher<State>) {
                 writable: a.writable.unwrap_or(false),
                 writethrough: false,
                 allocation_depth: false,
+                by_device: true,
             };
             add_export(&cx.state, n).await?;
             R::Ok(Empty {})

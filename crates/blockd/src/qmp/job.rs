@@ -1,6 +1,11 @@
 //! Jobs: `blockdev-create`, `query-jobs` and the `job-*` verbs.
 
+use std::sync::Weak;
+
+use blockd_core::{Perm, PermPair};
 use blockd_drivers::create::{create_file, FileCreateOptions};
+use blockd_drivers::options::BlockdevRef;
+use blockd_drivers::qcow2::create::Qcow2CreateOptions;
 use blockd_jobs::{JobCtx, JobDriver, JobError, JobErrorClass, JobFuture, JobOptions, JobType};
 use blockd_qmp::{Ctx, Dispatcher, Empty, ErrorClass, NoArgs, QmpError};
 use serde::Deserialize;
@@ -30,6 +35,8 @@ struct JobId {
 enum CreateOptions {
     #[serde(rename = "file")]
     File(FileCreateOptions),
+    #[serde(rename = "qcow2")]
+    Qcow2(Qcow2CreateOptions),
     #[serde(other)]
     Unsupported,
 }
@@ -63,6 +70,55 @@ impl JobDriver for FileCreateJob {
     }
 }
 
+/// The body of a `create` job for qcow2: the image is written onto an
+/// existing node, which the job holds (write and resize, as QEMU's
+/// creation takes them) while it writes.
+struct Qcow2CreateJob {
+    /// Weak: the job lives in the state's job list.
+    state: Weak<State>,
+    id: String,
+    opts: Qcow2CreateOptions,
+}
+
+impl Qcow2CreateJob {
+    async fn create(&self) -> Result<(), String> {
+        blockd_drivers::qcow2::create::validate(&self.opts).map_err(|e| e.msg)?;
+        let name = match &self.opts.file {
+            BlockdevRef::Reference(r) => r.clone(),
+            BlockdevRef::Definition(_) => {
+                return Err("blockd's qcow2 creation needs 'file' to name an existing node".into())
+            }
+        };
+        let state = self.state.upgrade().ok_or("the server is shutting down")?;
+        let graph = &state.graph;
+        let node = graph
+            .get(&name)
+            .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
+        let key = format!("create-job:{}", self.id);
+        let perm = PermPair {
+            perm: Perm::WRITE | Perm::RESIZE,
+            shared: Perm::ALL,
+        };
+        graph
+            .add_user(&node, &key, &format!("job '{}'", self.id), true, perm)
+            .map_err(|e| e.msg)?;
+        let r = blockd_drivers::qcow2::create::create(&node, &self.opts).await;
+        graph.remove_user(&node, &key);
+        r.map_err(|e| e.msg)
+    }
+}
+
+impl JobDriver for Qcow2CreateJob {
+    fn run(&self, ctx: JobCtx) -> JobFuture<'_> {
+        Box::pin(async move {
+            ctx.set_total(1);
+            let r = self.create().await;
+            ctx.add_progress(1);
+            r
+        })
+    }
+}
+
 macro_rules! verb {
     ($d:expr, $name:literal, $method:ident) => {
         $d.register($name, |cx: Ctx<State>, a: JobId| async move {
@@ -81,6 +137,11 @@ pub fn register(d: &mut Dispatcher<State>) {
                 .map_err(|e| QmpError::generic(format!("internal error: {e}")))?;
             let job: Box<dyn JobDriver> = match opts {
                 CreateOptions::File(f) => Box::new(FileCreateJob { opts: f }),
+                CreateOptions::Qcow2(q) => Box::new(Qcow2CreateJob {
+                    state: std::sync::Arc::downgrade(&cx.state),
+                    id: a.job_id.clone(),
+                    opts: q,
+                }),
                 CreateOptions::Unsupported => {
                     return Err(QmpError::generic("Driver does not support blockdev-create"));
                 }

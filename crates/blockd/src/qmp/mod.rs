@@ -6,8 +6,10 @@ use blockd_qmp::Dispatcher;
 
 use crate::state::State;
 
+mod backend;
 mod block;
 mod control;
+mod device;
 mod export;
 mod job;
 mod misc;
@@ -24,5 +26,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     misc::register(&mut d);
     job::register(&mut d);
     export::register(&mut d);
+    device::register(&mut d);
+    backend::register(&mut d);
     d
 }

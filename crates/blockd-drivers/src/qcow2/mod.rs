@@ -1,0 +1,564 @@
+//! `qcow2`: QEMU's copy-on-write image format, versions 2 and 3
+//! (compat 0.10 and 1.1), interchangeable with `qemu-img`/`qemu-io`.
+//!
+//! * [`header`] — the header and its extensions (pure parsing).
+//! * `cache` — the bounded write-back cache of L2 tables and refcount blocks.
+//! * `refcount` — refcounts and the cluster allocator.
+//! * `meta` — L1/L2 lookups and updates, and the order in which metadata
+//!   reaches the disk (crash safety; see its docs).
+//! * `rw` — the request paths: reads through the backing chain,
+//!   allocating writes with copy-on-write, zeroes, discard, block status.
+//! * [`check`] — the consistency check and the refcount repair of dirty
+//!   images.
+//! * [`create`] — writing a new image (`blockdev-create`).
+//!
+//! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
+//! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
+//! snapshots (kept intact; shared clusters are copied on write), backing
+//! files. Refused with a clear error: encryption, external data files,
+//! extended L2 entries (subclusters), zstd compression, unknown
+//! incompatible features.
+//!
+//! Concurrency: metadata is behind one async mutex, held only for table
+//! lookups and updates, never during guest data I/O. Clusters being
+//! allocated are recorded, so two writes into the same new cluster never
+//! both allocate (the second waits, then writes in place). Freed clusters
+//! become reusable only at a flush, while no guest I/O is in flight
+//! (the `reuse` lock), so an in-flight read never sees a cluster reused.
+
+pub mod check;
+pub mod create;
+pub mod header;
+
+mod cache;
+mod meta;
+mod refcount;
+mod rw;
+
+#[cfg(test)]
+mod interop_tests;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockd_core::perm::default_perms;
+use blockd_core::{
+    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, DriverInfo, IoFuture,
+    IoLimits, PermPair, ReqFlags,
+};
+use bytes::Bytes;
+
+use crate::open::OpenCtx;
+use crate::options::Qcow2Options;
+use header::{ImageHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE};
+use header::{INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_AUTOCLEAR};
+use meta::Meta;
+use refcount::{Refcounts, REFT_OFFSET_MASK};
+
+/// A metadata inconsistency found on the data path (logged, and returned
+/// as an I/O error).
+pub(crate) fn corrupt(msg: impl Into<String>) -> io::Error {
+    let msg = msg.into();
+    tracing::error!("qcow2: {msg}");
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("qcow2 image is corrupt: {msg}"),
+    )
+}
+
+/// Access to the image file child (metadata I/O).
+#[derive(Clone)]
+pub struct FileIo {
+    file: ChildRef,
+}
+
+impl FileIo {
+    async fn read(&self, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        Ok(self.file.node().read(off, len).await?.to_vec())
+    }
+
+    async fn write(&self, off: u64, data: Vec<u8>) -> io::Result<()> {
+        self.file
+            .node()
+            .write(off, Bytes::from(data), ReqFlags::default())
+            .await
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.file.node().flush().await
+    }
+
+    async fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        self.file.node().discard(off, len).await
+    }
+
+    fn len(&self) -> u64 {
+        self.file.node().length()
+    }
+}
+
+/// Cluster geometry of an image.
+#[derive(Debug, Clone, Copy)]
+pub struct Geo {
+    cluster_bits: u32,
+    cs: u64,
+    l2_bits: u32,
+    version: u32,
+    size: u64,
+    csize_shift: u32,
+    csize_mask: u64,
+    cluster_offset_mask: u64,
+}
+
+impl Geo {
+    fn new(cluster_bits: u32, version: u32, size: u64) -> Geo {
+        let csize_shift = 62 - (cluster_bits - 8);
+        Geo {
+            cluster_bits,
+            cs: 1 << cluster_bits,
+            l2_bits: cluster_bits - 3,
+            version,
+            size,
+            csize_shift,
+            csize_mask: (1 << (cluster_bits - 8)) - 1,
+            cluster_offset_mask: (1 << csize_shift) - 1,
+        }
+    }
+}
+
+/// What queries show, fixed at open.
+#[derive(Debug, Clone)]
+struct Shown {
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    version: u32,
+    lazy_bit: bool,
+    corrupt: bool,
+    refcount_bits: u64,
+}
+
+/// The `qcow2` format driver.
+pub struct Qcow2Driver {
+    file: ChildRef,
+    backing: Option<ChildRef>,
+    geo: Geo,
+    meta: tokio::sync::Mutex<Meta>,
+    /// Held shared by guest I/O, exclusively while freed clusters become
+    /// reusable.
+    reuse: tokio::sync::RwLock<()>,
+    read_only: bool,
+    dirty: Arc<AtomicBool>,
+    shown: Shown,
+    /// The last decompressed cluster: (host offset, data).
+    decompressed: Mutex<Option<(u64, Bytes)>>,
+}
+
+impl std::fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("cluster_size", &self.geo.cs)
+            .field("size", &self.geo.size)
+            .finish()
+    }
+}
+
+/// Checks the options that need no I/O.
+pub fn check(o: &Qcow2Options) -> Result<(), BlockError> {
+    if o.encrypt.is_some() {
+        return Err(BlockError::unsupported(
+            "blockd does not support encrypted qcow2 images ('encrypt')",
+        ));
+    }
+    if o.data_file.is_some() {
+        return Err(BlockError::unsupported(
+            "blockd does not support qcow2 external data files ('data-file')",
+        ));
+    }
+    for (name, v) in [
+        ("cache-size", o.cache_size),
+        ("l2-cache-size", o.l2_cache_size),
+        ("l2-cache-entry-size", o.l2_cache_entry_size),
+        ("refcount-cache-size", o.refcount_cache_size),
+        ("cache-clean-interval", o.cache_clean_interval),
+    ] {
+        if let Some(v) = v.filter(|&v| v < 0) {
+            return Err(BlockError::invalid(format!(
+                "Value '{v}' is out of range for parameter '{name}'"
+            )));
+        }
+    }
+    if o.cache_clean_interval
+        .is_some_and(|v| v > i64::from(u32::MAX))
+    {
+        return Err(BlockError::invalid("Cache clean interval too big"));
+    }
+    Ok(())
+}
+
+/// QEMU's `read_cache_sizes`: (L2 cache bytes, refcount cache bytes).
+fn cache_sizes(o: &Qcow2Options, cs: u64, size: u64) -> Result<(u64, u64), BlockError> {
+    const DEFAULT_L2_MAX: u64 = 32 << 20;
+    let max_l2 = (size.div_ceil(cs) * 8).div_ceil(cs) * cs;
+    let min_rc = 4 * cs;
+    let l2 = o.l2_cache_size.map(|v| v as u64);
+    let rc = o.refcount_cache_size.map(|v| v as u64);
+    let (l2, rc) =
+        match (o.cache_size.map(|v| v as u64), l2, rc) {
+            (Some(_), Some(_), Some(_)) => return Err(BlockError::invalid(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            )),
+            (Some(c), Some(l), None) if l > c => {
+                return Err(BlockError::invalid(
+                    "l2-cache-size may not exceed cache-size",
+                ))
+            }
+            (Some(c), Some(l), None) => (l, c - l),
+            (Some(c), None, Some(r)) if r > c => {
+                return Err(BlockError::invalid(
+                    "refcount-cache-size may not exceed cache-size",
+                ))
+            }
+            (Some(c), None, Some(r)) => (c - r, r),
+            (Some(c), None, None) if c >= max_l2 + min_rc => (max_l2, c - max_l2),
+            (Some(c), None, None) => {
+                let r = c.min(min_rc);
+                (c - r, r)
+            }
+            (None, l, r) => (
+                l.unwrap_or_else(|| max_l2.min(DEFAULT_L2_MAX)),
+                r.unwrap_or(min_rc),
+            ),
+        };
+    if let Some(e) = o.l2_cache_entry_size {
+        let e = e as u64;
+        if !e.is_power_of_two() || e < 512 || e > cs {
+            return Err(BlockError::invalid(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            )));
+        }
+    }
+    if l2 > i32::MAX as u64 {
+        return Err(BlockError::invalid("L2 cache size too big"));
+    }
+    if rc > i32::MAX as u64 {
+        return Err(BlockError::invalid("Refcount cache size too big"));
+    }
+    Ok((l2, rc))
+}
+
+fn decode_be64(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Reads the snapshot table entry by entry (bounded by the file length).
+async fn read_snapshots(
+    io: &FileIo,
+    off: u64,
+    nb: u32,
+) -> Result<(Vec<header::SnapshotL1>, u64), BlockError> {
+    let mut pos = off;
+    let mut out = Vec::new();
+    let file_len = io.len();
+    let rd = |e| BlockError::io("Could not read snapshot table", e);
+    for _ in 0..nb {
+        if pos + header::SNAPSHOT_HEADER_SIZE > file_len {
+            return Err(BlockError::invalid("Snapshot table is truncated"));
+        }
+        let h = io.read(pos, 40).await.map_err(rd)?;
+        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
+        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
+        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
+        let len = (40 + extra + id + name).div_ceil(8) * 8;
+        out.push(header::SnapshotL1 {
+            l1_table_offset: u64::from_be_bytes(h[0..8].try_into().expect("8 bytes")),
+            l1_size: u32::from_be_bytes(h[8..12].try_into().expect("4 bytes")),
+        });
+        pos += len;
+        if pos > file_len {
+            return Err(BlockError::invalid("Snapshot table is truncated"));
+        }
+    }
+    Ok((out, pos - off))
+}
+
+/// Opens a `qcow2` node. Returns the driver and whether it is read-only.
+pub async fn open(
+    o: Qcow2Options,
+    ctx: &mut OpenCtx<'_>,
+) -> Result<(Qcow2Driver, bool), BlockError> {
+    check(&o)?;
+    let file = ctx
+        .open_child(
+            "file",
+            o.file.clone(),
+            ChildRole::DATA | ChildRole::METADATA | ChildRole::PRIMARY,
+        )
+        .await?;
+    let read_only = ctx.node.read_only || file.node().read_only();
+    let io = FileIo { file: file.clone() };
+    let file_len = io.len();
+    let rd = |e| BlockError::io("Could not read qcow2 header", e);
+    let start = io.read(0, 512).await.map_err(rd)?;
+    let fixed = header::parse_fixed(&start, file_len)?;
+    let cs = fixed.cluster_size();
+    let first = io
+        .read(0, cs.min(file_len).max(512) as usize)
+        .await
+        .map_err(rd)?;
+    let ImageHeader {
+        header: h,
+        backing_file,
+        ext,
+    } = header::parse(&first, file_len)?;
+    if h.crypt_method != 0 || ext.crypto {
+        return Err(BlockError::unsupported(
+            "blockd does not support encrypted qcow2 images",
+        ));
+    }
+    if h.incompatible_features & INCOMPAT_DATA_FILE != 0 || ext.data_file.is_some() {
+        return Err(BlockError::unsupported(
+            "blockd does not support qcow2 images with an external data file",
+        ));
+    }
+    if h.incompatible_features & INCOMPAT_EXTL2 != 0 {
+        return Err(BlockError::unsupported(
+            "blockd does not support qcow2 images with extended L2 entries (subclusters)",
+        ));
+    }
+    if h.compression_type != 0 {
+        return Err(BlockError::unsupported(
+            "blockd supports only zlib compression in qcow2 images (this one uses zstd)",
+        ));
+    }
+    if h.incompatible_features & INCOMPAT_CORRUPT != 0 && !read_only {
+        return Err(BlockError::new(
+            blockd_core::ErrorKind::Corrupt,
+            "qcow2: Image is corrupt; cannot be opened read/write",
+        ));
+    }
+    let lazy = o
+        .lazy_refcounts
+        .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
+    if lazy && h.version < 3 {
+        return Err(BlockError::invalid(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+        ));
+    }
+    if o.discard_no_unref == Some(true) && h.version < 3 {
+        return Err(BlockError::invalid(
+            "discard-no-unref is only supported since qcow2 version 3",
+        ));
+    }
+    let (l2_bytes, rc_bytes) = cache_sizes(&o, cs, h.size)?;
+    let geo = Geo::new(h.cluster_bits, h.version, h.size);
+    let l1 = decode_be64(
+        &io.read(h.l1_table_offset, h.l1_size as usize * 8)
+            .await
+            .map_err(|e| BlockError::io("Could not read L1 table", e))?,
+    );
+    let rt_clusters = u64::from(h.refcount_table_clusters);
+    let table: Vec<u64> = decode_be64(
+        &io.read(h.refcount_table_offset, (rt_clusters * cs) as usize)
+            .await
+            .map_err(|e| BlockError::io("Could not initialize refcount handling", e))?,
+    )
+    .into_iter()
+    .map(|e| e & REFT_OFFSET_MASK)
+    .collect();
+    let (snapshots, snap_len) = if h.nb_snapshots > 0 {
+        read_snapshots(&io, h.snapshots_offset, h.nb_snapshots).await?
+    } else {
+        (Vec::new(), 0)
+    };
+    let backing = ctx
+        .open_backing(
+            o.backing.clone(),
+            backing_file.as_deref(),
+            ext.backing_format.as_deref(),
+            &file.node().filename(),
+        )
+        .await?;
+    let dirty = Arc::new(AtomicBool::new(
+        h.incompatible_features & INCOMPAT_DIRTY != 0,
+    ));
+    let rc = Refcounts {
+        order: h.refcount_order,
+        cluster_bits: h.cluster_bits,
+        table,
+        table_offset: h.refcount_table_offset,
+        table_clusters: rt_clusters,
+        cache: cache::TableCache::new((rc_bytes / cs).max(4) as usize),
+        free_hint: 0,
+    };
+    let mut m = Meta::new(
+        io.clone(),
+        geo,
+        l1,
+        h.l1_table_offset,
+        (l2_bytes / cs).max(2) as usize,
+        rc,
+        h.incompatible_features,
+        dirty.clone(),
+    );
+    m.lazy = lazy;
+    m.pass_discard_request = o.pass_discard_request.unwrap_or(ctx.node.discard_unmap);
+    m.pass_discard_other = o.pass_discard_other.unwrap_or(false);
+    m.discard_no_unref = o.discard_no_unref.unwrap_or(false);
+    m.has_backing = backing.is_some();
+    m.snapshots = snapshots;
+    m.snapshot_table = (h.snapshots_offset, snap_len);
+    m.clean_interval = o
+        .cache_clean_interval
+        .filter(|&s| s > 0)
+        .map(|s| Duration::from_secs(s as u64));
+    if !read_only {
+        let fail = |what: &str, e: io::Error| BlockError::io(what.to_string(), e);
+        if h.version >= 3 && h.autoclear_features != 0 {
+            // blockd maintains no autoclear feature (bitmaps): clearing the
+            // bits tells other readers that data is stale, as QEMU does.
+            io.write(OFF_AUTOCLEAR, 0u64.to_be_bytes().to_vec())
+                .await
+                .map_err(|e| fail("Could not update qcow2 header", e))?;
+            io.sync()
+                .await
+                .map_err(|e| fail("Could not update qcow2 header", e))?;
+        }
+        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            check::rebuild_refcounts(&mut m)
+                .await
+                .map_err(|e| fail("Could not repair dirty image", e))?;
+            m.mark_clean()
+                .await
+                .map_err(|e| fail("Could not repair dirty image", e))?;
+        }
+    }
+    let shown = Shown {
+        backing_file,
+        backing_format: ext.backing_format,
+        version: h.version,
+        lazy_bit: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
+        corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
+        refcount_bits: 1 << h.refcount_order,
+    };
+    Ok((
+        Qcow2Driver {
+            file,
+            backing,
+            geo,
+            meta: tokio::sync::Mutex::new(m),
+            reuse: tokio::sync::RwLock::new(()),
+            read_only,
+            dirty,
+            shown,
+            decompressed: Mutex::new(None),
+        },
+        read_only,
+    ))
+}
+
+impl Qcow2Driver {
+    /// Runs the consistency check (like `qemu-img check`, read-only).
+    pub async fn check(&self) -> io::Result<check::CheckReport> {
+        let mut m = self.meta.lock().await;
+        m.write_back(false).await.ok();
+        check::check(&mut m).await
+    }
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn limits(&self) -> IoLimits {
+        IoLimits {
+            request_alignment: 1,
+            max_transfer: 0,
+            pwrite_zeroes_alignment: self.geo.cs as u32,
+            pdiscard_alignment: self.geo.cs as u32,
+        }
+    }
+
+    fn length(&self) -> u64 {
+        self.geo.size
+    }
+
+    fn children(&self) -> Vec<ChildRef> {
+        let mut v = vec![self.file.clone()];
+        v.extend(self.backing.clone());
+        v
+    }
+
+    fn info(&self) -> DriverInfo {
+        let s = &self.shown;
+        let data = if s.version >= 3 {
+            serde_json::json!({
+                "compat": "1.1",
+                "compression-type": "zlib",
+                "lazy-refcounts": s.lazy_bit,
+                "refcount-bits": s.refcount_bits,
+                "corrupt": s.corrupt,
+                "extended-l2": false,
+            })
+        } else {
+            serde_json::json!({
+                "compat": "0.10",
+                "compression-type": "zlib",
+                "refcount-bits": s.refcount_bits,
+            })
+        };
+        DriverInfo {
+            cluster_size: Some(self.geo.cs),
+            dirty: Some(self.dirty.load(Ordering::Acquire)),
+            format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
+            backing_filename: s.backing_file.clone(),
+            backing_format: s.backing_format.clone(),
+        }
+    }
+
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        Box::pin(self.do_read(offset, len))
+    }
+
+    fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
+        Box::pin(self.do_write(offset, data, flags.fua))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> IoFuture<'_, ()> {
+        Box::pin(self.do_write_zeroes(offset, len, flags))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.do_discard(offset, len))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(self.do_flush())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        Box::pin(self.do_block_status(offset, len))
+    }
+
+    fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {
+        default_perms(child.role(), parent, writable)
+    }
+
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            let mut m = self.meta.lock().await;
+            m.close().await
+        })
+    }
+}

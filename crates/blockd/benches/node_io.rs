@@ -1,0 +1,192 @@
+//! In-process I/O benchmark: 4 KiB random reads/writes and 1 MiB sequential
+//! reads/writes through a `file` node and a `raw`-over-`file` node, against
+//! direct `pread`/`pwrite` on the same file. No server, no NBD.
+//!
+//!     cargo bench -p blockd --bench node_io [-- --size-mib 256 --ops 20000 --runs 5]
+//!
+//! Every figure is the median of `--runs`; the image is written once
+//! first so reads come from the page cache for both (the point is the
+//! overhead of the block layer, not of the disk).
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockd_core::{BlockGraph, BlockNode, ReqFlags};
+use blockd_drivers::{blockdev_add, Env};
+use bytes::Bytes;
+use serde_json::json;
+
+struct Args {
+    size_mib: u64,
+    ops: u64,
+    runs: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        size_mib: 256,
+        ops: 20000,
+        runs: 5,
+    };
+    let v: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < v.len() {
+        let next = || v.get(i + 1).and_then(|s| s.parse().ok());
+        match v[i].as_str() {
+            "--size-mib" => a.size_mib = next().unwrap_or(a.size_mib),
+            "--ops" => a.ops = next().unwrap_or(a.ops),
+            "--runs" => a.runs = next().map(|n: u64| n as usize).unwrap_or(a.runs),
+            _ => {}
+        }
+        i += 1;
+    }
+    a
+}
+
+/// Scattered 4 KiB offsets (a fixed stride, as the shared harness uses).
+fn offset(i: u64, size: u64) -> u64 {
+    (i * 7919 * 4096) % (size - 4096)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[derive(Clone, Copy)]
+enum Test {
+    Read4k,
+    Write4k,
+    Read1m,
+    Write1m,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::Read4k => "4 KiB random read",
+            Test::Write4k => "4 KiB random write",
+            Test::Read1m => "1 MiB sequential read",
+            Test::Write1m => "1 MiB sequential write",
+        }
+    }
+
+    /// (request size, count) for a run.
+    fn shape(self, ops: u64, size: u64) -> (usize, u64) {
+        match self {
+            Test::Read4k | Test::Write4k => (4096, ops),
+            Test::Read1m | Test::Write1m => (1 << 20, (size / (1 << 20)).min(ops / 20).max(16)),
+        }
+    }
+}
+
+fn direct(f: &std::fs::File, t: Test, ops: u64, size: u64) -> f64 {
+    let (len, n) = t.shape(ops, size);
+    let mut buf = vec![0x5au8; len];
+    let start = Instant::now();
+    for i in 0..n {
+        let off = match t {
+            Test::Read4k | Test::Write4k => offset(i, size),
+            _ => (i * len as u64) % size,
+        };
+        match t {
+            Test::Read4k | Test::Read1m => f.read_exact_at(&mut buf, off).unwrap(),
+            _ => f.write_all_at(&buf, off).unwrap(),
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn through(node: &Arc<BlockNode>, t: Test, ops: u64, size: u64) -> f64 {
+    let (len, n) = t.shape(ops, size);
+    let data = Bytes::from(vec![0x5au8; len]);
+    let start = Instant::now();
+    for i in 0..n {
+        let off = match t {
+            Test::Read4k | Test::Write4k => offset(i, size),
+            _ => (i * len as u64) % size,
+        };
+        match t {
+            Test::Read4k | Test::Read1m => {
+                let b = node.read(off, len).await.unwrap();
+                std::hint::black_box(b);
+            }
+            _ => node
+                .write(off, data.clone(), ReqFlags::default())
+                .await
+                .unwrap(),
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let a = args();
+    let size = a.size_mib << 20;
+    let dir = std::env::temp_dir().join(format!("blockd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("img");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    // Fill the image so reads come from the page cache, not holes.
+    let chunk = vec![0x11u8; 1 << 20];
+    for i in 0..a.size_mib {
+        f.write_all_at(&chunk, i << 20).unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let graph = BlockGraph::new();
+    let env = Env::default();
+    let (file_node, raw_node) = rt.block_on(async {
+        let file = blockdev_add(
+            &graph,
+            &env,
+            serde_json::from_value(json!({"driver": "file", "node-name": "f0", "filename": path}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let raw = blockdev_add(
+            &graph,
+            &env,
+            serde_json::from_value(json!({"driver": "raw", "node-name": "r0", "file": "f0"}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        (file, raw)
+    });
+    println!(
+        "{:<24} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "test (ops/s, median)", "direct", "file node", "ratio", "raw/file", "ratio"
+    );
+    for t in [Test::Read4k, Test::Write4k, Test::Read1m, Test::Write1m] {
+        let mut d = Vec::new();
+        let mut fnode = Vec::new();
+        let mut rnode = Vec::new();
+        for _ in 0..a.runs {
+            d.push(direct(&f, t, a.ops, size));
+            fnode.push(rt.block_on(through(&file_node, t, a.ops, size)));
+            rnode.push(rt.block_on(through(&raw_node, t, a.ops, size)));
+        }
+        let (d, fn_, rn) = (median(d), median(fnode), median(rnode));
+        println!(
+            "{:<24} {:>12.0} {:>12.0} {:>7.2}x {:>12.0} {:>7.2}x",
+            t.name(),
+            d,
+            fn_,
+            fn_ / d,
+            rn,
+            rn / d
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
