@@ -816,6 +816,15 @@ impl BlockDriver for FileDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
+        // SEEK_DATA/SEEK_HOLE answer from the filesystem's in-memory extent
+        // maps: done inline, as QEMU does from its coroutine, rather than
+        // paying a trip to the blocking pool on every NBD read of a region
+        // (the server asks for block status before a hole-aware read).
+        // Block devices (BLKDISCARD-style queries) keep using the pool.
+        if !self.inner.blkdev {
+            let r = self.inner.block_status(offset, len);
+            return Box::pin(async move { r });
+        }
         Box::pin(blocking(&self.inner, move |i| i.block_status(offset, len)))
     }
 
