@@ -121,6 +121,42 @@ async fn through(node: &Arc<BlockNode>, t: Test, ops: u64, size: u64) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The same requests, 16 in flight at a time (what an NBD client at queue
+/// depth 16 asks of the node).
+async fn through_qd(node: &Arc<BlockNode>, t: Test, ops: u64, size: u64, depth: u64) -> f64 {
+    let (len, n) = t.shape(ops, size);
+    let data = Bytes::from(vec![0x5au8; len]);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for q in 0..depth {
+        let node = node.clone();
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = q;
+            while i < n {
+                let off = match t {
+                    Test::Read4k | Test::Write4k => offset(i, size),
+                    _ => (i * len as u64) % size,
+                };
+                match t {
+                    Test::Read4k | Test::Read1m => {
+                        std::hint::black_box(node.read(off, len).await.unwrap());
+                    }
+                    _ => node
+                        .write(off, data.clone(), ReqFlags::default())
+                        .await
+                        .unwrap(),
+                }
+                i += depth;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 fn main() {
     let a = args();
     let size = a.size_mib << 20;
@@ -165,27 +201,31 @@ fn main() {
         (file, raw)
     });
     println!(
-        "{:<24} {:>12} {:>12} {:>8} {:>12} {:>8}",
-        "test (ops/s, median)", "direct", "file node", "ratio", "raw/file", "ratio"
+        "{:<24} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>7}",
+        "test (ops/s, median)", "direct", "file", "ratio", "raw/file", "ratio", "raw QD16", "ratio"
     );
     for t in [Test::Read4k, Test::Write4k, Test::Read1m, Test::Write1m] {
         let mut d = Vec::new();
         let mut fnode = Vec::new();
         let mut rnode = Vec::new();
+        let mut rqd = Vec::new();
         for _ in 0..a.runs {
             d.push(direct(&f, t, a.ops, size));
             fnode.push(rt.block_on(through(&file_node, t, a.ops, size)));
             rnode.push(rt.block_on(through(&raw_node, t, a.ops, size)));
+            rqd.push(rt.block_on(through_qd(&raw_node, t, a.ops, size, 16)));
         }
-        let (d, fn_, rn) = (median(d), median(fnode), median(rnode));
+        let (d, fn_, rn, rq) = (median(d), median(fnode), median(rnode), median(rqd));
         println!(
-            "{:<24} {:>12.0} {:>12.0} {:>7.2}x {:>12.0} {:>7.2}x",
+            "{:<24} {:>10.0} {:>10.0} {:>6.2}x {:>10.0} {:>6.2}x {:>12.0} {:>6.2}x",
             t.name(),
             d,
             fn_,
             fn_ / d,
             rn,
-            rn / d
+            rn / d,
+            rq,
+            rq / d
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

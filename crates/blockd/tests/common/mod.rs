@@ -55,6 +55,12 @@ impl Server {
         srv
     }
 
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
