@@ -407,7 +407,12 @@ pub(crate) fn update_perms(root: &Arc<BlockNode>) -> Result<(), BlockError> {
             ));
         }
         for c in n.children() {
-            let cp = n.driver().child_perm(&c, cum, !n.read_only());
+            let mut cp = n.driver().child_perm(&c, cum, !n.read_only());
+            // A force-share child lets its parent share everything on it
+            // (QEMU's bdrv_child_perm).
+            if c.node().options().force_share {
+                cp.shared = Perm::ALL;
+            }
             edge_perm.insert(
                 (c.node().id(), n.name().to_string(), c.name().to_string()),
                 cp,

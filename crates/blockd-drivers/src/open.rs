@@ -196,6 +196,7 @@ struct Inherit {
     auto_read_only: Option<bool>,
     direct: Option<bool>,
     no_flush: Option<bool>,
+    force_share: Option<bool>,
     discard_unmap: bool,
 }
 
@@ -206,6 +207,7 @@ impl Inherit {
             auto_read_only: Some(p.auto_read_only && !role.has(ChildRole::COW)),
             direct: Some(p.cache_direct),
             no_flush: Some(p.cache_no_flush),
+            force_share: Some(p.force_share),
             // Lower layers default to passing discards down; the parent's
             // own policy decides what reaches them.
             discard_unmap: true,
@@ -374,7 +376,7 @@ fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
         },
         cache_direct: cache.direct.or(inherit.direct).unwrap_or(false),
         cache_no_flush: cache.no_flush.or(inherit.no_flush).unwrap_or(false),
-        force_share: opts.force_share.unwrap_or(false),
+        force_share: opts.force_share.or(inherit.force_share).unwrap_or(false),
     }
 }
 
