@@ -246,7 +246,13 @@ impl Refcounts {
             for cl in start..start + n {
                 self.set(io, cl, 1).await?;
             }
-            if start == self.free_hint {
+            // find_free returns the first run of n free clusters at or
+            // after the hint: for a single cluster, everything before it
+            // is in use, so the hint moves past it even when the search had
+            // to skip clusters (e.g. one just taken by a new refcount
+            // block). Without this the hint could stick, and every later
+            // allocation would rescan all clusters since (quadratic).
+            if n == 1 || start == self.free_hint {
                 self.free_hint = start + n;
             }
             if (start + n) << self.cluster_bits > 1 << 56 {
