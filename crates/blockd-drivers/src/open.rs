@@ -226,31 +226,7 @@ pub async fn blockdev_add(
             "'node-name' must be specified for the root node",
         ));
     }
-    check_tree(graph, &opts, &mut HashSet::new())?;
-    let created = Arc::new(Mutex::new(Vec::new()));
-    let root = match open_node(
-        graph,
-        env,
-        opts,
-        Inherit::default(),
-        created.clone(),
-        Vec::new(),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            close_all(created).await;
-            return Err(e);
-        }
-    };
-    let nodes: Vec<Arc<BlockNode>> = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if let Err(e) = graph.insert(&nodes, &root, true) {
-        drop(root);
-        close_all(created).await;
-        return Err(e);
-    }
-    Ok(root)
+    open_tree(graph, env, opts, true).await
 }
 
 /// Opens a tree the monitor does not own (QEMU's `bdrv_open` for a
@@ -262,9 +238,20 @@ pub async fn open_implicit(
     env: &Env,
     opts: BlockdevOptions,
 ) -> Result<Arc<BlockNode>, BlockError> {
+    open_tree(graph, env, opts, false).await
+}
+
+/// Checks, opens and inserts a tree; `monitor_owned` says whether the
+/// monitor holds the root (blockdev-add) or its users do.
+async fn open_tree(
+    graph: &BlockGraph,
+    env: &Env,
+    opts: BlockdevOptions,
+    monitor_owned: bool,
+) -> Result<Arc<BlockNode>, BlockError> {
     check_tree(graph, &opts, &mut HashSet::new())?;
     let created = Arc::new(Mutex::new(Vec::new()));
-    let root = match open_node(
+    let opened = open_node(
         graph,
         env,
         opts,
@@ -272,8 +259,8 @@ pub async fn open_implicit(
         created.clone(),
         Vec::new(),
     )
-    .await
-    {
+    .await;
+    let root = match opened {
         Ok(r) => r,
         Err(e) => {
             close_all(created).await;
@@ -281,7 +268,7 @@ pub async fn open_implicit(
         }
     };
     let nodes: Vec<Arc<BlockNode>> = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if let Err(e) = graph.insert(&nodes, &root, false) {
+    if let Err(e) = graph.insert(&nodes, &root, monitor_owned) {
         drop(root);
         close_all(created).await;
         return Err(e);
