@@ -46,7 +46,19 @@ struct Conn {
 
 impl Conn {
     fn open(sock: &PathBuf) -> Conn {
-        let s = UnixStream::connect(sock).unwrap();
+        // The socket file appears at bind(), a moment before listen():
+        // retry briefly instead of failing on that window.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect {}: {e}", sock.display()),
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let r = BufReader::new(s.try_clone().unwrap());
         let mut c = Conn { s, r };
