@@ -8,11 +8,10 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::driver::{BlockDriver, BlockStatus, ChildRef, ReqFlags};
+use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, ReqFlags};
 use crate::perm::PermPair;
 use crate::tracked::Tracker;
 
@@ -99,7 +98,10 @@ pub struct ParentLink {
     pub perm: PermPair,
 }
 
-/// I/O statistics of a node (`BlockDeviceStats`).
+/// I/O statistics of a node (`BlockDeviceStats`): request counts only.
+/// Latency is timed at the device (BlockBackend) level, where QEMU keeps
+/// all of its accounting; timing every layer would cost two clock reads
+/// per node per request.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Bytes read.
@@ -126,14 +128,6 @@ pub struct Stats {
     pub failed_flush_operations: AtomicU64,
     /// Failed discards.
     pub failed_unmap_operations: AtomicU64,
-    /// Time spent in reads.
-    pub rd_total_time_ns: AtomicU64,
-    /// Time spent in writes.
-    pub wr_total_time_ns: AtomicU64,
-    /// Time spent in flushes.
-    pub flush_total_time_ns: AtomicU64,
-    /// Time spent in discards.
-    pub unmap_total_time_ns: AtomicU64,
     /// End of the highest write.
     pub wr_highest_offset: AtomicU64,
 }
@@ -290,15 +284,12 @@ impl BlockNode {
 
     /// Reads `len` bytes at `offset`. Bytes beyond the end read as zeroes.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let start = Instant::now();
         let r = self.read_inner(offset, len).await;
         let s = &self.stats;
         match &r {
             Ok(_) => {
                 s.rd_operations.fetch_add(1, Ordering::Relaxed);
                 s.rd_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                s.rd_total_time_ns
-                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 s.failed_rd_operations.fetch_add(1, Ordering::Relaxed);
@@ -337,13 +328,20 @@ impl BlockNode {
         let end = align_up(offset + len, a);
         let _t = self.tracker.begin(start, end, false).await;
         let data = self.driver_read_split(start, end - start).await?;
+        if start == offset && end - start == len {
+            // Nothing padded: pass the buffer up as it is (slicing would
+            // make a Vec-backed `Bytes` allocate a shared header).
+            return Ok(data);
+        }
         let skip = (offset - start) as usize;
         Ok(data.slice(skip..skip + len as usize))
     }
 
     /// Reads an aligned range from the driver, split by `max_transfer`; the
-    /// part beyond the driver's length (padding) reads as zeroes.
-    async fn driver_read_split(&self, offset: u64, len: u64) -> io::Result<Bytes> {
+    /// part beyond the driver's length (padding) reads as zeroes. The
+    /// common case (one request, all readable) is the driver's own future,
+    /// adding nothing to the caller's.
+    fn driver_read_split(&self, offset: u64, len: u64) -> IoFuture<'_, Bytes> {
         let size = self.driver.length();
         let a = self.alignment();
         let readable = if offset >= size {
@@ -356,18 +354,20 @@ impl BlockNode {
             m => u64::from(m),
         };
         if readable == len && len <= max {
-            return self.driver.read(offset, len as usize).await;
+            return self.driver.read(offset, len as usize);
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut done = 0;
-        while done < readable {
-            let n = (readable - done).min(max);
-            let part = self.driver.read(offset + done, n as usize).await?;
-            out.extend_from_slice(&part);
-            done += n;
-        }
-        out.resize(len as usize, 0);
-        Ok(out.freeze())
+        Box::pin(async move {
+            let mut out = BytesMut::with_capacity(len as usize);
+            let mut done = 0;
+            while done < readable {
+                let n = (readable - done).min(max);
+                let part = self.driver.read(offset + done, n as usize).await?;
+                out.extend_from_slice(&part);
+                done += n;
+            }
+            out.resize(len as usize, 0);
+            Ok(out.freeze())
+        })
     }
 
     fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -380,15 +380,17 @@ impl BlockNode {
         Ok(())
     }
 
-    fn account_write(&self, offset: u64, len: u64, start: Instant, ok: bool) {
+    fn account_write(&self, offset: u64, len: u64, ok: bool) {
         let s = &self.stats;
         if ok {
             s.wr_operations.fetch_add(1, Ordering::Relaxed);
             s.wr_bytes.fetch_add(len, Ordering::Relaxed);
-            s.wr_total_time_ns
-                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            s.wr_highest_offset
-                .fetch_max(offset + len, Ordering::Relaxed);
+            // Most writes are not the highest: a plain load spares them
+            // the compare-and-swap loop of `fetch_max`.
+            let end = offset + len;
+            if end > s.wr_highest_offset.load(Ordering::Relaxed) {
+                s.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+            }
         } else {
             s.failed_wr_operations.fetch_add(1, Ordering::Relaxed);
         }
@@ -401,18 +403,19 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        let start = Instant::now();
         let r = if self.opts.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
             let unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
             let zflags = ReqFlags {
                 may_unmap: unmap,
                 ..flags
             };
-            self.zeroes_inner(offset, len, zflags).await
+            // Boxed: a rare path that would otherwise make every write's
+            // future (moved whole through each layer) several times larger.
+            Box::pin(self.zeroes_inner(offset, len, zflags)).await
         } else {
             self.write_inner(offset, data, flags).await
         };
-        self.account_write(offset, len, start, r.is_ok());
+        self.account_write(offset, len, r.is_ok());
         r
     }
 
@@ -425,8 +428,17 @@ impl BlockNode {
             let _t = self.tracker.begin(start, end, false).await;
             return self.driver_write_split(offset, data, flags).await;
         }
-        // Read-modify-write of the partial head and tail blocks; no other
-        // request may touch these blocks meanwhile.
+        // Boxed, as the rare path: see `write`.
+        Box::pin(self.write_rmw(offset, data, flags)).await
+    }
+
+    /// Read-modify-write of the partial head and tail blocks; no other
+    /// request may touch these blocks meanwhile.
+    async fn write_rmw(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
+        let a = self.alignment();
+        let len = data.len() as u64;
+        let start = align_down(offset, a);
+        let end = align_up(offset + len, a);
         let _t = self.tracker.begin(start, end, true).await;
         let mut buf = BytesMut::with_capacity((end - start) as usize);
         let head = offset - start;
@@ -450,28 +462,27 @@ impl BlockNode {
         self.driver_write_split(start, buf.freeze(), flags).await
     }
 
-    async fn driver_write_split(
-        &self,
-        offset: u64,
-        data: Bytes,
-        flags: ReqFlags,
-    ) -> io::Result<()> {
+    /// Writes an aligned range to the driver, split by `max_transfer` (the
+    /// common case is the driver's own future, as for reads).
+    fn driver_write_split(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
         let max = match self.driver.limits().max_transfer {
             0 => u64::MAX,
             m => u64::from(m),
         };
         let len = data.len() as u64;
         if len <= max {
-            return self.driver.write(offset, data, flags).await;
+            return self.driver.write(offset, data, flags);
         }
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(max);
-            let part = data.slice(done as usize..(done + n) as usize);
-            self.driver.write(offset + done, part, flags).await?;
-            done += n;
-        }
-        Ok(())
+        Box::pin(async move {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(max);
+                let part = data.slice(done as usize..(done + n) as usize);
+                self.driver.write(offset + done, part, flags).await?;
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     /// Makes a range read as zeroes.
@@ -480,13 +491,12 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        let start = Instant::now();
         let flags = ReqFlags {
             may_unmap: flags.may_unmap && self.opts.discard_unmap,
             ..flags
         };
         let r = self.zeroes_inner(offset, len, flags).await;
-        self.account_write(offset, len, start, r.is_ok());
+        self.account_write(offset, len, r.is_ok());
         if r.is_ok() {
             self.stats.zone_bytes.fetch_add(0, Ordering::Relaxed);
         }
@@ -532,7 +542,6 @@ impl BlockNode {
         if !self.opts.discard_unmap || len == 0 {
             return Ok(());
         }
-        let start_t = Instant::now();
         // Only whole aligned blocks can be discarded; the rest is left alone.
         let a = self
             .alignment()
@@ -550,8 +559,6 @@ impl BlockNode {
             Ok(()) => {
                 s.unmap_operations.fetch_add(1, Ordering::Relaxed);
                 s.unmap_bytes.fetch_add(len, Ordering::Relaxed);
-                s.unmap_total_time_ns
-                    .fetch_add(start_t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 s.failed_unmap_operations.fetch_add(1, Ordering::Relaxed);
@@ -562,7 +569,6 @@ impl BlockNode {
 
     /// Flushes completed writes to stable storage (no-op with `cache.no-flush`).
     pub async fn flush(&self) -> io::Result<()> {
-        let start = Instant::now();
         let r = if self.opts.cache_no_flush {
             Ok(())
         } else {
@@ -572,8 +578,6 @@ impl BlockNode {
         match &r {
             Ok(()) => {
                 s.flush_operations.fetch_add(1, Ordering::Relaxed);
-                s.flush_total_time_ns
-                    .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 s.failed_flush_operations.fetch_add(1, Ordering::Relaxed);

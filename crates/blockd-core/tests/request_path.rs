@@ -289,3 +289,21 @@ proptest! {
         })?;
     }
 }
+
+/// Request futures nest one inside another at every layer and are moved
+/// whole into each layer's box, so their size is paid for in copies on
+/// every request (profiling showed memmove as the top cost at 600 bytes).
+/// Rare paths (read-modify-write, detect-zeroes, splitting, waiting for
+/// an overlapping request) are boxed to keep them out; this keeps a new
+/// large local on the common path from undoing that unnoticed.
+#[test]
+fn request_futures_stay_small() {
+    fn size<T>(_: &T) -> usize {
+        std::mem::size_of::<T>()
+    }
+    let n = node(&MemDriver::new(4096, 1, 0), NodeOptions::default());
+    let write = size(&n.write(0, Bytes::new(), ReqFlags::default()));
+    let read = size(&n.read(0, 0));
+    assert!(write <= 320, "write future is {write} bytes");
+    assert!(read <= 288, "read future is {read} bytes");
+}

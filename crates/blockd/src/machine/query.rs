@@ -215,27 +215,23 @@ fn node_snapshot(n: &BlockNode) -> AcctSnapshot {
             bytes: get(&s.rd_bytes),
             ops: get(&s.rd_operations),
             failed: get(&s.failed_rd_operations),
-            total_time_ns: get(&s.rd_total_time_ns),
             ..TypeCounters::default()
         },
         write: TypeCounters {
             bytes: get(&s.wr_bytes),
             ops: get(&s.wr_operations),
             failed: get(&s.failed_wr_operations),
-            total_time_ns: get(&s.wr_total_time_ns),
             ..TypeCounters::default()
         },
         flush: TypeCounters {
             ops: get(&s.flush_operations),
             failed: get(&s.failed_flush_operations),
-            total_time_ns: get(&s.flush_total_time_ns),
             ..TypeCounters::default()
         },
         unmap: TypeCounters {
             bytes: get(&s.unmap_bytes),
             ops: get(&s.unmap_operations),
             failed: get(&s.failed_unmap_operations),
-            total_time_ns: get(&s.unmap_total_time_ns),
             ..TypeCounters::default()
         },
         account_invalid: false,
