@@ -26,6 +26,7 @@
 //!   byte-range locks QEMU uses, so blockd and QEMU processes respect each
 //!   other's permissions on the same image.
 
+mod inline;
 pub mod lock;
 mod sys;
 
@@ -38,6 +39,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use blockd_core::error::strerror;
 use blockd_core::{
@@ -48,6 +50,7 @@ use bytes::Bytes;
 
 use crate::open::{Env, FdSets};
 use crate::options::{Aio, FileOptions, OnOffAuto};
+use inline::{InlineWrites, INLINE_MAX};
 use lock::{LockCmds, LockState};
 use sys::AlignedBuf;
 
@@ -99,6 +102,8 @@ struct Inner {
     nowait_read: AtomicBool,
     /// Non-blocking buffered writes (`RWF_NOWAIT`) may work.
     nowait_write: AtomicBool,
+    /// When buffered writes may run inline without `RWF_NOWAIT`.
+    inline_writes: InlineWrites,
     /// errno of a failed buffered `fdatasync`: the page cache may have
     /// dropped dirty data, so every later flush fails too (as QEMU).
     page_cache_inconsistent: AtomicI32,
@@ -326,6 +331,7 @@ fn open_blocking(
         has_fallocate: AtomicBool::new(!blkdev),
         nowait_read: AtomicBool::new(true),
         nowait_write: AtomicBool::new(true),
+        inline_writes: InlineWrites::new(raw, !blkdev, direct),
         page_cache_inconsistent: AtomicI32::new(0),
         write_gen: AtomicU64::new(0),
         flushed_gen: AtomicU64::new(0),
@@ -349,9 +355,11 @@ fn on_nfs(fd: RawFd) -> bool {
     magic == NFS_SUPER_MAGIC
 }
 
-/// Largest request tried inline with RWF_NOWAIT: bigger copies would hold
-/// an event-loop thread too long.
-const NOWAIT_MAX: usize = 128 * 1024;
+/// Largest request tried inline with RWF_NOWAIT: copying 1 MiB from the
+/// page cache takes about as long as the pool hand-off it saves (QEMU's
+/// io_uring engine copies page-cache hits of any size inline, in
+/// `io_uring_enter`); bigger ones go to the pool.
+const NOWAIT_MAX: usize = INLINE_MAX;
 
 fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
@@ -411,29 +419,37 @@ impl Inner {
         }
     }
 
-    /// A buffered write done inline if it can complete without blocking
-    /// (`pwritev2(RWF_NOWAIT)`, only within the current length so the file
-    /// never grows from the event loop); `false` means "use the pool".
-    fn try_write_nowait(&self, offset: u64, data: &[u8]) -> bool {
+    /// A buffered write done inline, on the calling thread: with
+    /// `pwritev2(RWF_NOWAIT)` where the file system supports it, else
+    /// where [`InlineWrites`] judges it safe. Only within the current
+    /// length, so the file never grows from the event loop. `None` means
+    /// "use the pool".
+    fn try_write_inline(&self, offset: u64, data: &[u8]) -> Option<io::Result<()>> {
         let end = offset.saturating_add(data.len() as u64);
-        if self.direct
-            || data.len() > NOWAIT_MAX
-            || end > self.length.load(Ordering::Acquire)
-            || !self.nowait_write.load(Ordering::Relaxed)
-        {
-            return false;
+        let length = self.length.load(Ordering::Acquire);
+        if self.direct || end > length {
+            return None;
         }
-        match sys::write_nowait(self.raw(), data, offset) {
-            Ok(true) => {
-                self.wrote(end);
-                true
-            }
-            Ok(false) => false,
-            Err(_) => {
-                self.nowait_write.store(false, Ordering::Relaxed);
-                false
+        if data.len() <= NOWAIT_MAX && self.nowait_write.load(Ordering::Relaxed) {
+            match sys::write_nowait(self.raw(), data, offset) {
+                Ok(true) => {
+                    self.wrote(end);
+                    return Some(Ok(()));
+                }
+                Ok(false) => return None,
+                Err(_) => self.nowait_write.store(false, Ordering::Relaxed),
             }
         }
+        if !self.inline_writes.may(offset, data.len(), length) {
+            return None;
+        }
+        let start = Instant::now();
+        let r = self.pwrite(offset, data);
+        self.inline_writes.took(start.elapsed());
+        if r.is_ok() {
+            self.wrote(end);
+        }
+        Some(r)
     }
 
     /// Records a completed modification ending at `end`.
@@ -793,8 +809,10 @@ impl BlockDriver for FileDriver {
     }
 
     fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
-        if !flags.fua && self.inner.try_write_nowait(offset, &data) {
-            return Box::pin(async { Ok(()) });
+        if !flags.fua {
+            if let Some(r) = self.inner.try_write_inline(offset, &data) {
+                return Box::pin(async move { r });
+            }
         }
         Box::pin(blocking(&self.inner, move |i| {
             i.write(offset, &data, flags.fua)

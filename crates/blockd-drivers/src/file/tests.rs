@@ -151,6 +151,53 @@ async fn read_write_and_eof() {
     assert_eq!(&on_disk[20_000..], b"end");
 }
 
+/// Whole-page writes within the file run inline (on a local file system);
+/// the others (partial pages, growing the file, too large, breaker off)
+/// go to the pool. Either way the bytes land and the length is right.
+#[tokio::test]
+async fn inline_and_pool_writes_land_alike() {
+    let dir = TempDir::new("inline");
+    let path = dir.file("img");
+    let size = 2 << 20;
+    make_file(&path, &vec![0u8; size]);
+    let d = open_with(&path, rw()).await;
+    let w = &d.inner.inline_writes;
+    let len = d.length();
+    let mut expect = vec![0u8; size];
+    let cases: [(u64, usize, bool); 5] = [
+        (8192, 4096, true),
+        (65536, 65536, true),
+        (4096 + 512, 4096, false),
+        (0, (1 << 20) + 4096, false),
+        (size as u64 - 4096, 8192, false),
+    ];
+    for (i, &(off, n, inline)) in cases.iter().enumerate() {
+        // Inline only if the file system qualifies at all.
+        let local = w.may(0, 4096, len);
+        assert_eq!(w.may(off, n, len), inline && local, "case {i}");
+        let data = pattern(n, i as u8 + 1);
+        d.write(off, Bytes::from(data.clone()), ReqFlags::default())
+            .await
+            .unwrap();
+        let end = off as usize + n;
+        if expect.len() < end {
+            expect.resize(end, 0);
+        }
+        expect[off as usize..end].copy_from_slice(&data);
+    }
+    // With the breaker off, a whole-page write goes to the pool.
+    w.took(inline::STALL_MAX * 2);
+    assert!(!w.may(8192, 4096, len));
+    let data = pattern(4096, 99);
+    d.write(8192, Bytes::from(data.clone()), ReqFlags::default())
+        .await
+        .unwrap();
+    expect[8192..12288].copy_from_slice(&data);
+    assert_eq!(d.length(), expect.len() as u64);
+    d.close().await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), expect);
+}
+
 #[tokio::test]
 async fn read_only_node_opens_read_only() {
     let dir = TempDir::new("ro");
