@@ -2,7 +2,7 @@
 //! reads/writes through a `file` node and a `raw`-over-`file` node, against
 //! direct `pread`/`pwrite` on the same file. No server, no NBD.
 //!
-//!     cargo bench -p blockd --bench node_io [-- --size-mib 256 --ops 20000 --runs 5]
+//!     cargo bench -p blockd --bench node_io [-- --size-mib 256 --ops 20000 --runs 5 --only read]
 //!
 //! Every figure is the median of `--runs`; the image is written once
 //! first so reads come from the page cache for both (the point is the
@@ -21,6 +21,8 @@ struct Args {
     size_mib: u64,
     ops: u64,
     runs: usize,
+    /// Run only tests whose name contains this (e.g. `4 KiB random read`).
+    only: Option<String>,
 }
 
 fn args() -> Args {
@@ -28,6 +30,7 @@ fn args() -> Args {
         size_mib: 256,
         ops: 20000,
         runs: 5,
+        only: None,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -37,6 +40,7 @@ fn args() -> Args {
             "--size-mib" => a.size_mib = next().unwrap_or(a.size_mib),
             "--ops" => a.ops = next().unwrap_or(a.ops),
             "--runs" => a.runs = next().map(|n: u64| n as usize).unwrap_or(a.runs),
+            "--only" => a.only = v.get(i + 1).cloned(),
             _ => {}
         }
         i += 1;
@@ -205,6 +209,9 @@ fn main() {
         "test (ops/s, median)", "direct", "file", "ratio", "raw/file", "ratio", "raw QD16", "ratio"
     );
     for t in [Test::Read4k, Test::Write4k, Test::Read1m, Test::Write1m] {
+        if a.only.as_deref().is_some_and(|o| !t.name().contains(o)) {
+            continue;
+        }
         let mut d = Vec::new();
         let mut fnode = Vec::new();
         let mut rnode = Vec::new();
@@ -228,5 +235,92 @@ fn main() {
             rq / d
         );
     }
+    if a.only
+        .as_deref()
+        .is_none_or(|o| Test::Read4k.name().contains(o))
+    {
+        read_floor(&f, a.ops, size, a.runs);
+    }
+    layer_cost(&rt, &graph, &env, a.ops * 10);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The syscall the `file` driver must use for a read on the event loop:
+/// `preadv2(RWF_NOWAIT)` (which fails rather than wait for the disk) into
+/// a buffer it hands on, against plain `pread` into one reused buffer.
+fn read_floor(f: &std::fs::File, ops: u64, size: u64, runs: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let run = |nowait: bool| {
+        let mut v = Vec::new();
+        let mut reused = vec![0u8; 4096];
+        for _ in 0..runs {
+            let start = Instant::now();
+            for i in 0..ops {
+                let off = offset(i, size) as i64;
+                if nowait {
+                    let mut b: Vec<u8> = Vec::with_capacity(4096);
+                    let iov = libc::iovec {
+                        iov_base: b.as_mut_ptr().cast(),
+                        iov_len: 4096,
+                    };
+                    // SAFETY: `iov` describes `b`'s capacity, live during the call.
+                    let r = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
+                    assert_eq!(r, 4096);
+                    // SAFETY: the kernel initialised all 4096 bytes.
+                    unsafe { b.set_len(4096) };
+                    std::hint::black_box(b);
+                } else {
+                    // SAFETY: `reused` is 4096 writable bytes.
+                    let r = unsafe { libc::pread(fd, reused.as_mut_ptr().cast(), 4096, off) };
+                    assert_eq!(r, 4096);
+                }
+            }
+            v.push(ops as f64 / start.elapsed().as_secs_f64());
+        }
+        median(v)
+    };
+    let (plain, nowait) = (run(false), run(true));
+    println!(
+        "floor (4 KiB read): pread {plain:.0} ops/s, preadv2(RWF_NOWAIT) into a new buffer {nowait:.0} ops/s ({:.2}x)",
+        nowait / plain
+    );
+}
+
+/// What one layer costs by itself: 4 KiB writes (which `null-co` drops
+/// without touching the data) into a `null-co` node, and into a `raw`
+/// node over it; the difference is one node's request path.
+fn layer_cost(rt: &tokio::runtime::Runtime, graph: &BlockGraph, env: &Env, n: u64) {
+    let (null, raw) = rt.block_on(async {
+        let add =
+            |v: serde_json::Value| blockdev_add(graph, env, serde_json::from_value(v).unwrap());
+        let null = add(json!({"driver": "null-co", "node-name": "n0", "size": 1u64 << 30}))
+            .await
+            .unwrap();
+        let raw = add(json!({"driver": "raw", "node-name": "rn0", "file": "n0"}))
+            .await
+            .unwrap();
+        (null, raw)
+    });
+    let per_op = |node: &Arc<BlockNode>| {
+        let data = Bytes::from(vec![0x5au8; 4096]);
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let start = Instant::now();
+            rt.block_on(async {
+                for i in 0..n {
+                    node.write(offset(i, 1 << 30), data.clone(), ReqFlags::default())
+                        .await
+                        .unwrap();
+                }
+            });
+            v.push(start.elapsed().as_nanos() as f64 / n as f64);
+        }
+        median(v)
+    };
+    let (a, b) = (per_op(&null), per_op(&raw));
+    println!(
+        "layer cost (4 KiB write, QD1): null-co {a:.0} ns/op, raw over null-co {b:.0} ns/op: {:.0} ns per layer",
+        b - a
+    );
 }
