@@ -26,6 +26,9 @@ use crate::reply::{run_writer, Mode, Permits};
 use crate::server::Shared;
 use crate::{MAX_BYTES_IN_FLIGHT, MAX_REQUESTS_IN_FLIGHT};
 
+/// Largest read or write run in place by the connection task (see `request`).
+const IN_PLACE_MAX: u64 = 128 * 1024;
+
 /// Serves a negotiated client until it disconnects, breaks the protocol,
 /// or is disconnected by the server. Returns the reason for an abnormal end.
 pub(crate) async fn serve<R, W>(
@@ -299,9 +302,18 @@ where
         };
         bytes = budget.bytes(need).await;
     }
-    // Poll the request once here: one that completes at once (a cache
+    // Poll a small request once here: one that completes at once (a cache
     // hit, an in-memory backend) is answered without a task of its own.
+    // A large one gets a task at once: the driver may copy it inline (a
+    // page-cache hit), and this connection should go on reading requests
+    // meanwhile, so that copies of requests in flight run side by side on
+    // the runtime's threads instead of one after another.
+    let large = matches!(req.ty, CMD_READ | CMD_WRITE) && req.len > IN_PLACE_MAX;
     let mut fut = Box::pin(commands::run(conn.clone(), req, data, permits(bytes)));
+    if large {
+        shared.spawn(fut);
+        return Ok(Next::Continue);
+    }
     let ready = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await;
     if !ready {
         shared.spawn(fut);
