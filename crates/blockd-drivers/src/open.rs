@@ -43,6 +43,9 @@ pub trait FdSets: Send + Sync {
 pub struct Env {
     /// Descriptor sets, if the server has any.
     pub fdsets: Option<Arc<dyn FdSets>>,
+    /// `--inline-writes off`: the `file` driver never writes on the
+    /// calling thread without `RWF_NOWAIT` (see `file/inline.rs`).
+    pub no_inline_writes: bool,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -63,6 +63,13 @@ pub struct Args {
     #[arg(long, value_name = "OPTIONS")]
     pub device: Vec<String>,
 
+    /// Whether the `file` driver may write whole pages into the page cache
+    /// on the event loop's threads (`on`, the default) or sends every write
+    /// that the kernel cannot do with `RWF_NOWAIT` to its thread pool
+    /// (`off`). See README, "Buffered I/O without a thread hop".
+    #[arg(long = "inline-writes", value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub inline_writes: bool,
+
     /// Writes the process id to FILE (removed at exit).
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -71,6 +78,14 @@ pub struct Args {
     /// `blockd_qmp=trace`); defaults to RUST_LOG, else `warn`.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+fn parse_on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{v}' is not 'on' or 'off'")),
+    }
 }
 
 /// Parses the command line; `Err` carries clap's message and exit code

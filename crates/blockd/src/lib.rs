@@ -94,6 +94,7 @@ impl Server {
             devices,
             nbd_server,
             exports,
+            no_inline_writes,
         } = *opts;
         let schema = schema::load();
         let events = EventBus::new(schema.clone());
@@ -114,6 +115,7 @@ impl Server {
             version_info(),
             Value::Array(schema_info(&schema)),
             Value::Array(commands),
+            no_inline_writes,
         ));
         let config = ServerConfig {
             version: version_info(),
@@ -257,6 +259,8 @@ pub struct StartOptions<'a> {
     pub nbd_server: Option<&'a cli::OptionArgs>,
     /// `--export`s.
     pub exports: &'a [cli::OptionArgs],
+    /// `--inline-writes off`.
+    pub no_inline_writes: bool,
 }
 
 /// SIGTERM and SIGINT, installed before any socket exists so that a
@@ -465,6 +469,7 @@ where
             devices: &args.device,
             nbd_server: nbd_server.as_ref(),
             exports: &exports,
+            no_inline_writes: !args.inline_writes,
         };
         let server = match Server::start_opts(&sockets, &opts).await {
             Ok(s) => s,

@@ -43,7 +43,13 @@ pub struct State {
 
 impl State {
     /// New state around an event bus.
-    pub fn new(events: EventBus, version: Value, schema_info: Value, command_list: Value) -> Self {
+    pub fn new(
+        events: EventBus,
+        version: Value,
+        schema_info: Value,
+        command_list: Value,
+        no_inline_writes: bool,
+    ) -> Self {
         let fdsets = Arc::new(FdSetStore::default());
         let bus = events.clone();
         let jobs = JobManager::new(Arc::new(move |name: &str, data: Value| {
@@ -59,6 +65,7 @@ impl State {
             graph: BlockGraph::new(),
             env: Env {
                 fdsets: Some(fdsets.clone()),
+                no_inline_writes,
             },
             fdsets,
             version,

@@ -82,6 +82,7 @@ fn help_and_version() {
         "--blockdev",
         "--pidfile",
         "--log",
+        "--inline-writes",
     ] {
         assert!(out.contains(opt), "--help lists {opt}");
     }
@@ -216,6 +217,31 @@ fn blockdev_options_at_start_up() {
     assert_eq!(names, ["n0", "r0"]);
     assert_eq!(nodes[0]["image"]["virtual-size"], 4096);
     assert_eq!(nodes[1]["ro"], true);
+}
+
+#[test]
+fn inline_writes_switch() {
+    let o = run(&["--inline-writes", "maybe"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'maybe' is not 'on' or 'off'"));
+    let d = scratch("inline");
+    let sock = d.join("s");
+    let img = d.join("img");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let _s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--inline-writes",
+        "off",
+        "--blockdev",
+        &format!("driver=file,node-name=f0,filename={}", img.display()),
+    ]);
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    let nodes = c
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))
+        .unwrap();
+    assert_eq!(nodes[0]["node-name"], "f0");
 }
 
 #[test]

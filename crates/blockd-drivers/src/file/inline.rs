@@ -94,7 +94,8 @@ fn fs_magic(fd: RawFd) -> Option<i64> {
 }
 
 impl InlineWrites {
-    /// The state for a file opened on `fd`.
+    /// The state for a file opened on `fd`; `regular` false (a block
+    /// device, or `--inline-writes off`) never writes inline.
     pub(super) fn new(fd: RawFd, regular: bool, direct: bool) -> Self {
         let local = fs_magic(fd).is_some_and(|m| LOCAL_FS.contains(&m));
         Self::with(regular && !direct && local)

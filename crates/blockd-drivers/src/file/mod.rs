@@ -136,7 +136,12 @@ pub async fn open(
     check(&o)?;
     let node = *node;
     let fdsets = env.fdsets.clone();
-    match tokio::task::spawn_blocking(move || open_blocking(&o, &node, fdsets.as_deref())).await {
+    let inline_writes = !env.no_inline_writes;
+    match tokio::task::spawn_blocking(move || {
+        open_blocking(&o, &node, fdsets.as_deref(), inline_writes)
+    })
+    .await
+    {
         Ok(r) => r.map(|(inner, ro)| {
             (
                 FileDriver {
@@ -259,6 +264,7 @@ fn open_blocking(
     o: &FileOptions,
     node: &NodeOptions,
     fdsets: Option<&dyn FdSets>,
+    inline_writes: bool,
 ) -> Result<(Inner, bool), BlockError> {
     let path = o.filename.as_str();
     let direct = node.cache_direct;
@@ -331,7 +337,7 @@ fn open_blocking(
         has_fallocate: AtomicBool::new(!blkdev),
         nowait_read: AtomicBool::new(true),
         nowait_write: AtomicBool::new(true),
-        inline_writes: InlineWrites::new(raw, !blkdev, direct),
+        inline_writes: InlineWrites::new(raw, inline_writes && !blkdev, direct),
         page_cache_inconsistent: AtomicI32::new(0),
         write_gen: AtomicU64::new(0),
         flushed_gen: AtomicU64::new(0),

@@ -196,6 +196,20 @@ async fn inline_and_pool_writes_land_alike() {
     assert_eq!(d.length(), expect.len() as u64);
     d.close().await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), expect);
+
+    // `--inline-writes off`: never inline, writes still land.
+    let env = Env {
+        no_inline_writes: true,
+        ..Env::default()
+    };
+    let (d, _) = open(fopts(&path), &rw(), &env).await.unwrap();
+    assert!(!d.inner.inline_writes.may(0, 4096, d.length()));
+    let data = pattern(4096, 77);
+    d.write(0, Bytes::from(data.clone()), ReqFlags::default())
+        .await
+        .unwrap();
+    d.close().await.unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[..4096], &data[..]);
 }
 
 #[tokio::test]
@@ -545,6 +559,7 @@ async fn opens_descriptor_sets() {
         .unwrap();
     let env = Env {
         fdsets: Some(Arc::new(OneSet { id: 4, file })),
+        ..Env::default()
     };
     let (d, ro_used) = open(fopts("/dev/fdset/4"), &rw(), &env).await.unwrap();
     assert!(!ro_used);
