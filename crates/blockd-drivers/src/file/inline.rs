@@ -81,23 +81,11 @@ pub(super) struct InlineWrites {
     window_stall_us: AtomicU64,
 }
 
-fn fs_magic(fd: RawFd) -> Option<i64> {
-    let mut sfs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `sfs` is valid for writes of a `statfs`.
-    if unsafe { libc::fstatfs(fd, sfs.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: fstatfs succeeded and initialised `sfs`.
-    let sfs = unsafe { sfs.assume_init() };
-    #[allow(clippy::unnecessary_cast)]
-    Some(sfs.f_type as i64)
-}
-
 impl InlineWrites {
     /// The state for a file opened on `fd`; `regular` false (a block
     /// device, or `--inline-writes off`) never writes inline.
     pub(super) fn new(fd: RawFd, regular: bool, direct: bool) -> Self {
-        let local = fs_magic(fd).is_some_and(|m| LOCAL_FS.contains(&m));
+        let local = super::sys::fs_magic(fd).is_some_and(|m| LOCAL_FS.contains(&m));
         Self::with(regular && !direct && local)
     }
 
@@ -241,7 +229,8 @@ mod tests {
         let dir = std::env::temp_dir();
         let f = tempfile_in(&dir);
         use std::os::fd::AsRawFd;
-        let local = fs_magic(f.as_raw_fd()).is_some_and(|m| LOCAL_FS.contains(&m));
+        let local =
+            super::super::sys::fs_magic(f.as_raw_fd()).is_some_and(|m| LOCAL_FS.contains(&m));
         assert_eq!(
             InlineWrites::new(f.as_raw_fd(), true, false).eligible,
             local

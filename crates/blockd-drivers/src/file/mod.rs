@@ -349,16 +349,7 @@ fn open_blocking(
 
 /// Whether `fd` is on NFS (no O_DIRECT alignment needed).
 fn on_nfs(fd: RawFd) -> bool {
-    let mut sfs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `sfs` is valid for writes of a `statfs`.
-    if unsafe { libc::fstatfs(fd, sfs.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: fstatfs succeeded and initialised `sfs`.
-    let sfs = unsafe { sfs.assume_init() };
-    #[allow(clippy::unnecessary_cast)]
-    let magic = sfs.f_type as i64;
-    magic == NFS_SUPER_MAGIC
+    sys::fs_magic(fd) == Some(NFS_SUPER_MAGIC)
 }
 
 /// Largest request tried inline with RWF_NOWAIT: copying 1 MiB from the

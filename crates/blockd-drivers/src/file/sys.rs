@@ -472,6 +472,19 @@ pub(super) fn write_nowait(fd: RawFd, data: &[u8], offset: u64) -> io::Result<bo
     Ok(r as usize == data.len())
 }
 
+/// The file system type (`statfs.f_type`) of `fd`, if it can be had.
+pub(super) fn fs_magic(fd: RawFd) -> Option<i64> {
+    let mut sfs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `sfs` is valid for writes of a `statfs`.
+    if unsafe { libc::fstatfs(fd, sfs.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstatfs succeeded and initialised `sfs`.
+    let sfs = unsafe { sfs.assume_init() };
+    #[allow(clippy::unnecessary_cast)]
+    Some(sfs.f_type as i64)
+}
+
 /// Whether `p` is aligned for O_DIRECT.
 pub(super) fn mem_aligned(p: *const u8) -> bool {
     (p as usize) % MEM_ALIGN == 0
