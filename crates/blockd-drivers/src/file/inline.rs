@@ -14,7 +14,8 @@
 //!   bcachefs): never NFS, FUSE or anything whose writes may wait on a
 //!   network or a daemon;
 //! - only whole pages (no read-before-write of a page that may not be
-//!   cached), within the current length (the file never grows inline),
+//!   cached), within the current length (rounded up to whole sectors, as QEMU
+//!   counts it: the file never grows inline beyond its last sector),
 //!   at most [`INLINE_MAX`] bytes;
 //! - and a breaker. An inline write slower than [`SLOW`] is a stall. The
 //!   occasional short one is normal (ext4 makes a writer wait a few

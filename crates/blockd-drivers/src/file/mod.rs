@@ -419,8 +419,8 @@ impl Inner {
     /// A buffered write done inline, on the calling thread: with
     /// `pwritev2(RWF_NOWAIT)` where the file system supports it, else
     /// where [`InlineWrites`] judges it safe. Only within the current
-    /// length, so the file never grows from the event loop. `None` means
-    /// "use the pool".
+    /// length (whole sectors), so the file grows from the event loop at
+    /// most to the end of its last sector. `None` means "use the pool".
     fn try_write_inline(&self, offset: u64, data: &[u8]) -> Option<io::Result<()>> {
         let end = offset.saturating_add(data.len() as u64);
         let length = self.length.load(Ordering::Acquire);
