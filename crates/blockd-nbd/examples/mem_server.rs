@@ -71,10 +71,6 @@ impl ExportIo for Mem {
     fn allocation_depth(&self, _offset: u64, len: u64) -> IoFuture<'_, (u64, u32)> {
         Box::pin(async move { Ok((len, 1)) })
     }
-
-    fn cache(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 fn parse_size(s: &str) -> io::Result<u64> {

@@ -89,8 +89,10 @@ pub trait ExportIo: Send + Sync + 'static {
     /// unallocated in the whole chain, 1 = this layer, n = n-th backing
     /// layer).
     fn allocation_depth(&self, offset: u64, len: u64) -> IoFuture<'_, (u64, u32)>;
-    /// Hint to pre-fetch (`NBD_CMD_CACHE`); may do nothing.
-    fn cache(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Hint to pre-fetch (`NBD_CMD_CACHE`); by default it does nothing.
+    fn cache(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// One export to add to a running server.

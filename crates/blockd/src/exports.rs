@@ -98,10 +98,6 @@ impl ExportIo for NodeIo {
     fn allocation_depth(&self, offset: u64, len: u64) -> IoFuture<'_, (u64, u32)> {
         Box::pin(self.node.allocation_depth(offset, len))
     }
-
-    fn cache(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 /// One export.

@@ -93,8 +93,4 @@ impl ExportIo for BackendIo {
     fn allocation_depth(&self, offset: u64, len: u64) -> IoFuture<'_, (u64, u32)> {
         Box::pin(self.blk.allocation_depth(offset, len))
     }
-
-    fn cache(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
 }
