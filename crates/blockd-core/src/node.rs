@@ -429,16 +429,22 @@ impl BlockNode {
             return self.driver_write_split(offset, data, flags).await;
         }
         // Boxed, as the rare path: see `write`.
-        Box::pin(self.write_rmw(offset, data, flags)).await
+        Box::pin(self.write_rmw(offset, data, flags, a, start, end)).await
     }
 
-    /// Read-modify-write of the partial head and tail blocks; no other
+    /// Read-modify-write of the partial head and tail blocks of the write
+    /// at `offset`, padded to `[start, end)` at alignment `a`; no other
     /// request may touch these blocks meanwhile.
-    async fn write_rmw(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
-        let a = self.alignment();
+    async fn write_rmw(
+        &self,
+        offset: u64,
+        data: Bytes,
+        flags: ReqFlags,
+        a: u64,
+        start: u64,
+        end: u64,
+    ) -> io::Result<()> {
         let len = data.len() as u64;
-        let start = align_down(offset, a);
-        let end = align_up(offset + len, a);
         let _t = self.tracker.begin(start, end, true).await;
         let mut buf = BytesMut::with_capacity((end - start) as usize);
         let head = offset - start;

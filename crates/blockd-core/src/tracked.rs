@@ -163,34 +163,30 @@ impl Tracker {
     }
 
     async fn wait_begin(&self, start: u64, end: u64, serialising: bool) -> Tracked<'_> {
+        self.wait_until(|g| {
+            (!Self::blocked(g, start, end, serialising))
+                .then(|| self.insert(g, start, end, serialising))
+        })
+        .await
+    }
+
+    /// Waits until no request is in flight (drain).
+    pub async fn drain(&self) {
+        self.wait_until(|g| g.entries.is_empty().then_some(()))
+            .await
+    }
+
+    /// Waits until `ready` makes something of the state. It is checked
+    /// under the lock, and interest is registered before the lock is
+    /// released, so a request ending in between cannot be missed.
+    async fn wait_until<T>(&self, mut ready: impl FnMut(&mut State) -> Option<T>) -> T {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             let waiting = {
                 let mut g = self.lock();
-                if !Self::blocked(&g, start, end, serialising) {
-                    return self.insert(&mut g, start, end, serialising);
-                }
-                // Register interest while holding the lock, so a request
-                // ending after it is released cannot be missed.
-                notified.as_mut().enable();
-                self.waiters.fetch_add(1, Ordering::AcqRel);
-                Waiting(&self.waiters)
-            };
-            notified.await;
-            drop(waiting);
-        }
-    }
-
-    /// Waits until no request is in flight (drain).
-    pub async fn drain(&self) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            let waiting = {
-                let g = self.lock();
-                if g.entries.is_empty() {
-                    return;
+                if let Some(t) = ready(&mut g) {
+                    return t;
                 }
                 notified.as_mut().enable();
                 self.waiters.fetch_add(1, Ordering::AcqRel);

@@ -83,11 +83,11 @@ pub(super) struct InlineWrites {
 }
 
 impl InlineWrites {
-    /// The state for a file opened on `fd`; `regular` false (a block
-    /// device, or `--inline-writes off`) never writes inline.
-    pub(super) fn new(fd: RawFd, regular: bool, direct: bool) -> Self {
+    /// The state for a file opened on `fd`. With `allowed` false (a block
+    /// device, or `--inline-writes off`) it never writes inline.
+    pub(super) fn new(fd: RawFd, allowed: bool, direct: bool) -> Self {
         let local = super::sys::fs_magic(fd).is_some_and(|m| LOCAL_FS.contains(&m));
-        Self::with(regular && !direct && local)
+        Self::with(allowed && !direct && local)
     }
 
     fn with(eligible: bool) -> Self {
