@@ -13,7 +13,6 @@
 //! ([`crate::JobType::is_block_job`]), never for `create` and the other
 //! non-block jobs, as in QEMU's `blockjob.c`.
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Receives the events of a [`crate::JobManager`], in order.
@@ -57,115 +56,11 @@ pub const BLOCK_JOB_PENDING: &str = "BLOCK_JOB_PENDING";
 /// `BLOCK_JOB_ERROR {"device", "operation", "action"}`.
 pub const BLOCK_JOB_ERROR: &str = "BLOCK_JOB_ERROR";
 
-/// What a block job does on an I/O error (QAPI `BlockdevOnError`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BlockdevOnError {
-    /// Report the error to the job (it fails).
-    #[default]
-    Report,
-    /// Ignore the error.
-    Ignore,
-    /// Stop (pause) on ENOSPC, report other errors.
-    Enospc,
-    /// Stop (pause) on every error.
-    Stop,
-    /// As `enospc` for block jobs.
-    Auto,
-}
-
-/// The action taken on an I/O error (QAPI `BlockErrorAction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BlockErrorAction {
-    /// The error is ignored.
-    Ignore,
-    /// The error is reported to the job.
-    Report,
-    /// The job is paused (as if by the user).
-    Stop,
-}
-
-impl BlockErrorAction {
-    /// QEMU's choice of action for `on_error` (`block_job_error_action`):
-    /// `enospc` and `auto` stop on ENOSPC and report anything else.
-    pub const fn for_error(on_error: BlockdevOnError, is_enospc: bool) -> Self {
-        match on_error {
-            BlockdevOnError::Enospc | BlockdevOnError::Auto => {
-                if is_enospc {
-                    BlockErrorAction::Stop
-                } else {
-                    BlockErrorAction::Report
-                }
-            }
-            BlockdevOnError::Stop => BlockErrorAction::Stop,
-            BlockdevOnError::Report => BlockErrorAction::Report,
-            BlockdevOnError::Ignore => BlockErrorAction::Ignore,
-        }
-    }
-
-    /// The QAPI wire name.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            BlockErrorAction::Ignore => "ignore",
-            BlockErrorAction::Report => "report",
-            BlockErrorAction::Stop => "stop",
-        }
-    }
-}
-
-/// The direction of a failed request (QAPI `IoOperationType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum IoOperationType {
-    /// A read.
-    Read,
-    /// A write.
-    Write,
-}
-
-impl IoOperationType {
-    /// The QAPI wire name.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            IoOperationType::Read => "read",
-            IoOperationType::Write => "write",
-        }
-    }
-}
-
-/// A block job's I/O status (QAPI `IoStatus`, `io-status` in
-/// `query-block-jobs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum IoStatus {
-    /// No error.
-    #[default]
-    Ok,
-    /// Stopped on an error other than ENOSPC.
-    Failed,
-    /// Stopped on ENOSPC.
-    Nospace,
-}
+pub use blockd_core::qapi::{BlockErrorAction, BlockdevOnError, IoOperationType, IoStatus};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_actions() {
-        use BlockErrorAction as A;
-        use BlockdevOnError as E;
-        assert_eq!(A::for_error(E::Report, true), A::Report);
-        assert_eq!(A::for_error(E::Ignore, true), A::Ignore);
-        assert_eq!(A::for_error(E::Stop, false), A::Stop);
-        assert_eq!(A::for_error(E::Enospc, true), A::Stop);
-        assert_eq!(A::for_error(E::Enospc, false), A::Report);
-        assert_eq!(A::for_error(E::Auto, true), A::Stop);
-        assert_eq!(A::for_error(E::Auto, false), A::Report);
-        assert_eq!(serde_json::to_value(IoStatus::Nospace).unwrap(), "nospace");
-        assert_eq!(serde_json::to_value(E::Enospc).unwrap(), "enospc");
-    }
 
     #[test]
     fn closures_are_sinks() {

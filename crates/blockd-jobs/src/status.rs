@@ -247,16 +247,7 @@ impl JobStatus {
     }
 }
 
-/// QEMU's `id_wellformed`: an ASCII letter followed by ASCII letters,
-/// digits, `-`, `.` and `_`. There is no length limit.
-pub fn id_wellformed(id: &str) -> bool {
-    let mut bytes = id.bytes();
-    match bytes.next() {
-        Some(b) if b.is_ascii_alphabetic() => {}
-        _ => return false,
-    }
-    bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-}
+pub use blockd_core::qapi::id_wellformed;
 
 #[cfg(test)]
 mod tests {

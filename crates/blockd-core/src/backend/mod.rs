@@ -34,85 +34,7 @@ use crate::node::{BlockNode, DetectZeroes};
 use crate::perm::{Perm, PermPair};
 use crate::runstate::RunState;
 
-/// What to do when a request fails (`BlockdevOnError`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// Report the error to the front end.
-    Report,
-    /// Pretend the request succeeded.
-    Ignore,
-    /// Stop on `ENOSPC`, report anything else.
-    Enospc,
-    /// Stop the server; retry the request on `cont`.
-    Stop,
-}
-
-impl OnError {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnError::Report => "report",
-            OnError::Ignore => "ignore",
-            OnError::Enospc => "enospc",
-            OnError::Stop => "stop",
-        }
-    }
-
-    /// Parses a wire name.
-    pub fn parse(s: &str) -> Option<OnError> {
-        Some(match s {
-            "report" => OnError::Report,
-            "ignore" => OnError::Ignore,
-            "enospc" => OnError::Enospc,
-            "stop" => OnError::Stop,
-            _ => return None,
-        })
-    }
-}
-
-/// What an error policy decided for one failure (`BlockErrorAction`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    /// The request completed as if it had succeeded.
-    Ignore,
-    /// The error went to the front end.
-    Report,
-    /// The server stopped; the request is retried on `cont`.
-    Stop,
-}
-
-impl ErrorAction {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorAction::Ignore => "ignore",
-            ErrorAction::Report => "report",
-            ErrorAction::Stop => "stop",
-        }
-    }
-}
-
-/// `BlockDeviceIoStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoStatus {
-    /// No error since the last reset.
-    Ok,
-    /// A request failed and the policy stopped the server.
-    Failed,
-    /// Like `Failed`, with `ENOSPC`.
-    NoSpace,
-}
-
-impl IoStatus {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IoStatus::Ok => "ok",
-            IoStatus::Failed => "failed",
-            IoStatus::NoSpace => "nospace",
-        }
-    }
-}
+pub use crate::qapi::{BlockErrorAction as ErrorAction, BlockdevOnError as OnError, IoStatus};
 
 /// The device model attached to a backend, as the backend sees it (QEMU's
 /// `BlockDevOps` callbacks and the state behind them).
@@ -604,13 +526,7 @@ impl BlockBackend {
     fn iostatus_set_err(&self, e: i32) {
         if self.iostatus_is_enabled() {
             let mut st = self.st();
-            if st.iostatus == IoStatus::Ok {
-                st.iostatus = if e == libc::ENOSPC {
-                    IoStatus::NoSpace
-                } else {
-                    IoStatus::Failed
-                };
-            }
+            st.iostatus = st.iostatus.after_error(e);
         }
     }
 
@@ -618,12 +534,7 @@ impl BlockBackend {
     /// `blk_get_error_action`).
     pub fn error_action(&self, is_read: bool, e: i32) -> ErrorAction {
         let (r, w) = self.on_error();
-        match if is_read { r } else { w } {
-            OnError::Enospc if e == libc::ENOSPC => ErrorAction::Stop,
-            OnError::Enospc | OnError::Report => ErrorAction::Report,
-            OnError::Stop => ErrorAction::Stop,
-            OnError::Ignore => ErrorAction::Ignore,
-        }
+        ErrorAction::for_error(if is_read { r } else { w }, e == libc::ENOSPC)
     }
 
     /// The medium's length (0 without one).

@@ -193,7 +193,7 @@ async fn error_policies() {
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(run.get(), RunStatus::IoError);
-    assert_eq!(b.iostatus(), IoStatus::NoSpace);
+    assert_eq!(b.iostatus(), IoStatus::Nospace);
     assert!(!t.is_finished());
     b.iostatus_reset();
     run.set(RunStatus::Running);

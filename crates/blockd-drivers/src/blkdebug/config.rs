@@ -198,12 +198,10 @@ fn assignment(s: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, value.unwrap_or(b"")))
 }
 
-/// QEMU's `id_wellformed`.
+/// QEMU's `id_wellformed` on the raw bytes of a config file (a non-UTF-8
+/// id is not well-formed).
 fn id_wellformed(id: &[u8]) -> bool {
-    id.first().is_some_and(u8::is_ascii_alphabetic)
-        && id
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    std::str::from_utf8(id).is_ok_and(blockd_core::qapi::id_wellformed)
 }
 
 /// Parses a number as QEMU's `qemu_strtou64` with base 0.

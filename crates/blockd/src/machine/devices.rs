@@ -691,10 +691,10 @@ impl Machine {
             blk.set_write_cache(wce);
         }
         let (mut r, mut w) = blk.on_error();
-        if let Some(v) = dev.prop_str("rerror").and_then(OnError::parse) {
+        if let Some(v) = dev.prop_str("rerror").and_then(device_on_error) {
             r = v;
         }
-        if let Some(v) = dev.prop_str("werror").and_then(OnError::parse) {
+        if let Some(v) = dev.prop_str("werror").and_then(device_on_error) {
             w = v;
         }
         blk.set_on_error(r, w);
@@ -775,4 +775,9 @@ fn unplug_backend(g: &mut Inner, graph: &BlockGraph, dev: &Device) -> Vec<Arc<Bl
     };
     blk.detach_dev();
     g.drop_backend(graph, blk)
+}
+
+/// A device's `rerror`/`werror` property: `auto` keeps the drive's policy.
+fn device_on_error(v: &str) -> Option<OnError> {
+    OnError::parse(v).filter(|p| *p != OnError::Auto)
 }

@@ -326,8 +326,8 @@ fn num_opt(key: &str, v: &str) -> Result<u32, String> {
 fn on_error(v: &str, is_read: bool) -> Result<OnError, String> {
     match OnError::parse(v) {
         Some(OnError::Enospc) if is_read => Err(format!("'{v}' invalid read error action")),
-        Some(a) => Ok(a),
-        None => Err(format!(
+        Some(a) if a != OnError::Auto => Ok(a),
+        _ => Err(format!(
             "'{v}' invalid {} error action",
             if is_read { "read" } else { "write" }
         )),

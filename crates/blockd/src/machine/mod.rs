@@ -120,13 +120,7 @@ impl IoErrorHook for ErrorEvents {
     }
 }
 
-/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
-pub fn id_wellformed(id: &str) -> bool {
-    id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
+pub use blockd_core::qapi::id_wellformed;
 
 /// Closes nodes that left the graph.
 pub async fn close_nodes(nodes: Vec<Arc<BlockNode>>) {

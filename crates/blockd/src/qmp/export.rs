@@ -110,13 +110,7 @@ struct NewExport {
     by_device: bool,
 }
 
-/// QEMU's `id_wellformed`.
-fn id_wellformed(id: &str) -> bool {
-    id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
+use blockd_core::qapi::id_wellformed;
 
 async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     let mut ex = state.exports.lock().await;
