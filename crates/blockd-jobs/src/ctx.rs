@@ -7,10 +7,10 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::Inner;
 use crate::events::{
     BlockErrorAction, BlockdevOnError, IoOperationType, IoStatus, BLOCK_JOB_ERROR, BLOCK_JOB_READY,
 };
-use crate::manager::Inner;
 use crate::record::{transition, JobKey, JobShared};
 use crate::status::{JobStatus, JobType};
 

@@ -96,8 +96,10 @@
 
 mod ctx;
 mod driver;
+mod engine;
 mod error;
 mod events;
+mod handle;
 mod info;
 mod manager;
 mod oplock;
@@ -112,8 +114,9 @@ pub use events::{
     BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR, BLOCK_JOB_PENDING, BLOCK_JOB_READY,
     JOB_STATUS_CHANGE,
 };
+pub use handle::JobHandle;
 pub use info::{BlockJobInfo, JobInfo};
-pub use manager::{JobHandle, JobManager};
+pub use manager::JobManager;
 pub use status::{
     id_wellformed, JobStatus, JobType, JobVerb, ParseWireNameError, JOB_STATUS_TRANSITIONS,
     JOB_VERB_TABLE,
