@@ -171,15 +171,13 @@ impl JobCtx {
     /// `JOB_STATUS_CHANGE ready`, then for block jobs `BLOCK_JOB_READY`.
     /// Does nothing if the job is already ready.
     pub fn ready(&self) {
-        self.inner.op(|| {
-            self.inner.with_job(self.key, |rec, events| {
-                if rec.status.is_ready() {
-                    return;
-                }
-                if transition(rec, JobStatus::Ready, events) && rec.job_type.is_block_job() {
-                    events.push(BLOCK_JOB_READY, rec.progress_event());
-                }
-            })
+        self.inner.with_job(self.key, |rec, events| {
+            if rec.status.is_ready() {
+                return;
+            }
+            if transition(rec, JobStatus::Ready, events) && rec.job_type.is_block_job() {
+                events.push(BLOCK_JOB_READY, rec.progress_event());
+            }
         });
     }
 
@@ -196,30 +194,28 @@ impl JobCtx {
         is_enospc: bool,
     ) -> BlockErrorAction {
         let action = BlockErrorAction::for_error(on_error, is_enospc);
-        self.inner.op(|| {
-            self.inner.with_job(self.key, |rec, events| {
-                events.push(
-                    BLOCK_JOB_ERROR,
-                    json!({
-                        "device": rec.id,
-                        "operation": operation.as_str(),
-                        "action": action.as_str(),
-                    }),
-                );
-                if action == BlockErrorAction::Stop {
-                    if !rec.user_paused {
-                        rec.pause();
-                        rec.user_paused = true;
-                    }
-                    if rec.iostatus == IoStatus::Ok {
-                        rec.iostatus = if is_enospc {
-                            IoStatus::Nospace
-                        } else {
-                            IoStatus::Failed
-                        };
-                    }
+        self.inner.with_job(self.key, |rec, events| {
+            events.push(
+                BLOCK_JOB_ERROR,
+                json!({
+                    "device": rec.id,
+                    "operation": operation.as_str(),
+                    "action": action.as_str(),
+                }),
+            );
+            if action == BlockErrorAction::Stop {
+                if !rec.user_paused {
+                    rec.pause();
+                    rec.user_paused = true;
                 }
-            })
+                if rec.iostatus == IoStatus::Ok {
+                    rec.iostatus = if is_enospc {
+                        IoStatus::Nospace
+                    } else {
+                        IoStatus::Failed
+                    };
+                }
+            }
         });
         action
     }
@@ -232,25 +228,24 @@ impl JobCtx {
     /// or a cancel arrives, then restores the status. Otherwise returns at
     /// once.
     pub async fn pause_point(&self) {
-        let parked = self.inner.op(|| {
-            self.inner
-                .with_job(self.key, |rec, events| {
-                    if rec.pause_count == 0 || rec.force_cancel {
-                        return None;
-                    }
-                    let resume_to = rec.status;
-                    let to = if resume_to == JobStatus::Ready {
-                        JobStatus::Standby
-                    } else {
-                        JobStatus::Paused
-                    };
-                    transition(rec, to, events);
-                    rec.paused = true;
-                    rec.busy = false;
-                    Some((resume_to, rec.cancel_wakeups))
-                })
-                .flatten()
-        });
+        let parked = self
+            .inner
+            .with_job(self.key, |rec, events| {
+                if rec.pause_count == 0 || rec.force_cancel {
+                    return None;
+                }
+                let resume_to = rec.status;
+                let to = if resume_to == JobStatus::Ready {
+                    JobStatus::Standby
+                } else {
+                    JobStatus::Paused
+                };
+                transition(rec, to, events);
+                rec.paused = true;
+                rec.busy = false;
+                Some((resume_to, rec.cancel_wakeups))
+            })
+            .flatten();
         let Some((resume_to, wakeups)) = parked else {
             return;
         };
@@ -269,12 +264,10 @@ impl JobCtx {
             }
             notified.await;
         }
-        self.inner.op(|| {
-            self.inner.with_job(self.key, |rec, events| {
-                rec.paused = false;
-                rec.busy = true;
-                transition(rec, resume_to, events);
-            })
+        self.inner.with_job(self.key, |rec, events| {
+            rec.paused = false;
+            rec.busy = true;
+            transition(rec, resume_to, events);
         });
     }
 

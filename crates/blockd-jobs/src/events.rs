@@ -17,10 +17,19 @@ use serde_json::Value;
 
 /// Receives the events of a [`crate::JobManager`], in order.
 ///
-/// `emit` is called with no internal lock of the manager's state held, so
-/// it may query the manager; it is called while the manager's operation
-/// lock is held (events of concurrent operations never interleave), so it
-/// should not block for long.
+/// Events are emitted one at a time, in the order of the changes that
+/// caused them, by whichever thread made the change (the caller of a
+/// command, or a job's task), with none of the manager's locks held except
+/// the one that serialises emission. So `emit`:
+///
+/// * must not block, and should be quick: other threads that changed a
+///   status wait for it before returning;
+/// * may call the manager's synchronous methods (queries, `pause`,
+///   `dismiss`, ...); events those produce are emitted right after `emit`
+///   returns, by the same loop, so they stay in order;
+/// * may be called while the control-plane lock is held (by a job
+///   finalizing, or by a command), so it must never wait for that lock;
+///   to run a command that needs it, spawn a task.
 pub trait JobEvents: Send + Sync {
     /// Delivers one event: its QMP name and its `data` object.
     fn emit(&self, name: &str, data: Value);

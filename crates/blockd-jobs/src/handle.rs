@@ -53,6 +53,9 @@ impl JobHandle {
     /// before returning and spawns the body on a Tokio task. Does nothing the
     /// second time, or if the job was cancelled before being started.
     ///
+    /// Needs no lock. When the body returns, the job's task takes the
+    /// control-plane lock and finalizes the job under it.
+    ///
     /// # Panics
     ///
     /// If called outside a Tokio runtime.
@@ -83,6 +86,10 @@ impl JobHandle {
     /// result: `Ok(())`, or the error message `query-jobs` reports
     /// (`Operation canceled` for a job removed before it ever ran). With
     /// manual finalization this waits for `job-finalize`.
+    ///
+    /// Needs no lock. It must not be awaited while holding the control-plane
+    /// lock: the job is finalized under that lock, so it would never
+    /// conclude.
     pub async fn wait(&self) -> Result<(), String> {
         let mut status = self.shared.status.subscribe();
         let _ = status

@@ -65,7 +65,8 @@
 //! `created` and `running` are emitted before [`JobManager::create`] and
 //! [`JobHandle::start`] return; everything later is emitted as the body
 //! progresses, from whichever thread drives the change. Events are emitted
-//! strictly in the order of the changes that cause them.
+//! strictly in the order of the changes that cause them (see
+//! [Locking](#locking)).
 //!
 //! # Pausing
 //!
@@ -79,11 +80,56 @@
 //!
 //! # Locking
 //!
-//! State lives behind a `std::sync::Mutex` that is never held across an
-//! `.await` or while calling driver callbacks or the event sink. Lifecycle
-//! operations are additionally serialised by a re-entrant operation lock
-//! (the role of QEMU's BQL), under which driver callbacks run and events are
-//! emitted.
+//! Nothing in this crate blocks a Tokio worker on another task or holds a
+//! lock across an `.await`. Three locks are involved:
+//!
+//! * **The state lock**, a `std::sync::Mutex` over the registry and its
+//!   event queue, held for short synchronous sections only, never while
+//!   calling the driver or the event sink. Every status change happens
+//!   under it through one function, which queues the change's events in
+//!   the same critical section: the queue order is the order of the
+//!   changes.
+//! * **The flush lock**, a `std::sync::Mutex` held only while popping and
+//!   emitting queued events. Whoever queued events emits them when it
+//!   releases the state lock: it takes the flush lock, then pops and emits
+//!   until the queue is empty. One thread emits at a time, always the
+//!   oldest event first, so events of concurrent operations on different
+//!   threads come out in queue order; a thread that finds another one
+//!   emitting waits for it (the sink must not block), and by the time it
+//!   has the flush lock its own events have been or are about to be
+//!   emitted, so `created` and `running` are out before `create` and
+//!   `start` return. An event sink that calls the manager (a query, a
+//!   dismiss) is not blocked: a flush requested on the thread that is
+//!   emitting returns at once, and the emitting loop sends the new events
+//!   after the current one.
+//! * **The control-plane lock**, [`ControlLock`] (the role of QEMU's BQL),
+//!   async, FIFO and not re-entrant, shared with the rest of the server.
+//!   A job is finalized under it: when its body returns, the job's own task
+//!   takes it and runs `job_exit`, the transaction steps and the driver's
+//!   async finalization callbacks ([`JobDriver::prepare`],
+//!   [`JobDriver::commit`], [`JobDriver::abort`], [`JobDriver::clean`]),
+//!   which receive the guard and may await I/O and graph changes. The
+//!   commands that finalize or abort a job on the spot
+//!   ([`JobManager::finalize`], [`JobManager::cancel`] and their
+//!   `block_job_*` twins) are `async fn`s that take a [`ControlGuard`] from
+//!   a caller already holding the lock. The other commands and the
+//!   queries are synchronous and do not need it: they change a job's
+//!   state, never the graph.
+//!
+//! Why this cannot deadlock: the state and flush locks are never held
+//! across an `.await` or while waiting for anything but each other, and
+//! are always taken in the order flush, then state. The control-plane lock
+//! is held across awaits, but nothing that holds it waits for something
+//! that needs it: a finalization callback awaits I/O (the data path never
+//! takes the lock); a command holding it finalizes or aborts a job itself
+//! rather than waiting for the job's task; a body that returns while a
+//! command holds the lock simply waits for its turn (the job stays in its
+//! running status until then); [`JobHandle::wait`] and the status
+//! watchers need no lock; [`JobManager::cancel_sync_all`] takes the lock
+//! only around each cancel, never while waiting for a job. What callers
+//! must not do is lock the control-plane lock again while holding it,
+//! including from a finalization callback, or await a job's completion
+//! while holding it.
 //!
 //! # Not implemented
 //!
@@ -102,12 +148,13 @@ mod events;
 mod handle;
 mod info;
 mod manager;
-mod oplock;
 mod record;
 mod status;
+mod unwind;
 
+pub use blockd_core::{ControlGuard, ControlLock};
 pub use ctx::JobCtx;
-pub use driver::{JobDriver, JobFuture, JobOptions};
+pub use driver::{FinalizeFuture, JobDriver, JobFuture, JobOptions};
 pub use error::{JobError, JobErrorClass, CANCELED_MESSAGE};
 pub use events::{
     BlockErrorAction, BlockdevOnError, IoOperationType, IoStatus, JobEvents, NoEvents,

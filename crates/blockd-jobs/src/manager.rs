@@ -1,11 +1,13 @@
 //! The command facade: [`JobManager`], the registry through which the
 //! `job-*` and `block-job-*` commands (`job-qmp.c`, the job parts of
 //! `blockdev.c`/`blockjob.c`) and the queries reach the lifecycle engine
-//! ([`crate::engine`]).
+//! ([`crate::engine`]). It finds the job a command names, checks the verb
+//! table and answers with QEMU's error wording.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use blockd_core::{ControlGuard, ControlLock};
 use serde_json::Value;
 
 use crate::driver::{JobDriver, JobOptions};
@@ -14,7 +16,6 @@ use crate::error::JobError;
 use crate::events::JobEvents;
 use crate::handle::JobHandle;
 use crate::info::{BlockJobInfo, JobInfo};
-use crate::oplock::OpLock;
 use crate::record::{EventQueue, JobKey, JobRecord};
 use crate::status::{JobType, JobVerb};
 
@@ -63,142 +64,167 @@ impl Inner {
         f(rec, events).map(|r| (key, r))
     }
 
-    fn cmd_cancel(
+    async fn cmd_cancel(
         &self,
+        guard: &ControlGuard,
         lookup: Lookup,
         id: &str,
         force: bool,
         refuse_paused: bool,
     ) -> Result<(), JobError> {
-        self.op(|| {
-            let (key, ()) = self.with_named(lookup, id, |rec, _| {
-                if refuse_paused && rec.user_paused && !force {
-                    return Err(JobError::generic(format!(
-                        "The block job for device '{id}' is currently paused"
-                    )));
-                }
-                rec.check_verb(JobVerb::Cancel)
-            })?;
-            self.job_cancel(key, force);
-            Ok(())
-        })
+        self.check_guard(guard);
+        let (key, ()) = self.with_named(lookup, id, |rec, _| {
+            if refuse_paused && rec.user_paused && !force {
+                return Err(JobError::generic(format!(
+                    "The block job for device '{id}' is currently paused"
+                )));
+            }
+            rec.check_verb(JobVerb::Cancel)
+        })?;
+        self.job_cancel(guard, key, force).await;
+        Ok(())
     }
 
     fn cmd_pause(&self, lookup: Lookup, id: &str) -> Result<(), JobError> {
-        self.op(|| {
-            self.with_named(lookup, id, |rec, _| {
-                rec.check_verb(JobVerb::Pause)?;
-                if rec.user_paused {
-                    return Err(JobError::generic("Job is already paused"));
-                }
-                rec.user_paused = true;
-                rec.pause();
-                Ok(())
-            })
-            .map(|_| ())
+        self.with_named(lookup, id, |rec, _| {
+            rec.check_verb(JobVerb::Pause)?;
+            if rec.user_paused {
+                return Err(JobError::generic("Job is already paused"));
+            }
+            rec.user_paused = true;
+            rec.pause();
+            Ok(())
         })
+        .map(|_| ())
     }
 
     fn cmd_resume(&self, lookup: Lookup, id: &str) -> Result<(), JobError> {
-        self.op(|| {
-            self.with_named(lookup, id, |rec, _| {
-                if !rec.user_paused || rec.pause_count == 0 {
-                    return Err(JobError::generic("Can't resume a job that was not paused"));
-                }
-                rec.check_verb(JobVerb::Resume)?;
-                rec.user_resume_hook();
-                rec.user_paused = false;
-                rec.resume();
-                Ok(())
-            })
-            .map(|_| ())
+        self.with_named(lookup, id, |rec, _| {
+            if !rec.user_paused || rec.pause_count == 0 {
+                return Err(JobError::generic("Can't resume a job that was not paused"));
+            }
+            rec.check_verb(JobVerb::Resume)?;
+            rec.user_resume_hook();
+            rec.user_paused = false;
+            rec.resume();
+            Ok(())
         })
+        .map(|_| ())
     }
 
     fn cmd_complete(&self, lookup: Lookup, id: &str) -> Result<(), JobError> {
-        self.op(|| {
-            let (key, (driver, cancelled)) = self.with_named(lookup, id, |rec, _| {
-                rec.check_verb(JobVerb::Complete)?;
-                Ok((rec.driver.clone(), rec.cancelled))
-            })?;
-            if cancelled || !driver.can_complete() {
-                return Err(JobError::generic(format!(
-                    "The active block job '{id}' cannot be completed"
-                )));
+        let (key, (driver, cancelled)) = self.with_named(lookup, id, |rec, _| {
+            rec.check_verb(JobVerb::Complete)?;
+            Ok((rec.driver.clone(), rec.cancelled))
+        })?;
+        if cancelled || !driver.can_complete() {
+            return Err(JobError::generic(format!(
+                "The active block job '{id}' cannot be completed"
+            )));
+        }
+        driver.complete().map_err(JobError::generic)?;
+        self.with_job(key, |rec, _| {
+            rec.completion_requested = true;
+            // A paused job sees the request when it is resumed.
+            if !rec.paused {
+                rec.kick();
             }
-            driver.complete().map_err(JobError::generic)?;
-            self.with_job(key, |rec, _| {
-                rec.completion_requested = true;
-                // A paused job sees the request when it is resumed.
-                if !rec.paused {
-                    rec.kick();
-                }
-            });
-            Ok(())
-        })
+        });
+        Ok(())
     }
 
-    fn cmd_finalize(&self, lookup: Lookup, id: &str) -> Result<(), JobError> {
-        self.op(|| {
-            let (key, ()) =
-                self.with_named(lookup, id, |rec, _| rec.check_verb(JobVerb::Finalize))?;
-            self.do_finalize(key);
-            Ok(())
-        })
+    async fn cmd_finalize(
+        &self,
+        guard: &ControlGuard,
+        lookup: Lookup,
+        id: &str,
+    ) -> Result<(), JobError> {
+        self.check_guard(guard);
+        let (key, ()) = self.with_named(lookup, id, |rec, _| rec.check_verb(JobVerb::Finalize))?;
+        self.do_finalize(guard, key).await;
+        Ok(())
     }
 
     fn cmd_dismiss(&self, lookup: Lookup, id: &str) -> Result<(), JobError> {
-        self.op(|| {
-            let (key, ()) =
-                self.with_named(lookup, id, |rec, _| rec.check_verb(JobVerb::Dismiss))?;
-            self.state().dismiss(key);
-            Ok(())
-        })
+        // Checked and dismissed in one critical section, so that two
+        // concurrent dismissals cannot both succeed.
+        let mut state = self.state();
+        let rec = state
+            .jobs
+            .iter()
+            .find(|r| r.id == id && lookup.matches(r.job_type))
+            .ok_or_else(|| lookup.not_found(id))?;
+        rec.check_verb(JobVerb::Dismiss)?;
+        let key = rec.key;
+        state.dismiss(key);
+        Ok(())
     }
 
     fn cmd_set_speed(&self, lookup: Lookup, id: &str, speed: i64) -> Result<(), JobError> {
-        self.op(|| {
-            let (key, (driver, old)) = self.with_named(lookup, id, |rec, _| {
-                rec.check_verb(JobVerb::SetSpeed)?;
-                if speed < 0 {
-                    return Err(JobError::generic(
-                        "Parameter 'speed' expects a non-negative value",
-                    ));
-                }
-                let old = rec.speed;
-                rec.speed = speed;
-                Ok((rec.driver.clone(), old))
-            })?;
-            driver.set_speed(speed);
-            if speed != 0 && speed <= old {
-                return Ok(());
+        let (key, (driver, old)) = self.with_named(lookup, id, |rec, _| {
+            rec.check_verb(JobVerb::SetSpeed)?;
+            if speed < 0 {
+                return Err(JobError::generic(
+                    "Parameter 'speed' expects a non-negative value",
+                ));
             }
-            // Faster (or unlimited): cut a rate-limiting sleep short.
-            self.with_job(key, |rec, _| {
-                if rec.sleeping {
-                    rec.kick();
-                }
-            });
-            Ok(())
-        })
+            let old = rec.speed;
+            rec.speed = speed;
+            Ok((rec.driver.clone(), old))
+        })?;
+        driver.set_speed(speed);
+        if speed != 0 && speed <= old {
+            return Ok(());
+        }
+        // Faster (or unlimited): cut a rate-limiting sleep short.
+        self.with_job(key, |rec, _| {
+            if rec.sleeping {
+                rec.kick();
+            }
+        });
+        Ok(())
     }
 
     fn cmd_change(&self, lookup: Lookup, id: &str, options: &Value) -> Result<(), JobError> {
-        self.op(|| {
-            let (_, driver) = self.with_named(lookup, id, |rec, _| {
-                rec.check_verb(JobVerb::Change)?;
-                Ok(rec.driver.clone())
-            })?;
-            driver.change(options).map_err(JobError::generic)
-        })
+        let (_, driver) = self.with_named(lookup, id, |rec, _| {
+            rec.check_verb(JobVerb::Change)?;
+            Ok(rec.driver.clone())
+        })?;
+        driver.change(options).map_err(JobError::generic)
     }
 }
 
 /// The registry of jobs and the engine of their lifecycle.
 ///
-/// Cheap to clone (an `Arc` inside). All methods are synchronous and never
-/// hold a lock across an `.await`; [`JobHandle::start`] must be called from
-/// within a Tokio runtime, as it spawns the job's body.
+/// Cheap to clone (an `Arc` inside). No method holds a lock across an
+/// `.await` or blocks on another task; [`JobHandle::start`] must be called
+/// from within a Tokio runtime, as it spawns the job's body.
+///
+/// # The control-plane lock
+///
+/// The manager shares the server's [`ControlLock`] (QEMU's BQL): a job is
+/// finalized under it. Commands fall in two groups:
+///
+/// * those that may finalize or abort a job on the spot, and so run the
+///   driver's async finalization callbacks: [`finalize`](Self::finalize),
+///   [`cancel`](Self::cancel) (a job that never started completes at once;
+///   a pending one is aborted at once) and their `block_job_*` twins. They
+///   are `async` and take a [`ControlGuard`] as proof that the caller holds
+///   the lock, which they do not take again (it is not re-entrant). The
+///   caller must hold it for the whole call and poll the future to the
+///   end: a future dropped half-way leaves the job between two
+///   finalization steps;
+/// * all the others (creation, start, pause, resume, complete, dismiss,
+///   set-speed, change and the queries) are synchronous and need not hold
+///   the lock: they change the job's state only, never the graph. They
+///   may be called with or without it.
+///
+/// Holding the lock stops jobs from finalizing (a body that returns waits
+/// for it), so a holder must not wait for a job to complete
+/// ([`JobHandle::wait`]); [`cancel_sync_all`](Self::cancel_sync_all) takes
+/// the lock only around each cancel for that reason.
+///
+/// # Two command families
 ///
 /// Commands come in two families that differ only in how they find their
 /// job: the `job-*` family (`cancel`, `pause`, ...) finds any job and
@@ -225,15 +251,17 @@ impl fmt::Debug for JobManager {
 }
 
 impl JobManager {
-    /// A manager without jobs that reports events to `events`.
-    pub fn new(events: Arc<dyn JobEvents>) -> Self {
+    /// A manager without jobs that reports events to `events` and finalizes
+    /// jobs under `control`, the server's control-plane lock.
+    pub fn new(events: Arc<dyn JobEvents>, control: ControlLock) -> Self {
         JobManager {
-            inner: Arc::new(Inner {
-                sink: events,
-                op: OpLock::default(),
-                state: Mutex::new(State::default()),
-            }),
+            inner: Arc::new(Inner::new(events, control)),
         }
+    }
+
+    /// The control-plane lock this manager finalizes jobs under.
+    pub fn control_lock(&self) -> &ControlLock {
+        &self.inner.control
     }
 
     /// Creates a job (QEMU's `job_create`): checks the ID (`Invalid job ID
@@ -322,8 +350,21 @@ impl JobManager {
 
     /// `job-cancel` when `force` (QEMU's `job-cancel` always forces), or a
     /// cancel request on any job. Unknown ID: `Job not found`.
-    pub fn cancel(&self, id: &str, force: bool) -> Result<(), JobError> {
-        self.inner.cmd_cancel(Lookup::Job, id, force, false)
+    ///
+    /// A running job is only told (it completes when its body returns); a
+    /// job that was never started, or a pending one that is force-cancelled,
+    /// is aborted before this returns (`abort`, `clean`, `concluded`).
+    /// `guard` must be a guard of [`Self::control_lock`] (asserted in debug
+    /// builds).
+    pub async fn cancel(
+        &self,
+        guard: &ControlGuard,
+        id: &str,
+        force: bool,
+    ) -> Result<(), JobError> {
+        self.inner
+            .cmd_cancel(guard, Lookup::Job, id, force, false)
+            .await
     }
 
     /// `job-pause`.
@@ -341,9 +382,13 @@ impl JobManager {
         self.inner.cmd_complete(Lookup::Job, id)
     }
 
-    /// `job-finalize`.
-    pub fn finalize(&self, id: &str) -> Result<(), JobError> {
-        self.inner.cmd_finalize(Lookup::Job, id)
+    /// `job-finalize`: finalizes a pending job before returning (`prepare`,
+    /// then `commit`, or `abort` if `prepare` fails, then `clean`). A
+    /// failing `prepare` does not fail the command, as in QEMU: the job
+    /// concludes with the error. `guard` must be a guard of
+    /// [`Self::control_lock`] (asserted in debug builds).
+    pub async fn finalize(&self, guard: &ControlGuard, id: &str) -> Result<(), JobError> {
+        self.inner.cmd_finalize(guard, Lookup::Job, id).await
     }
 
     /// `job-dismiss`.
@@ -365,9 +410,17 @@ impl JobManager {
     /// `block-job-cancel`: refused for a user-paused job unless `force`
     /// (`The block job for device 'ID' is currently paused`). Without
     /// `force`, a job whose driver supports soft cancel (a ready mirror)
-    /// completes instead of being cancelled.
-    pub fn block_job_cancel(&self, device: &str, force: bool) -> Result<(), JobError> {
-        self.inner.cmd_cancel(Lookup::BlockJob, device, force, true)
+    /// completes instead of being cancelled. Otherwise as
+    /// [`cancel`](Self::cancel).
+    pub async fn block_job_cancel(
+        &self,
+        guard: &ControlGuard,
+        device: &str,
+        force: bool,
+    ) -> Result<(), JobError> {
+        self.inner
+            .cmd_cancel(guard, Lookup::BlockJob, device, force, true)
+            .await
     }
 
     /// `block-job-pause`.
@@ -385,9 +438,9 @@ impl JobManager {
         self.inner.cmd_complete(Lookup::BlockJob, device)
     }
 
-    /// `block-job-finalize`.
-    pub fn block_job_finalize(&self, id: &str) -> Result<(), JobError> {
-        self.inner.cmd_finalize(Lookup::BlockJob, id)
+    /// `block-job-finalize`, as [`finalize`](Self::finalize).
+    pub async fn block_job_finalize(&self, guard: &ControlGuard, id: &str) -> Result<(), JobError> {
+        self.inner.cmd_finalize(guard, Lookup::BlockJob, id).await
     }
 
     /// `block-job-dismiss`.
@@ -410,6 +463,10 @@ impl JobManager {
     /// dismisses concluded ones, until no job is left (QEMU's
     /// `job_cancel_sync_all`, used at shutdown). Waits for bodies to
     /// return, so it only finishes if they honour cancellation.
+    ///
+    /// Takes the control-plane lock around each cancel, and never holds it
+    /// while waiting: a cancelled job's own task needs it to finalize. The
+    /// caller must therefore not hold it either.
     pub async fn cancel_sync_all(&self) {
         loop {
             let newest = self
@@ -421,8 +478,14 @@ impl JobManager {
             let Some((key, mut status)) = newest else {
                 break;
             };
-            self.inner.op(|| self.inner.job_cancel(key, true));
-            // The sender lives as long as `status`' job record or handle.
+            {
+                let guard = self.inner.control.lock().await;
+                self.inner.job_cancel(&guard, key, true).await;
+            }
+            // Completed: the job's task has run job_exit (under the lock),
+            // or the cancel completed it. A concluded job that stays (manual
+            // dismiss) is dismissed by the next round's cancel. The sender
+            // lives as long as `status`' job record or handle.
             let _ = status.wait_for(|s| s.is_completed()).await;
         }
     }

@@ -19,12 +19,17 @@ use crate::status::{JobStatus, JobType, JobVerb};
 /// job with the same ID.
 pub(crate) type JobKey = u64;
 
-/// Events produced under the state lock, emitted in order by the outermost
-/// operation once the state lock is released.
+/// Events produced under the state lock, in the order of the changes that
+/// caused them; emitted in that order once the state lock is released (see
+/// `engine::Inner::flush_events`).
 #[derive(Default)]
 pub(crate) struct EventQueue(VecDeque<(&'static str, Value)>);
 
 impl EventQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub(crate) fn push(&mut self, name: &'static str, data: Value) {
         self.0.push_back((name, data));
     }
@@ -70,7 +75,10 @@ pub(crate) struct JobRecord {
     pub(crate) sleeping: bool,
     /// `start()` was called.
     pub(crate) started: bool,
-    /// The body has returned (QEMU's `deferred_to_main_loop`).
+    /// The body has returned and `job_exit` has run under the control-plane
+    /// lock (QEMU's `deferred_to_main_loop`; QEMU sets it when the body
+    /// returns, but no one holding the lock can tell the difference, as
+    /// `job_exit` needs the lock).
     pub(crate) deferred: bool,
     /// A cancel was requested (QEMU's `job_cancel_requested`).
     pub(crate) cancelled: bool,

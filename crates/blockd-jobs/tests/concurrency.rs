@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use blockd_jobs::{JobOptions, JobStatus, JobType, JOB_STATUS_CHANGE};
-use common::{manager, Gate, Script, TestDriver};
+use common::{block_job_cancel, cancel, manager, Gate, Script, TestDriver};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commands_keep_events_legal() {
@@ -56,12 +56,12 @@ async fn concurrent_commands_keep_events_legal() {
                     gate.open();
                 }
                 1 => {
-                    let _ = mgr.cancel(&id, true);
+                    let _ = cancel(&mgr, &id, true).await;
                 }
                 2 => {
                     let _ = mgr.pause(&id);
                     tokio::task::yield_now().await;
-                    let _ = mgr.block_job_cancel(&id, true);
+                    let _ = block_job_cancel(&mgr, &id, true).await;
                 }
                 _ => {
                     gate.open();
@@ -71,7 +71,7 @@ async fn concurrent_commands_keep_events_legal() {
                     let _ = mgr.complete(&id);
                     let _ = mgr.resume(&id);
                     if i % 8 == 7 {
-                        let _ = mgr.block_job_cancel(&id, false);
+                        let _ = block_job_cancel(&mgr, &id, false).await;
                     }
                 }
             }

@@ -6,10 +6,14 @@ mod common;
 use std::sync::Arc;
 
 use blockd_jobs::{
-    BlockdevOnError, IoStatus, JobError, JobErrorClass, JobManager, JobOptions, JobStatus, JobType,
-    BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR, BLOCK_JOB_PENDING, BLOCK_JOB_READY,
+    BlockdevOnError, ControlLock, IoStatus, JobError, JobErrorClass, JobManager, JobOptions,
+    JobStatus, JobType, BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR,
+    BLOCK_JOB_PENDING, BLOCK_JOB_READY,
 };
-use common::{log_of, manager, Gate, Script, TestDriver};
+use common::{
+    block_job_cancel, block_job_finalize, cancel, finalize, log_of, manager, Gate, Script,
+    TestDriver,
+};
 use serde_json::json;
 
 const MANUAL_DISMISS: JobOptions = JobOptions {
@@ -83,14 +87,14 @@ async fn blockdev_create_like_job() {
     );
     assert!(mgr.query_block_jobs().is_empty());
     assert_eq!(
-        mgr.finalize("c1"),
+        finalize(&mgr, "c1").await,
         Err(verb_err("c1", "concluded", "finalize"))
     );
     assert_eq!(
-        mgr.cancel("c1", true),
+        cancel(&mgr, "c1", true).await,
         Err(verb_err("c1", "concluded", "cancel"))
     );
-    let e = mgr.block_job_cancel("c1", false).unwrap_err();
+    let e = block_job_cancel(&mgr, "c1", false).await.unwrap_err();
     assert_eq!(e.class(), JobErrorClass::DeviceNotActive);
     assert_eq!(e.desc, "Block job 'c1' not found");
 
@@ -176,11 +180,11 @@ async fn manual_finalize_and_dismiss() {
     );
     assert_eq!(mgr.job("c1").unwrap().status, JobStatus::Pending);
 
-    mgr.finalize("c1").unwrap();
+    finalize(&mgr, "c1").await.unwrap();
     assert_eq!(ev.trace()[5..], ["BLOCK_JOB_COMPLETED", "concluded"]);
     assert_eq!(log_of(&log), ["run", "prepare", "commit", "clean"]);
     assert_eq!(
-        mgr.finalize("c1"),
+        finalize(&mgr, "c1").await,
         Err(verb_err("c1", "concluded", "finalize"))
     );
     mgr.block_job_dismiss("c1").unwrap();
@@ -315,7 +319,7 @@ async fn cancel_running_job() {
         .create("s1", JobType::Stream, MANUAL_DISMISS, drv)
         .unwrap();
     h.start();
-    mgr.cancel("s1", true).unwrap();
+    cancel(&mgr, "s1", true).await.unwrap();
     assert_eq!(h.wait().await, Err("Operation canceled".into()));
     assert_eq!(
         ev.trace(),
@@ -349,7 +353,7 @@ async fn soft_cancel_of_job_without_soft_mode_is_forced() {
     mgr.create("s1", JobType::Stream, JobOptions::default(), drv)
         .unwrap()
         .start();
-    mgr.block_job_cancel("s1", false).unwrap();
+    block_job_cancel(&mgr, "s1", false).await.unwrap();
     ev.wait_status("s1", JobStatus::Null, 1).await;
     assert_eq!(
         ev.trace(),
@@ -383,11 +387,11 @@ async fn cancel_paused_job() {
     assert_eq!(bj.io_status, IoStatus::Ok);
     assert_eq!(mgr.pause("s1"), Err(generic("Job is already paused")));
     assert_eq!(
-        mgr.block_job_cancel("s1", false),
+        block_job_cancel(&mgr, "s1", false).await,
         Err(generic("The block job for device 's1' is currently paused"))
     );
 
-    mgr.cancel("s1", true).unwrap();
+    cancel(&mgr, "s1", true).await.unwrap();
     ev.wait_status("s1", JobStatus::Null, 1).await;
     assert_eq!(
         ev.trace(),
@@ -537,8 +541,8 @@ async fn complete_refusals() {
         mgr.block_job_complete("m1"),
         Err(generic("The active block job 'm1' cannot be completed"))
     );
-    mgr.cancel("m1", true).unwrap();
-    mgr.cancel("s1", true).unwrap();
+    cancel(&mgr, "m1", true).await.unwrap();
+    cancel(&mgr, "s1", true).await.unwrap();
     ev.wait_status("m1", JobStatus::Null, 1).await;
     ev.wait_status("s1", JobStatus::Null, 1).await;
 }
@@ -551,7 +555,7 @@ async fn soft_cancel_of_ready_mirror_completes() {
         .unwrap()
         .start();
     ev.wait_event(BLOCK_JOB_READY).await;
-    mgr.block_job_cancel("m1", false).unwrap();
+    block_job_cancel(&mgr, "m1", false).await.unwrap();
     ev.wait_status("m1", JobStatus::Null, 1).await;
     assert_eq!(
         ev.trace(),
@@ -581,7 +585,7 @@ async fn forced_cancel_of_ready_mirror() {
         .unwrap()
         .start();
     ev.wait_event(BLOCK_JOB_READY).await;
-    mgr.cancel("m1", true).unwrap();
+    cancel(&mgr, "m1", true).await.unwrap();
     ev.wait_status("m1", JobStatus::Null, 1).await;
     assert_eq!(
         ev.trace(),
@@ -613,7 +617,7 @@ async fn soft_cancel_of_mirror_before_ready_is_forced() {
     mgr.create("m1", JobType::Mirror, JobOptions::default(), drv)
         .unwrap()
         .start();
-    mgr.block_job_cancel("m1", false).unwrap();
+    block_job_cancel(&mgr, "m1", false).await.unwrap();
     ev.wait_status("m1", JobStatus::Null, 1).await;
     assert_eq!(
         ev.trace(),
@@ -680,10 +684,10 @@ async fn forced_cancel_of_standby_mirror() {
     mgr.pause("m4").unwrap();
     ev.wait_status("m4", JobStatus::Standby, 1).await;
     assert_eq!(
-        mgr.block_job_cancel("m4", false),
+        block_job_cancel(&mgr, "m4", false).await,
         Err(generic("The block job for device 'm4' is currently paused"))
     );
-    mgr.block_job_cancel("m4", true).unwrap();
+    block_job_cancel(&mgr, "m4", true).await.unwrap();
     ev.wait_status("m4", JobStatus::Concluded, 1).await;
     assert_eq!(
         ev.trace(),
@@ -721,7 +725,7 @@ async fn cancel_of_pending_job_aborts_at_once() {
     .unwrap()
     .start();
     ev.wait_event(BLOCK_JOB_PENDING).await;
-    mgr.block_job_cancel("s4", false).unwrap();
+    block_job_cancel(&mgr, "s4", false).await.unwrap();
     // Synchronous: no body left to wait for.
     assert_eq!(
         ev.trace(),
@@ -750,7 +754,7 @@ async fn cancel_before_start() {
     let h = mgr
         .create("s1", JobType::Stream, MANUAL_DISMISS, drv)
         .unwrap();
-    mgr.cancel("s1", true).unwrap();
+    cancel(&mgr, "s1", true).await.unwrap();
     // Never started: no legacy event, dismissed despite manual dismiss.
     assert_eq!(ev.trace(), ["created", "aborting", "concluded", "null"]);
     assert!(mgr.query().is_empty());
@@ -823,11 +827,11 @@ async fn unknown_jobs() {
         .unwrap();
     let opts = json!({});
     let not_found = generic("Job not found");
-    assert_eq!(mgr.cancel("nope", true), Err(not_found.clone()));
+    assert_eq!(cancel(&mgr, "nope", true).await, Err(not_found.clone()));
     assert_eq!(mgr.pause("nope"), Err(not_found.clone()));
     assert_eq!(mgr.resume("nope"), Err(not_found.clone()));
     assert_eq!(mgr.complete("nope"), Err(not_found.clone()));
-    assert_eq!(mgr.finalize("nope"), Err(not_found.clone()));
+    assert_eq!(finalize(&mgr, "nope").await, Err(not_found.clone()));
     assert_eq!(mgr.dismiss("nope"), Err(not_found.clone()));
     assert_eq!(mgr.set_speed("nope", 1), Err(not_found.clone()));
     assert_eq!(mgr.change("nope", &opts), Err(not_found.clone()));
@@ -837,11 +841,11 @@ async fn unknown_jobs() {
     // Block job commands: DeviceNotActive, also for non-block jobs.
     for id in ["nope", "c1"] {
         let e = JobError::device_not_active(format!("Block job '{id}' not found"));
-        assert_eq!(mgr.block_job_cancel(id, true), Err(e.clone()));
+        assert_eq!(block_job_cancel(&mgr, id, true).await, Err(e.clone()));
         assert_eq!(mgr.block_job_pause(id), Err(e.clone()));
         assert_eq!(mgr.block_job_resume(id), Err(e.clone()));
         assert_eq!(mgr.block_job_complete(id), Err(e.clone()));
-        assert_eq!(mgr.block_job_finalize(id), Err(e.clone()));
+        assert_eq!(block_job_finalize(&mgr, id).await, Err(e.clone()));
         assert_eq!(mgr.block_job_dismiss(id), Err(e.clone()));
         assert_eq!(mgr.block_job_set_speed(id, 1), Err(e.clone()));
         assert_eq!(mgr.block_job_change(id, &opts), Err(e.clone()));
@@ -868,7 +872,7 @@ async fn speed() {
     );
     mgr.block_job_set_speed("s1", 1000).unwrap();
     assert_eq!(mgr.block_job("s1").unwrap().speed, 1000);
-    mgr.cancel("s1", true).unwrap();
+    cancel(&mgr, "s1", true).await.unwrap();
     h.wait().await.unwrap_err();
     assert_eq!(ev.find(BLOCK_JOB_CANCELLED).unwrap()["speed"], 1000);
     assert_eq!(
@@ -1003,8 +1007,11 @@ async fn queries_list_newest_first() {
 
 #[tokio::test(start_paused = true)]
 async fn event_sink_may_call_the_manager() {
-    // The sink finalizes the job as soon as it is pending, and queries the
-    // manager on every event: events still come out in order.
+    // The sink queries the manager on every event, dismisses the job
+    // synchronously as soon as it is concluded (its `null` is queued while
+    // `concluded` is being emitted) and finalizes it from a task of its own
+    // as soon as it is pending (finalization needs the control-plane lock,
+    // which a sink must not wait for): events still come out in order.
     struct Finalizer {
         mgr: std::sync::OnceLock<JobManager>,
         trace: std::sync::Mutex<Vec<String>>,
@@ -1018,9 +1025,17 @@ async fn event_sink_may_call_the_manager() {
             } else {
                 name.to_owned()
             };
-            self.trace.lock().unwrap().push(short);
+            self.trace.lock().unwrap().push(short.clone());
+            let id = data["id"].as_str().unwrap_or_default().to_owned();
+            if short == "concluded" {
+                mgr.dismiss(&id).unwrap();
+                // Not emitted yet: the flush that is calling us sends it
+                // once we return.
+                assert_eq!(self.trace.lock().unwrap().last().unwrap(), "concluded");
+            }
             if name == BLOCK_JOB_PENDING {
-                mgr.finalize(data["id"].as_str().unwrap()).unwrap();
+                let mgr = mgr.clone();
+                tokio::spawn(async move { finalize(&mgr, &id).await.unwrap() });
             }
         }
     }
@@ -1028,20 +1043,10 @@ async fn event_sink_may_call_the_manager() {
         mgr: std::sync::OnceLock::new(),
         trace: std::sync::Mutex::new(Vec::new()),
     });
-    let mgr = JobManager::new(sink.clone());
+    let mgr = JobManager::new(sink.clone(), ControlLock::new());
     let _ = sink.mgr.set(mgr.clone());
     let (drv, _log) = TestDriver::boxed(Script::default());
-    let h = mgr
-        .create(
-            "c1",
-            JobType::Commit,
-            JobOptions {
-                auto_finalize: false,
-                auto_dismiss: true,
-            },
-            drv,
-        )
-        .unwrap();
+    let h = mgr.create("c1", JobType::Commit, MANUAL_BOTH, drv).unwrap();
     h.start();
     h.wait().await.unwrap();
     assert_eq!(
@@ -1057,6 +1062,7 @@ async fn event_sink_may_call_the_manager() {
             "null"
         ]
     );
+    assert!(mgr.query().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -1194,13 +1200,13 @@ async fn refused_verbs_use_qemu_wording() {
                 continue;
             }
             let result = match verb {
-                JobVerb::Cancel => mgr.cancel(id, true),
+                JobVerb::Cancel => cancel(&mgr, id, true).await,
                 JobVerb::Pause => mgr.pause(id),
                 JobVerb::Resume => mgr.resume(id),
                 JobVerb::SetSpeed => mgr.set_speed(id, 1),
                 JobVerb::Complete => mgr.complete(id),
                 JobVerb::Dismiss => mgr.dismiss(id),
-                JobVerb::Finalize => mgr.finalize(id),
+                JobVerb::Finalize => finalize(&mgr, id).await,
                 JobVerb::Change => mgr.change(id, &json!({})),
             };
             let expected = if verb == JobVerb::Resume {

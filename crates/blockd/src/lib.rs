@@ -229,6 +229,9 @@ impl Server {
     /// clients, removes the sockets.
     pub async fn shutdown(self, reason: &str) {
         self.qmp.shutdown(reason).await;
+        // Takes the control-plane lock around each cancel only: cancelled
+        // jobs finalize under it on their own tasks, so it must not be held
+        // here while they do.
         self.state.jobs.cancel_sync_all().await;
         exports::stop_server(&self.state).await;
         self.state.machine.clear(&self.state.graph);

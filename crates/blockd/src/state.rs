@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use blockd_core::runstate::RunState;
-use blockd_core::BlockGraph;
+use blockd_core::{BlockGraph, ControlLock};
 use blockd_drivers::Env;
 use blockd_jobs::JobManager;
 
@@ -27,7 +27,10 @@ pub struct State {
     pub env: Env,
     /// Descriptor sets (`add-fd`), also reachable through `env`.
     pub fdsets: Arc<FdSetStore>,
-    /// Jobs.
+    /// The control-plane lock (QEMU's BQL): held by commands that change
+    /// the graph and by jobs while they finalize.
+    pub control: ControlLock,
+    /// Jobs; they finalize under `control`.
     pub jobs: JobManager,
     /// The NBD server and the exports.
     pub exports: tokio::sync::Mutex<Exports>,
@@ -52,12 +55,17 @@ impl State {
     ) -> Self {
         let fdsets = Arc::new(FdSetStore::default());
         let bus = events.clone();
-        let jobs = JobManager::new(Arc::new(move |name: &str, data: Value| {
-            bus.emit(name, Some(data));
-        }));
+        let control = ControlLock::new();
+        let jobs = JobManager::new(
+            Arc::new(move |name: &str, data: Value| {
+                bus.emit(name, Some(data));
+            }),
+            control.clone(),
+        );
         let run = Arc::new(RunState::default());
         State {
             machine: crate::machine::Machine::new(events.clone(), run.clone()),
+            control,
             jobs,
             exports: tokio::sync::Mutex::new(Exports::default()),
             events,

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockd_jobs::{
-    BlockdevOnError, IoOperationType, JobCtx, JobDriver, JobEvents, JobFuture, JobManager,
-    JobStatus, JOB_STATUS_CHANGE,
+    BlockdevOnError, ControlGuard, ControlLock, FinalizeFuture, IoOperationType, JobCtx, JobDriver,
+    JobError, JobEvents, JobFuture, JobManager, JobStatus, JOB_STATUS_CHANGE,
 };
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -183,6 +183,15 @@ pub struct Script {
     pub panic: bool,
     /// The body's sleep between gate checks.
     pub tick: Duration,
+    /// How long each finalization callback awaits (a sleep) before it
+    /// returns; logged as "NAME done" when it has waited.
+    pub finalize_delay: Option<Duration>,
+    /// The finalization callback ("prepare", "commit", "abort", "clean")
+    /// that panics: in the call itself, or after its delay if one is set.
+    pub panic_in: Option<&'static str>,
+    /// If set, each finalization callback checks that its guard is one of
+    /// this lock and that the lock is held.
+    pub control: Option<ControlLock>,
 }
 
 impl Default for Script {
@@ -198,6 +207,9 @@ impl Default for Script {
             prepare: Ok(()),
             panic: false,
             tick: Duration::from_secs(1),
+            finalize_delay: None,
+            panic_in: None,
+            control: None,
         }
     }
 }
@@ -222,6 +234,32 @@ impl TestDriver {
 
     fn log(&self, what: impl Into<String>) {
         self.log.lock().unwrap().push(what.into());
+    }
+
+    /// One finalization callback: log, check the guard, wait, maybe panic,
+    /// then return `result`.
+    fn step<'a, T: Send + 'a>(
+        &'a self,
+        name: &'static str,
+        guard: &'a ControlGuard,
+        result: T,
+    ) -> FinalizeFuture<'a, T> {
+        self.log(name);
+        if let Some(lock) = &self.script.control {
+            assert!(lock.holds(guard), "{name}: guard of another lock");
+            assert!(lock.try_lock().is_none(), "{name}: lock not held");
+        }
+        let panics = self.script.panic_in == Some(name);
+        let Some(delay) = self.script.finalize_delay else {
+            assert!(!panics, "test {name} panic");
+            return Box::pin(async move { result });
+        };
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            self.log(format!("{name} done"));
+            assert!(!panics, "test {name} panic after a wait");
+            result
+        })
     }
 }
 
@@ -284,21 +322,20 @@ impl JobDriver for TestDriver {
         }
     }
 
-    fn prepare(&self) -> Result<(), String> {
-        self.log("prepare");
-        self.script.prepare.clone()
+    fn prepare<'a>(&'a self, guard: &'a ControlGuard) -> FinalizeFuture<'a, Result<(), String>> {
+        self.step("prepare", guard, self.script.prepare.clone())
     }
 
-    fn commit(&self) {
-        self.log("commit");
+    fn commit<'a>(&'a self, guard: &'a ControlGuard) -> FinalizeFuture<'a> {
+        self.step("commit", guard, ())
     }
 
-    fn abort(&self) {
-        self.log("abort");
+    fn abort<'a>(&'a self, guard: &'a ControlGuard) -> FinalizeFuture<'a> {
+        self.step("abort", guard, ())
     }
 
-    fn clean(&self) {
-        self.log("clean");
+    fn clean<'a>(&'a self, guard: &'a ControlGuard) -> FinalizeFuture<'a> {
+        self.step("clean", guard, ())
     }
 
     fn set_speed(&self, speed: i64) {
@@ -306,10 +343,35 @@ impl JobDriver for TestDriver {
     }
 }
 
-/// A manager with a fresh recorder.
+/// A manager with a fresh recorder and a control-plane lock of its own.
 pub fn manager() -> (JobManager, Arc<Recorder>) {
     let rec = Recorder::new();
-    (JobManager::new(rec.clone()), rec)
+    (JobManager::new(rec.clone(), ControlLock::new()), rec)
+}
+
+/// `job-cancel` as a QMP handler runs it: under the control-plane lock,
+/// released on return.
+pub async fn cancel(mgr: &JobManager, id: &str, force: bool) -> Result<(), JobError> {
+    let guard = mgr.control_lock().lock().await;
+    mgr.cancel(&guard, id, force).await
+}
+
+/// `block-job-cancel` under the control-plane lock.
+pub async fn block_job_cancel(mgr: &JobManager, id: &str, force: bool) -> Result<(), JobError> {
+    let guard = mgr.control_lock().lock().await;
+    mgr.block_job_cancel(&guard, id, force).await
+}
+
+/// `job-finalize` under the control-plane lock.
+pub async fn finalize(mgr: &JobManager, id: &str) -> Result<(), JobError> {
+    let guard = mgr.control_lock().lock().await;
+    mgr.finalize(&guard, id).await
+}
+
+/// `block-job-finalize` under the control-plane lock.
+pub async fn block_job_finalize(mgr: &JobManager, id: &str) -> Result<(), JobError> {
+    let guard = mgr.control_lock().lock().await;
+    mgr.block_job_finalize(&guard, id).await
 }
 
 /// The log as `&str`s, for comparisons.

@@ -164,14 +164,22 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register("query-jobs", |cx: Ctx<State>, _: NoArgs| async move {
         R::Ok(cx.state.jobs.query())
     });
+    // These change a job's state only: no control-plane lock.
     verb!(d, "job-pause", pause);
     verb!(d, "job-resume", resume);
     verb!(d, "job-complete", complete);
     verb!(d, "job-dismiss", dismiss);
-    verb!(d, "job-finalize", finalize);
+    // These may finalize or abort a job on the spot, which runs its
+    // finalization callbacks under the control-plane lock (QEMU: the BQL).
+    d.register("job-finalize", |cx: Ctx<State>, a: JobId| async move {
+        let g = cx.state.control.lock().await;
+        cx.state.jobs.finalize(&g, &a.id).await.map_err(jerr)?;
+        R::Ok(Empty {})
+    });
     d.register("job-cancel", |cx: Ctx<State>, a: JobId| async move {
+        let g = cx.state.control.lock().await;
         // job-cancel is always a forced cancel in QEMU.
-        cx.state.jobs.cancel(&a.id, true).map_err(jerr)?;
+        cx.state.jobs.cancel(&g, &a.id, true).await.map_err(jerr)?;
         R::Ok(Empty {})
     });
 }
