@@ -37,6 +37,8 @@ impl Event {
 pub struct Recorder {
     events: Mutex<Vec<Event>>,
     notify: Notify,
+    /// Thread yields before recording each event (a slow sink).
+    yields: usize,
 }
 
 impl JobEvents for Recorder {
@@ -46,6 +48,9 @@ impl JobEvents for Recorder {
             let obj = data.as_object().expect("object");
             assert_eq!(obj.len(), 2, "{data}");
             assert!(obj["id"].is_string() && obj["status"].is_string(), "{data}");
+        }
+        for _ in 0..self.yields {
+            std::thread::yield_now();
         }
         self.events.lock().unwrap().push(Event {
             name: name.to_owned(),
@@ -58,6 +63,15 @@ impl JobEvents for Recorder {
 impl Recorder {
     pub fn new() -> Arc<Self> {
         Arc::new(Recorder::default())
+    }
+
+    /// A recorder that yields its thread `yields` times before recording
+    /// each event.
+    pub fn slow(yields: usize) -> Arc<Self> {
+        Arc::new(Recorder {
+            yields,
+            ..Recorder::default()
+        })
     }
 
     pub fn events(&self) -> Vec<Event> {
