@@ -73,11 +73,14 @@ impl Default for JobOptions {
 /// panic in `commit` fails the job (`Job commit panicked: MSG`, reported
 /// like an error of the body) without calling `abort`, since the commit may
 /// be partly done; a panic in `abort` or `clean` is logged and the job
-/// keeps its result. In every case the job goes on to `clean` and
-/// `concluded`, the lock is released and the manager carries on.
+/// keeps its result. In every case the remaining steps run, the job
+/// concludes, its waiters wake, the lock is released and the manager
+/// carries on.
 ///
-/// The other callbacks are synchronous and may run on any thread, with or
-/// without the control-plane lock held; they must not block.
+/// The other callbacks are synchronous, called on whatever thread runs the
+/// command (with the control-plane lock held for [`cancel`](Self::cancel),
+/// without it for the others) and with none of the manager's locks held;
+/// they must not block.
 pub trait JobDriver: Send + Sync + 'static {
     /// The body. It runs on its own Tokio task once the job is started,
     /// after an initial pause point. It should pass pause points

@@ -3,12 +3,19 @@
 //! base on which `blockdev-create`, `block-commit`, `block-stream` and the
 //! mirror jobs run.
 //!
-//! A kind of job implements [`JobDriver`] (an async body plus optional
+//! A kind of job implements [`JobDriver`] (an async body plus optional async
 //! finalization callbacks). [`JobManager::create`] registers a job and
 //! [`JobHandle::start`] runs its body on a Tokio task; the manager moves the
 //! job through its statuses, answers the `job-*` and `block-job-*` commands
 //! with QEMU's error wording, and reports every change to a [`JobEvents`]
-//! sink.
+//! sink. Jobs finalize under the server's control-plane lock
+//! ([`ControlLock`]); see [Locking](#locking).
+//!
+//! Modules: `engine` (the lifecycle engine and the event queue), `manager`
+//! (the command facade: lookup, verb checks, QEMU's errors), `handle`,
+//! `ctx` (what a body sees), `record` (per-job state and the one status
+//! transition function), `driver`, `events`, `status`, `info`, `error`,
+//! `unwind` (panics in driver code as job errors).
 //!
 //! # Statuses
 //!
@@ -80,8 +87,9 @@
 //!
 //! # Locking
 //!
-//! Nothing in this crate blocks a Tokio worker on another task or holds a
-//! lock across an `.await`. Three locks are involved:
+//! Nothing in this crate holds a lock across an `.await`, and nothing
+//! blocks a Tokio worker for longer than another thread takes to hand a few
+//! events to the sink. Three locks are involved:
 //!
 //! * **The state lock**, a `std::sync::Mutex` over the registry and its
 //!   event queue, held for short synchronous sections only, never while
@@ -101,7 +109,9 @@
 //!   `start` return. An event sink that calls the manager (a query, a
 //!   dismiss) is not blocked: a flush requested on the thread that is
 //!   emitting returns at once, and the emitting loop sends the new events
-//!   after the current one.
+//!   after the current one (so a job created from inside the sink has its
+//!   `created` emitted just after `emit` returns, not before `create`
+//!   does).
 //! * **The control-plane lock**, [`ControlLock`] (the role of QEMU's BQL),
 //!   async, FIFO and not re-entrant, shared with the rest of the server.
 //!   A job is finalized under it: when its body returns, the job's own task
@@ -128,8 +138,15 @@
 //! watchers need no lock; [`JobManager::cancel_sync_all`] takes the lock
 //! only around each cancel, never while waiting for a job. What callers
 //! must not do is lock the control-plane lock again while holding it,
-//! including from a finalization callback, or await a job's completion
-//! while holding it.
+//! including from a finalization callback or an event sink, or await a
+//! job's completion while holding it.
+//!
+//! A finalization callback that fails or panics does not wedge anything:
+//! the job concludes, the lock is released (see [`JobDriver`] for what
+//! each failure means). The async commands must be polled to completion
+//! (the QMP dispatcher does): dropping one half-way through a finalization
+//! leaves that job between two steps until a later cancel (such as
+//! [`JobManager::cancel_sync_all`]) aborts it.
 //!
 //! # Not implemented
 //!
