@@ -8,24 +8,47 @@
 //! [`Bytes`]: reads return a buffer, writes take one, and a layer that does
 //! not change data passes the same buffer on without copying it.
 //!
-//! Drivers with children (formats, filters) reach them only through
-//! [`ChildRef`] handles owned by the core, so the core can swap the node
-//! behind a child (commit, mirror, reopen) while the driver keeps its handle.
+//! Drivers with children (formats, filters) reach them only through the
+//! edges the core holds ([`crate::edge`]): the node's [`Children`] list,
+//! shared with the driver at open, and [`ChildRef`] handles from it. The
+//! core can retarget an edge (commit, mirror, reopen) or add and remove
+//! one (a reopen that changes `backing`) while the driver keeps working.
+//!
+//! Reopen ([`crate::reopen`]) is a three-step protocol per driver:
+//! [`BlockDriver::reopen_prepare`] checks the new options and stages what
+//! it needs (it may read, and may flush when the node stops being
+//! writable, but must not otherwise write: write permissions are settled
+//! only after every node prepared); then exactly one of
+//! [`BlockDriver::reopen_commit`] (infallible) or
+//! [`BlockDriver::reopen_abort`]; after a commit that made the node
+//! writable, [`BlockDriver::reopen_finish`] does the writes that needed the
+//! permissions (qcow2's repair of a dirty image).
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use serde_json::Value;
 
+pub use crate::edge::{Child, ChildRef, Children};
 use crate::error::BlockError;
-use crate::node::BlockNode;
-use crate::perm::{filter_default, ChildRole, PermPair};
+use crate::perm::{filter_default, PermPair};
+use crate::reopen::ReopenRequest;
 
 /// A boxed, sendable I/O future borrowing the driver.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// What a driver staged in [`BlockDriver::reopen_prepare`], handed back to
+/// its commit or abort.
+pub type Staged = Box<dyn Any + Send + Sync>;
+
+/// The future of [`BlockDriver::reopen_prepare`].
+pub type PrepareFuture<'a> = Pin<Box<dyn Future<Output = Result<Staged, BlockError>> + Send + 'a>>;
+
+/// The future of [`BlockDriver::reopen_finish`].
+pub type FinishFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BlockError>> + Send + 'a>>;
 
 /// Flags of a write-like request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -91,57 +114,6 @@ pub struct DriverInfo {
     pub backing_format: Option<String>,
 }
 
-/// A child edge: a named role of a parent node, pointing at a node the
-/// core may replace.
-pub struct Child {
-    name: String,
-    role: ChildRole,
-    node: RwLock<Arc<BlockNode>>,
-}
-
-/// Shared handle to a child edge.
-pub type ChildRef = Arc<Child>;
-
-impl Child {
-    /// A new edge.
-    pub fn new(name: impl Into<String>, role: ChildRole, node: Arc<BlockNode>) -> ChildRef {
-        Arc::new(Child {
-            name: name.into(),
-            role,
-            node: RwLock::new(node),
-        })
-    }
-
-    /// The role name (`file`, `backing`, `image`, ...).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The role flags.
-    pub fn role(&self) -> ChildRole {
-        self.role
-    }
-
-    /// The node the edge points at now.
-    pub fn node(&self) -> Arc<BlockNode> {
-        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Points the edge at another node (graph changes only).
-    pub fn replace(&self, node: Arc<BlockNode>) -> Arc<BlockNode> {
-        std::mem::replace(
-            &mut *self.node.write().unwrap_or_else(|e| e.into_inner()),
-            node,
-        )
-    }
-}
-
-impl std::fmt::Debug for Child {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Child({} -> {})", self.name, self.node().name())
-    }
-}
-
 /// A block driver instance (one per node).
 ///
 /// All offsets and lengths are in bytes. Every request a driver receives is
@@ -158,11 +130,6 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Current length in bytes.
     fn length(&self) -> u64;
-
-    /// The node's children, in the order queries list them.
-    fn children(&self) -> Vec<ChildRef> {
-        Vec::new()
-    }
 
     /// The file name the node shows (`file` in queries). Formats and filters
     /// return `None` and show their primary child's.
@@ -254,5 +221,31 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Called once when the node leaves the graph: flush and release.
     fn close(&self) -> IoFuture<'_, ()> {
         self.flush()
+    }
+
+    /// Checks a reopen of the node and stages it (QEMU's
+    /// `bdrv_reopen_prepare`). The default accepts any change of the
+    /// common options and stages nothing; a driver with options of its
+    /// own checks them here ([`ReopenRequest::driver_opts`]).
+    fn reopen_prepare<'a>(&'a self, req: &'a ReopenRequest<'a>) -> PrepareFuture<'a> {
+        let _ = req;
+        Box::pin(async { Ok(Box::new(()) as Staged) })
+    }
+
+    /// Makes a prepared reopen take effect. Cannot fail.
+    fn reopen_commit(&self, staged: Staged) {
+        let _ = staged;
+    }
+
+    /// Drops a prepared reopen.
+    fn reopen_abort(&self, staged: Staged) {
+        let _ = staged;
+    }
+
+    /// After a committed reopen, with the new permissions held: the writes
+    /// a node that became writable needs. On error the reopen of this node
+    /// is undone.
+    fn reopen_finish(&self) -> FinishFuture<'_> {
+        Box::pin(async { Ok(()) })
     }
 }

@@ -1,26 +1,43 @@
-//! The block graph: named nodes, who uses them, and permission propagation.
+//! The block graph: named nodes, their edges and roots, permission
+//! propagation, drained sections and node replacement.
 //!
 //! ```text
-//!   backend "drive0" ─(external user)─► qcow2 "top" ─file──► file "top-file"
-//!                                              └─backing──► qcow2 "base" ─file─► file
+//!   Root (backend "drive0") ─root─► qcow2 "top" ─file──► file "top-file"
+//!                                        └─backing──► qcow2 "base" ─file─► file
 //! ```
 //!
-//! The graph owns the name index and the parent (user) back-edges; nodes own
-//! their children through their drivers. Changes happen under one lock and
-//! are all-or-nothing: a new tree is inserted only if its names are free
-//! and every permission it needs is granted (in this process and, through
-//! the `file` driver's locks, by other processes); removals release
-//! permissions and close the nodes that no one references any more.
-//! Opening files is done *before* taking the lock, so a slow open never
-//! blocks other graph operations.
+//! Who owns what is described in [`crate::edge`]: the graph owns the name
+//! index; nodes own their child edges; edges own the nodes they point at;
+//! nodes know their parents (nodes and roots) through weak back-edges.
+//!
+//! Every change is made here and is all-or-nothing: a new tree is inserted
+//! only if its names are free and every permission it needs is granted (in
+//! this process and, through the `file` driver's locks, by other
+//! processes); a root is attached, detached or given new permissions; the
+//! parents of one node are moved to another ([`BlockGraph::replace_node`]);
+//! nodes are reopened with new options ([`crate::reopen`]). If the
+//! permission refresh that follows fails, the change is undone and the
+//! graph is as it was. Removals release permissions and close the nodes no
+//! one references any more. Opening files happens *before* the graph lock
+//! is taken, so a slow open never blocks other graph operations.
+//!
+//! Changes that must wait for requests in flight (replacing a node,
+//! reopening) run inside a drained section ([`crate::drain`]). Callers hold
+//! the [`crate::ControlLock`] for every change, so changes of different
+//! clients never interleave; the short synchronous lock here only keeps the
+//! index consistent for queries.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::control::ControlGuard;
+use crate::edge::{Child, Parent};
 use crate::error::BlockError;
-use crate::node::{BlockNode, ParentLink, User};
-use crate::perm::{Perm, PermPair};
+use crate::node::BlockNode;
+use crate::perm::{ChildRole, PermPair};
+use crate::perms::{edge_key, refresh, topo_order, Overrides};
+use crate::root::{Root, RootKind};
 
 #[derive(Default)]
 struct Inner {
@@ -88,6 +105,15 @@ impl BlockGraph {
         self.lock().order.clone()
     }
 
+    /// Whether `node` (this very node, not one of the same name) is in the
+    /// graph.
+    pub fn holds(&self, node: &BlockNode) -> bool {
+        self.lock()
+            .index
+            .get(node.name())
+            .is_some_and(|n| n.id() == node.id())
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.lock().order.len()
@@ -123,27 +149,15 @@ impl BlockGraph {
                 )));
             }
         }
-        // Link every new node to its children.
+        // Link every new node's edges into its children.
         for n in new_nodes {
             for c in n.children() {
-                c.node().parents_mut().push(ParentLink {
-                    user: User::Node {
-                        parent: n.name().to_string(),
-                        child: c.name().to_string(),
-                    },
-                    perm: PermPair::FREE,
-                });
+                c.node().link_parent(&c);
             }
         }
-        if let Err(e) = update_perms(root) {
+        if let Err(e) = refresh(std::slice::from_ref(root), &Overrides::default()) {
             for n in new_nodes {
                 unlink_children(n);
-            }
-            // Re-establish the permissions of the existing nodes we touched.
-            for n in new_nodes {
-                for c in n.children() {
-                    let _ = update_perms(&c.node());
-                }
             }
             return Err(e);
         }
@@ -166,20 +180,22 @@ impl BlockGraph {
             BlockError::not_found(format!("Failed to find node with node-name='{name}'"))
         })?;
         let parents = node.parents();
-        // Backends, exports and jobs hold the node through a BlockBackend
-        // in QEMU, which makes it "in use".
+        // Backends, exports and jobs hold the node through a root, which
+        // makes it "in use" (QEMU's bdrv_has_blk).
         if parents
             .iter()
-            .any(|p| matches!(p.user, User::External { .. }))
+            .any(|e| matches!(e.parent(), Some(Parent::Root(_))))
         {
             return Err(BlockError::in_use(format!("Node {name} is in use")));
         }
-        if let Some(p) = parents.iter().find_map(|p| match &p.user {
-            User::Node { parent, child } if child == "backing" => Some(parent.clone()),
-            _ => None,
-        }) {
+        if let Some(p) = parents
+            .iter()
+            .filter(|e| e.name() == "backing")
+            .find_map(|e| e.parent().and_then(Parent::node))
+        {
             return Err(BlockError::in_use(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{p}'"
+                "Node '{name}' is busy: node is used as backing hd of '{}'",
+                p.name()
             )));
         }
         if !g.monitor_owned.contains(name) {
@@ -196,83 +212,56 @@ impl BlockGraph {
         Ok(removed)
     }
 
-    /// Adds an external user (backend, export, job) with permissions.
-    pub fn add_user(
-        &self,
-        node: &Arc<BlockNode>,
-        key: &str,
-        label: &str,
-        backend: bool,
-        perm: PermPair,
-    ) -> Result<(), BlockError> {
+    /// Makes `root` a user of `node` with the root's permissions (QEMU's
+    /// `blk_insert_bs`). All-or-nothing; fails if the root has a node.
+    pub fn attach_root(&self, root: &Arc<Root>, node: &Arc<BlockNode>) -> Result<(), BlockError> {
         let _g = self.lock();
-        node.parents_mut().push(ParentLink {
-            user: User::External {
-                key: key.to_string(),
-                label: label.to_string(),
-                backend,
-            },
-            perm,
-        });
-        if let Err(e) = update_perms(node) {
-            node.parents_mut()
-                .retain(|p| !matches!(&p.user, User::External { key: k, .. } if k == key));
-            let _ = update_perms(node);
+        if root.edge().is_some() {
+            return Err(BlockError::in_use(
+                "There already is a medium in the device",
+            ));
+        }
+        let edge = Child::new(
+            "root",
+            ChildRole::FILTERED | ChildRole::PRIMARY,
+            node.clone(),
+        );
+        edge.set_parent(Parent::Root(Arc::downgrade(root)));
+        node.link_parent(&edge);
+        let mut ov = Overrides::default();
+        ov.edges.insert(edge_key(&edge), root.perm());
+        if let Err(e) = refresh(std::slice::from_ref(node), &ov) {
+            node.unlink_parent(&edge);
             return Err(e);
         }
+        root.set_edge(Some(edge));
         Ok(())
     }
 
-    /// Removes an external user and releases its permissions.
-    pub fn remove_user(&self, node: &Arc<BlockNode>, key: &str) {
+    /// Takes `root` off its node (QEMU's `blk_remove_bs`) and releases its
+    /// permissions; returns the node. The node stays in the graph (see
+    /// [`BlockGraph::release`]).
+    pub fn detach_root(&self, root: &Root) -> Option<Arc<BlockNode>> {
         let _g = self.lock();
-        node.parents_mut()
-            .retain(|p| !matches!(&p.user, User::External { key: k, .. } if k == key));
-        if let Err(e) = update_perms(node) {
+        let edge = root.set_edge(None)?;
+        let node = edge.node();
+        node.unlink_parent(&edge);
+        if let Err(e) = refresh(std::slice::from_ref(&node), &Overrides::default()) {
             tracing::warn!(node = node.name(), error = %e, "releasing permissions failed");
         }
+        Some(node)
     }
 
-    /// Changes the permissions (and description) of an external user in
-    /// one step; on error nothing changed.
-    pub fn update_user(
-        &self,
-        node: &Arc<BlockNode>,
-        key: &str,
-        label: &str,
-        perm: PermPair,
-    ) -> Result<(), BlockError> {
+    /// Changes the permissions a root holds (or will hold) on its node;
+    /// on a conflict nothing changed.
+    pub fn set_root_perm(&self, root: &Root, perm: PermPair) -> Result<(), BlockError> {
         let _g = self.lock();
-        let old = {
-            let mut parents = node.parents_mut();
-            let Some(link) = parents
-                .iter_mut()
-                .find(|p| matches!(&p.user, User::External { key: k, .. } if k == key))
-            else {
-                return Err(BlockError::not_found(format!(
-                    "internal error: no user '{key}' on node '{}'",
-                    node.name()
-                )));
-            };
-            let old = link.clone();
-            if let User::External { label: l, .. } = &mut link.user {
-                *l = label.to_string();
-            }
-            link.perm = perm;
-            old
-        };
-        if let Err(e) = update_perms(node) {
-            let mut parents = node.parents_mut();
-            if let Some(link) = parents
-                .iter_mut()
-                .find(|p| matches!(&p.user, User::External { key: k, .. } if k == key))
-            {
-                *link = old;
-            }
-            drop(parents);
-            let _ = update_perms(node);
-            return Err(e);
+        if let Some(edge) = root.edge() {
+            let mut ov = Overrides::default();
+            ov.edges.insert(edge_key(&edge), perm);
+            refresh(&[edge.node()], &ov)?;
         }
+        root.store_perm(perm);
         Ok(())
     }
 
@@ -294,12 +283,25 @@ impl BlockGraph {
         removed
     }
 
-    /// Whether an external user that is a block backend uses the node
-    /// (QEMU's `bdrv_has_blk`).
+    /// Whether a block backend uses the node (QEMU's `bdrv_has_blk`, for
+    /// the backends of devices and drives).
     pub fn has_backend_user(&self, node: &BlockNode) -> bool {
-        node.parents()
-            .iter()
-            .any(|p| matches!(p.user, User::External { backend: true, .. }))
+        node.parents().iter().any(|e| {
+            e.parent()
+                .and_then(Parent::root)
+                .is_some_and(|r| *r.kind() == RootKind::Backend)
+        })
+    }
+
+    /// Recomputes the permissions below `nodes` (after a change made under
+    /// the graph lock by this crate, such as a reopen). All-or-nothing.
+    pub(crate) fn refresh_perms(
+        &self,
+        nodes: &[Arc<BlockNode>],
+        ov: &Overrides,
+    ) -> Result<(), BlockError> {
+        let _g = self.lock();
+        refresh(nodes, ov)
     }
 
     /// Removes every node (shutdown); returns them for closing.
@@ -309,19 +311,62 @@ impl BlockGraph {
         g.index.clear();
         std::mem::take(&mut g.order)
     }
-}
 
-impl BlockNode {
-    pub(crate) fn parents_mut(&self) -> MutexGuard<'_, Vec<ParentLink>> {
-        self.parents.lock().unwrap_or_else(|e| e.into_inner())
+    /// QEMU's `bdrv_replace_node`: moves every parent of `old` (nodes and
+    /// roots) to `new`, in one all-or-nothing step with the permission
+    /// refresh, inside a drained section over both. Edges whose parent is
+    /// `new` itself or lies below it stay (moving them would make a cycle,
+    /// as when a filter above `new` is replaced by `new`). On a conflict
+    /// (QEMU's messages) nothing changed.
+    pub async fn replace_node(
+        &self,
+        _control: &ControlGuard,
+        old: &Arc<BlockNode>,
+        new: &Arc<BlockNode>,
+    ) -> Result<(), BlockError> {
+        if old.id() == new.id() {
+            return Ok(());
+        }
+        let _drained = self.drained_begin(&[old.clone(), new.clone()]).await;
+        let _g = self.lock();
+        let below_new: HashSet<u64> = topo_order(std::slice::from_ref(new))
+            .iter()
+            .map(|n| n.id())
+            .collect();
+        let moved: Vec<Arc<Child>> = old
+            .parents()
+            .into_iter()
+            .filter(|e| match e.parent() {
+                Some(Parent::Node(p)) => p.upgrade().is_some_and(|p| !below_new.contains(&p.id())),
+                Some(Parent::Root(_)) => true,
+                None => false,
+            })
+            .collect();
+        for e in &moved {
+            move_edge(e, old, new);
+        }
+        if let Err(err) = refresh(&[new.clone(), old.clone()], &Overrides::default()) {
+            for e in &moved {
+                move_edge(e, new, old);
+            }
+            return Err(err);
+        }
+        Ok(())
     }
 }
 
-fn unlink_children(n: &Arc<BlockNode>) {
+/// Points edge `e` from `from` at `to`, moving its back-edge. The moved
+/// edge goes first among `to`'s parents, as in QEMU (whose permission
+/// messages name the newest user first).
+pub(crate) fn move_edge(e: &Arc<Child>, from: &BlockNode, to: &Arc<BlockNode>) {
+    from.unlink_parent(e);
+    e.retarget(to.clone());
+    to.link_parent_first(e);
+}
+
+fn unlink_children(n: &BlockNode) {
     for c in n.children() {
-        c.node().parents_mut().retain(|p| {
-            !matches!(&p.user, User::Node { parent, child } if parent == n.name() && child == c.name())
-        });
+        c.node().unlink_parent(&c);
     }
 }
 
@@ -334,142 +379,16 @@ fn remove_unreferenced(g: &mut Inner, node: &Arc<BlockNode>, removed: &mut Vec<A
     unlink_children(node);
     for c in node.children() {
         let child = c.node();
-        if let Err(e) = update_perms(&child) {
+        if let Err(e) = refresh(std::slice::from_ref(&child), &Overrides::default()) {
             tracing::warn!(node = child.name(), error = %e, "releasing permissions failed");
         }
         if child.parents().is_empty()
             && !g.monitor_owned.contains(child.name())
-            && g.index.contains_key(child.name())
+            && g.index
+                .get(child.name())
+                .is_some_and(|n| n.id() == child.id())
         {
             remove_unreferenced(g, &child, removed);
         }
     }
-}
-
-/// Nodes reachable from `root` (itself included) in an order where every
-/// node comes after all its parents within the set.
-fn topo_order(root: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
-    fn visit(n: &Arc<BlockNode>, seen: &mut HashSet<u64>, post: &mut Vec<Arc<BlockNode>>) {
-        if !seen.insert(n.id()) {
-            return;
-        }
-        for c in n.children() {
-            visit(&c.node(), seen, post);
-        }
-        post.push(n.clone());
-    }
-    let mut post = Vec::new();
-    visit(root, &mut HashSet::new(), &mut post);
-    post.reverse();
-    post
-}
-
-/// Recomputes permissions from `root` downwards and applies them: checks
-/// conflicts between users of every node, then asks drivers to apply the
-/// new cumulative permissions (image locks). All-or-nothing.
-pub(crate) fn update_perms(root: &Arc<BlockNode>) -> Result<(), BlockError> {
-    let order = topo_order(root);
-    // New permissions of each edge (child id, parent name, child role).
-    let mut edge_perm: HashMap<(u64, String, String), PermPair> = HashMap::new();
-    let mut plan: Vec<(Arc<BlockNode>, PermPair)> = Vec::new();
-    for n in &order {
-        let parents = n.parents();
-        let perms: Vec<(User, PermPair)> = parents
-            .iter()
-            .map(|p| {
-                let pp = match &p.user {
-                    User::Node { parent, child } => edge_perm
-                        .get(&(n.id(), parent.clone(), child.clone()))
-                        .copied()
-                        .unwrap_or(p.perm),
-                    User::External { .. } => p.perm,
-                };
-                (p.user.clone(), pp)
-            })
-            .collect();
-        check_conflicts(n, &perms)?;
-        let cum = perms.iter().fold(PermPair::FREE, |acc, (_, p)| PermPair {
-            perm: acc.perm | p.perm,
-            shared: acc.shared & p.shared,
-        });
-        if cum.perm.intersects(Perm::WRITE | Perm::RESIZE) && n.read_only() {
-            let who = perms
-                .iter()
-                .find(|(_, p)| p.perm.intersects(Perm::WRITE | Perm::RESIZE))
-                .map(|(u, _)| u.describe())
-                .unwrap_or_default();
-            return Err(BlockError::new(
-                crate::error::ErrorKind::PermissionConflict,
-                format!(
-                    "Block node is read-only (needed for write by {who}): {}",
-                    n.name()
-                ),
-            ));
-        }
-        for c in n.children() {
-            let mut cp = n.driver().child_perm(&c, cum, !n.read_only());
-            // A force-share child lets its parent share everything on it
-            // (QEMU's bdrv_child_perm).
-            if c.node().options().force_share {
-                cp.shared = Perm::ALL;
-            }
-            edge_perm.insert(
-                (c.node().id(), n.name().to_string(), c.name().to_string()),
-                cp,
-            );
-        }
-        plan.push((n.clone(), cum));
-    }
-    // Apply, remembering what to restore if a driver refuses.
-    let mut applied: Vec<(Arc<BlockNode>, PermPair)> = Vec::new();
-    for (n, cum) in &plan {
-        let old = n.cumulative_perm();
-        if old != *cum {
-            if let Err(e) = n.driver().set_perm(*cum) {
-                for (m, prev) in applied.iter().rev() {
-                    let _ = m.driver().set_perm(*prev);
-                    *m.cumulative.lock().unwrap_or_else(|e| e.into_inner()) = *prev;
-                }
-                return Err(e);
-            }
-            *n.cumulative.lock().unwrap_or_else(|e| e.into_inner()) = *cum;
-            applied.push((n.clone(), old));
-        }
-    }
-    // Record the new edge permissions.
-    for n in &order {
-        let mut parents = n.parents_mut();
-        for p in parents.iter_mut() {
-            if let User::Node { parent, child } = &p.user {
-                if let Some(pp) = edge_perm.get(&(n.id(), parent.clone(), child.clone())) {
-                    p.perm = *pp;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_conflicts(n: &BlockNode, perms: &[(User, PermPair)]) -> Result<(), BlockError> {
-    for (i, (ua, a)) in perms.iter().enumerate() {
-        for (j, (ub, b)) in perms.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            let denied = a.perm & !b.shared;
-            if denied != Perm::NONE {
-                return Err(BlockError::new(
-                    crate::error::ErrorKind::PermissionConflict,
-                    format!(
-                        "Permission conflict on node '{}': permissions '{}' are both required by {} and unshared by {}",
-                        n.name(),
-                        denied.names().join(", "),
-                        ua.describe(),
-                        ub.describe()
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }

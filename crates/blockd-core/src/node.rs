@@ -6,17 +6,19 @@
 //! statistics. Drivers see only aligned requests within their length.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::driver::{BlockDriver, BlockStatus, ChildRef, IoFuture, ReqFlags};
+use crate::driver::{BlockDriver, BlockStatus, IoFuture, ReqFlags};
+use crate::edge::{Child, ChildRef, Children, Parent};
 use crate::perm::PermPair;
 use crate::tracked::Tracker;
 
 /// `detect-zeroes`: how writes of all-zero buffers are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u16)]
 pub enum DetectZeroes {
     /// Written as data.
     #[default]
@@ -57,45 +59,51 @@ pub struct NodeOptions {
     pub force_share: bool,
 }
 
-/// Who uses a node: a parent node through a child edge, or something
-/// outside the graph (a backend, an export, a job).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum User {
-    /// Parent node `parent` through its child named `child`.
-    Node {
-        /// The parent's node-name.
-        parent: String,
-        /// The child role name.
-        child: String,
-    },
-    /// An external user, described for error messages (e.g. "export 'e0'").
-    External {
-        /// Unique key of the user.
-        key: String,
-        /// Human description.
-        label: String,
-        /// Whether it is a block backend (blockdev-del says "in use").
-        backend: bool,
-    },
-}
+impl NodeOptions {
+    fn pack(self) -> u16 {
+        u16::from(self.read_only)
+            | u16::from(self.auto_read_only) << 1
+            | (self.detect_zeroes as u16) << 2
+            | u16::from(self.discard_unmap) << 4
+            | u16::from(self.cache_direct) << 5
+            | u16::from(self.cache_no_flush) << 6
+            | u16::from(self.force_share) << 7
+    }
 
-impl User {
-    /// How the user is named in permission errors.
-    pub fn describe(&self) -> String {
-        match self {
-            User::Node { parent, child } => format!("{parent} as '{child}'"),
-            User::External { label, .. } => label.clone(),
+    fn unpack(b: u16) -> NodeOptions {
+        NodeOptions {
+            read_only: b & 1 != 0,
+            auto_read_only: b & 2 != 0,
+            detect_zeroes: match (b >> 2) & 3 {
+                0 => DetectZeroes::Off,
+                1 => DetectZeroes::On,
+                _ => DetectZeroes::Unmap,
+            },
+            discard_unmap: b & 1 << 4 != 0,
+            cache_direct: b & 1 << 5 != 0,
+            cache_no_flush: b & 1 << 6 != 0,
+            force_share: b & 1 << 7 != 0,
         }
     }
 }
 
-/// One user of a node and the permissions it holds.
-#[derive(Debug, Clone)]
-pub struct ParentLink {
-    /// Who.
-    pub user: User,
-    /// Its permissions.
-    pub perm: PermPair,
+/// Which of a node's [`NodeOptions`] were given for it rather than taken
+/// from its parent (QEMU's `explicit_options`): a reopen of the parent
+/// changes only the others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExplicitOptions {
+    /// `read-only` was given.
+    pub read_only: bool,
+    /// `auto-read-only` was given.
+    pub auto_read_only: bool,
+    /// `cache.direct` was given.
+    pub cache_direct: bool,
+    /// `cache.no-flush` was given.
+    pub cache_no_flush: bool,
+    /// `force-share` was given.
+    pub force_share: bool,
+    /// `discard` was given.
+    pub discard: bool,
 }
 
 /// I/O statistics of a node (`BlockDeviceStats`): request counts only.
@@ -134,16 +142,22 @@ pub struct Stats {
 
 static NEXT_NODE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A node of the block graph.
+/// A node of the block graph: a driver, its children, its users (parents)
+/// and the request path around the driver. Ownership is described in
+/// [`crate::edge`].
 pub struct BlockNode {
     id: u64,
     name: String,
     auto_named: bool,
-    opts: NodeOptions,
+    /// [`NodeOptions`], packed: read on every request, changed by reopen.
+    opts: AtomicU16,
+    explicit: ExplicitOptions,
     driver: Box<dyn BlockDriver>,
+    children: Arc<Children>,
     tracker: Tracker,
-    pub(crate) parents: Mutex<Vec<ParentLink>>,
-    pub(crate) cumulative: Mutex<PermPair>,
+    /// Back-edges: the edges of the node's parents (nodes and roots).
+    parents: Mutex<Vec<Weak<Child>>>,
+    cumulative: Mutex<PermPair>,
     /// Statistics.
     pub stats: Stats,
 }
@@ -173,24 +187,64 @@ fn align_up(x: u64, a: u64) -> u64 {
 pub const MAX_REQUEST: u64 = i32::MAX as u64 & !511;
 
 impl BlockNode {
-    /// A node around an opened driver.
+    /// A node without children around an opened driver.
     pub fn new(
         name: String,
         auto_named: bool,
         opts: NodeOptions,
         driver: Box<dyn BlockDriver>,
     ) -> Self {
+        Self::build(
+            name,
+            auto_named,
+            opts,
+            ExplicitOptions::default(),
+            driver,
+            Children::new(),
+        )
+    }
+
+    fn build(
+        name: String,
+        auto_named: bool,
+        opts: NodeOptions,
+        explicit: ExplicitOptions,
+        driver: Box<dyn BlockDriver>,
+        children: Arc<Children>,
+    ) -> Self {
         BlockNode {
             id: NEXT_NODE_ID.fetch_add(1, Ordering::Relaxed),
             name,
             auto_named,
-            opts,
+            opts: AtomicU16::new(opts.pack()),
+            explicit,
             driver,
+            children,
             tracker: Tracker::default(),
             parents: Mutex::new(Vec::new()),
             cumulative: Mutex::new(PermPair::FREE),
             stats: Stats::default(),
         }
+    }
+
+    /// A node around an opened driver and the children it was opened with
+    /// (the list the driver shares); each child edge gets this node as its
+    /// parent. The edges are linked into their child nodes when the graph
+    /// inserts the node.
+    pub fn with_children(
+        name: String,
+        auto_named: bool,
+        opts: NodeOptions,
+        explicit: ExplicitOptions,
+        driver: Box<dyn BlockDriver>,
+        children: Arc<Children>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<BlockNode>| {
+            for c in children.all() {
+                c.set_parent(Parent::Node(me.clone()));
+            }
+            Self::build(name, auto_named, opts, explicit, driver, children)
+        })
     }
 
     /// Unique id within the process.
@@ -208,14 +262,24 @@ impl BlockNode {
         self.auto_named
     }
 
-    /// The node options.
-    pub fn options(&self) -> &NodeOptions {
-        &self.opts
+    /// The node options (as they are now; reopen changes them).
+    pub fn options(&self) -> NodeOptions {
+        NodeOptions::unpack(self.opts.load(Ordering::Acquire))
+    }
+
+    /// Changes the node options (reopen commits, inside a drained section).
+    pub(crate) fn set_options(&self, o: NodeOptions) {
+        self.opts.store(o.pack(), Ordering::Release);
+    }
+
+    /// Which options were given for the node rather than inherited.
+    pub fn explicit_options(&self) -> ExplicitOptions {
+        self.explicit
     }
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.opts.read_only
+        self.opts.load(Ordering::Acquire) & 1 != 0
     }
 
     /// The driver.
@@ -223,27 +287,65 @@ impl BlockNode {
         &*self.driver
     }
 
-    /// The children, as the driver lists them.
+    /// The child edges, primary first.
     pub fn children(&self) -> Vec<ChildRef> {
-        self.driver.children()
+        self.children.all()
     }
 
-    /// The child with role name `name`.
+    /// The child list the core holds (and the driver shares).
+    pub fn child_list(&self) -> &Arc<Children> {
+        &self.children
+    }
+
+    /// The child edge with role name `name`.
     pub fn child(&self, name: &str) -> Option<ChildRef> {
-        self.children().into_iter().find(|c| c.name() == name)
+        self.children.get(name)
     }
 
-    /// The users of this node.
-    pub fn parents(&self) -> Vec<ParentLink> {
-        self.parents
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The backing node, if any.
+    pub fn backing(&self) -> Option<Arc<BlockNode>> {
+        self.children.node("backing")
+    }
+
+    /// The edges through which this node is used (its parents' edges).
+    pub fn parents(&self) -> Vec<ChildRef> {
+        self.parents_lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    pub(crate) fn parents_lock(&self) -> MutexGuard<'_, Vec<Weak<Child>>> {
+        self.parents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Links a parent's edge (which points at this node) as a back-edge.
+    pub(crate) fn link_parent(&self, c: &ChildRef) {
+        let mut p = self.parents_lock();
+        p.retain(|w| w.strong_count() > 0);
+        p.push(Arc::downgrade(c));
+    }
+
+    /// Links a parent's edge as the first back-edge (an edge moved here).
+    pub(crate) fn link_parent_first(&self, c: &ChildRef) {
+        let mut p = self.parents_lock();
+        p.retain(|w| w.strong_count() > 0);
+        p.insert(0, Arc::downgrade(c));
+    }
+
+    /// Unlinks a parent's edge.
+    pub(crate) fn unlink_parent(&self, c: &Child) {
+        self.parents_lock()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), c));
     }
 
     /// Cumulative permissions of all users.
     pub fn cumulative_perm(&self) -> PermPair {
         *self.cumulative.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_cumulative(&self, p: PermPair) {
+        *self.cumulative.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
 
     /// Current length in bytes.
@@ -257,7 +359,7 @@ impl BlockNode {
         if let Some(f) = self.driver.filename() {
             return f;
         }
-        match self.children().first() {
+        match self.children.first() {
             Some(c) => c.node().filename(),
             None => String::new(),
         }
@@ -268,7 +370,7 @@ impl BlockNode {
         if let Some(s) = self.driver.allocated_size() {
             return Some(s);
         }
-        self.children()
+        self.children
             .first()
             .and_then(|c| c.node().allocated_size())
     }
@@ -371,7 +473,7 @@ impl BlockNode {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        if self.opts.read_only {
+        if self.read_only() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         if len > MAX_REQUEST || offset.checked_add(len).is_none() {
@@ -403,8 +505,9 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        let r = if self.opts.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
-            let unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+        let o = self.options();
+        let r = if o.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
+            let unmap = o.detect_zeroes == DetectZeroes::Unmap && o.discard_unmap;
             let zflags = ReqFlags {
                 may_unmap: unmap,
                 ..flags
@@ -498,7 +601,7 @@ impl BlockNode {
             return Ok(());
         }
         let flags = ReqFlags {
-            may_unmap: flags.may_unmap && self.opts.discard_unmap,
+            may_unmap: flags.may_unmap && self.options().discard_unmap,
             ..flags
         };
         let r = self.zeroes_inner(offset, len, flags).await;
@@ -545,7 +648,7 @@ impl BlockNode {
     /// Discards a range (ignored unless `discard=unmap`).
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_write(offset, len)?;
-        if !self.opts.discard_unmap || len == 0 {
+        if !self.options().discard_unmap || len == 0 {
             return Ok(());
         }
         // Only whole aligned blocks can be discarded; the rest is left alone.
@@ -575,7 +678,7 @@ impl BlockNode {
 
     /// Flushes completed writes to stable storage (no-op with `cache.no-flush`).
     pub async fn flush(&self) -> io::Result<()> {
-        let r = if self.opts.cache_no_flush {
+        let r = if self.options().cache_no_flush {
             Ok(())
         } else {
             self.driver.flush().await
@@ -626,9 +729,8 @@ impl BlockNode {
             if st.allocated {
                 return Ok((st.len, 1));
             }
-            match self.child("backing") {
-                Some(b) => {
-                    let backing = b.node();
+            match self.backing() {
+                Some(backing) => {
                     let (n, d) = backing.allocation_depth(offset, st.len).await?;
                     Ok((n, if d == 0 { 0 } else { d + 1 }))
                 }

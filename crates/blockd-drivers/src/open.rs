@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use blockd_core::graph::check_node_name;
 use blockd_core::{
-    BlockDriver, BlockError, BlockGraph, BlockNode, Child, ChildRef, ChildRole, DetectZeroes,
-    NodeOptions,
+    BlockDriver, BlockError, BlockGraph, BlockNode, Child, ChildRef, ChildRole, Children,
+    DetectZeroes, ExplicitOptions, NodeOptions,
 };
 
 use crate::options::{
@@ -58,6 +58,9 @@ pub struct OpenCtx<'a> {
     pub node: NodeOptions,
     /// The node-name of the node being opened.
     pub node_name: String,
+    /// The children of the node being opened, as the core will hold them
+    /// (a driver that looks children up while it runs keeps this list).
+    pub children: Arc<Children>,
     created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
     /// Image files of the overlays above this node in an implicitly
     /// opened backing chain (loop and depth detection).
@@ -105,14 +108,17 @@ impl OpenCtx<'_> {
         child: BlockdevRef,
         role: ChildRole,
     ) -> Result<ChildRef, BlockError> {
-        let node = match child {
-            BlockdevRef::Reference(r) => self.graph.get(&r).ok_or_else(|| {
-                BlockError::not_found(format!("Cannot find device='{r}' nor node-name='{r}'"))
-            })?,
+        let edge = match child {
+            BlockdevRef::Reference(r) => {
+                let node = self.graph.get(&r).ok_or_else(|| {
+                    BlockError::not_found(format!("Cannot find device='{r}' nor node-name='{r}'"))
+                })?;
+                Child::new(name, role, node)
+            }
             BlockdevRef::Definition(opts) => {
                 let inherit = Inherit::from_parent(&self.node, role);
                 let chain = self.backing_chain.clone();
-                open_node(
+                let node = open_node(
                     self.graph,
                     self.env,
                     *opts,
@@ -120,10 +126,12 @@ impl OpenCtx<'_> {
                     self.created.clone(),
                     chain,
                 )
-                .await?
+                .await?;
+                Child::new_inheriting(name, role, node)
             }
         };
-        Ok(Child::new(name, role, node))
+        self.children.push(edge.clone());
+        Ok(edge)
     }
 
     /// Opens the `backing` child of a format node with QEMU's rules:
@@ -185,7 +193,9 @@ impl OpenCtx<'_> {
                     msg: format!("Could not open backing file: {}", e.msg),
                     ..e
                 })?;
-                return Ok(Some(Child::new("backing", role, node)));
+                let edge = Child::new_inheriting("backing", role, node);
+                self.children.push(edge.clone());
+                return Ok(Some(edge));
             }
         };
         self.open_child("backing", child, role).await.map(Some)
@@ -347,6 +357,19 @@ fn check_tree(
     }
 }
 
+/// Which common options `opts` sets itself.
+pub fn explicit_options(opts: &BlockdevOptions) -> ExplicitOptions {
+    let cache = opts.cache.unwrap_or_default();
+    ExplicitOptions {
+        read_only: opts.read_only.is_some(),
+        auto_read_only: opts.auto_read_only.is_some(),
+        cache_direct: cache.direct.is_some(),
+        cache_no_flush: cache.no_flush.is_some(),
+        force_share: opts.force_share.is_some(),
+        discard: opts.discard.is_some(),
+    }
+}
+
 fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
     let cache = opts.cache.unwrap_or_default();
     NodeOptions {
@@ -384,11 +407,13 @@ fn open_node<'a>(
             None => (graph.auto_name(), true),
         };
         let mut nopts = node_options(&opts, inherit);
+        let explicit = explicit_options(&opts);
         let mut ctx = OpenCtx {
             graph,
             env,
             node: nopts,
             node_name: name.clone(),
+            children: Children::new(),
             created: created.clone(),
             backing_chain,
         };
@@ -408,7 +433,7 @@ fn open_node<'a>(
                 Box::new(d)
             }
         };
-        let node = Arc::new(BlockNode::new(name, auto, nopts, driver));
+        let node = BlockNode::with_children(name, auto, nopts, explicit, driver, ctx.children);
         created
             .lock()
             .unwrap_or_else(|e| e.into_inner())

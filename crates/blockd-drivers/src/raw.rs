@@ -84,10 +84,6 @@ impl BlockDriver for RawDriver {
         }
     }
 
-    fn children(&self) -> Vec<ChildRef> {
-        vec![self.file.clone()]
-    }
-
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
             let off = self.check(offset, len as u64)?;

@@ -1,42 +1,64 @@
 //! Block exports: the NBD server and the exports on it (QEMU's
 //! `block/export/export.c` and `blockdev-nbd.c`).
 //!
-//! An export is a user of its node (holding `consistent-read`, and `write`
-//! if writable, sharing everything, as QEMU's exports do), so the node
-//! cannot be deleted while exported. Deleting an export stops new clients
-//! at once; `BLOCK_EXPORT_DELETED` is sent when its last client is gone.
+//! Every export does its I/O through a block backend, and every export
+//! request takes the same path ([`BackendIo`]): an export of a node gets a
+//! backend of its own ([`BlockBackend::new_export`], QEMU's
+//! `BlockExport.blk`), whose root is a user of the node (holding
+//! `consistent-read`, and `write` if writable, sharing all but `resize`, as
+//! QEMU's exports do), so the node cannot be deleted while exported, and a
+//! graph change can move the export to another node under its clients.
+//! `nbd-server-add` of a backend name exports that backend itself: the
+//! export is its front end (run state, medium and tray, accounting, error
+//! policy apply). Writethrough is the root's write cache turned off (every
+//! write carries FUA), as QEMU does; an export of a device backend adds FUA
+//! itself, leaving the device's cache mode alone.
+//!
+//! Deleting an export stops new clients at once; `BLOCK_EXPORT_DELETED` is
+//! sent when its last client is gone.
 
 use std::sync::Arc;
 
-use blockd_core::{BlockNode, BlockStatus, IoFuture, Perm, PermPair, ReqFlags};
+use blockd_core::{BlockBackend, BlockStatus, IoFuture, Perm, PermPair, ReqFlags};
 use blockd_nbd::{ExportIo, NbdServer};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::state::State;
 
-/// An export's I/O: straight to its node.
-pub struct NodeIo {
-    node: Arc<BlockNode>,
-    writethrough: bool,
+/// The one export I/O path: requests through a backend.
+pub struct BackendIo {
+    blk: Arc<BlockBackend>,
+    fua: bool,
 }
 
-impl NodeIo {
-    /// I/O on `node`; with `writethrough`, every write is flushed before it completes.
-    pub fn new(node: Arc<BlockNode>, writethrough: bool) -> Self {
-        NodeIo { node, writethrough }
+impl BackendIo {
+    /// I/O through `blk`; with `fua`, every write carries FUA (an export
+    /// of a device backend with `writethrough`).
+    pub fn new(blk: Arc<BlockBackend>, fua: bool) -> Self {
+        BackendIo { blk, fua }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<BlockBackend> {
+        &self.blk
     }
 }
 
-impl ExportIo for NodeIo {
+impl ExportIo for BackendIo {
     fn length(&self) -> u64 {
-        self.node.length()
+        self.blk.length()
     }
 
     fn block_limits(&self) -> (u32, u32, u32) {
-        let l = self.node.driver().limits();
-        let min = l.request_alignment.max(1);
-        let max = match l.max_transfer {
+        let (min, max) = match self.blk.root() {
+            Some(n) => {
+                let l = n.driver().limits();
+                (l.request_alignment.max(1), l.max_transfer)
+            }
+            None => (1, 0),
+        };
+        let max = match max {
             0 => 32 << 20,
             m => m.min(32 << 20),
         };
@@ -44,21 +66,15 @@ impl ExportIo for NodeIo {
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
-        Box::pin(self.node.read(offset, len))
+        Box::pin(self.blk.read(offset, len))
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let flags = ReqFlags {
-                fua: fua && !self.writethrough,
-                ..ReqFlags::default()
-            };
-            self.node.write(offset, data, flags).await?;
-            if self.writethrough {
-                self.node.flush().await?;
-            }
-            Ok(())
-        })
+        let flags = ReqFlags {
+            fua: fua || self.fua,
+            ..ReqFlags::default()
+        };
+        Box::pin(self.blk.write(offset, data, flags))
     }
 
     fn write_zeroes(
@@ -69,34 +85,28 @@ impl ExportIo for NodeIo {
         fast_only: bool,
         fua: bool,
     ) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let flags = ReqFlags {
-                fua: fua && !self.writethrough,
-                may_unmap,
-                no_fallback: fast_only,
-            };
-            self.node.write_zeroes(offset, len, flags).await?;
-            if self.writethrough {
-                self.node.flush().await?;
-            }
-            Ok(())
-        })
+        let flags = ReqFlags {
+            fua: fua || self.fua,
+            may_unmap,
+            no_fallback: fast_only,
+        };
+        Box::pin(self.blk.write_zeroes(offset, len, flags))
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        Box::pin(self.node.discard(offset, len))
+        Box::pin(self.blk.discard(offset, len))
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(self.node.flush())
+        Box::pin(self.blk.flush())
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
-        Box::pin(self.node.block_status(offset, len))
+        Box::pin(self.blk.block_status(offset, len))
     }
 
     fn allocation_depth(&self, offset: u64, len: u64) -> IoFuture<'_, (u64, u32)> {
-        Box::pin(self.node.allocation_depth(offset, len))
+        Box::pin(self.blk.allocation_depth(offset, len))
     }
 }
 
@@ -106,12 +116,11 @@ pub struct ExportEntry {
     pub id: String,
     /// The NBD export name.
     pub name: String,
-    /// The exported node (for a backend: its medium when the export was
-    /// added).
-    pub node: Arc<BlockNode>,
-    /// The backend whose I/O the export goes through, if it exports a
-    /// backend rather than a node.
-    pub backend: Option<Arc<blockd_core::BlockBackend>>,
+    /// The backend the export's I/O goes through.
+    pub blk: Arc<BlockBackend>,
+    /// Whether `blk` is the export's own (an export of a node) rather
+    /// than a device backend (`nbd-server-add` of a backend name).
+    pub own: bool,
     /// Deletion was requested; waiting for clients to go.
     pub shutting_down: bool,
 }
@@ -132,10 +141,11 @@ impl Exports {
             self.list
                 .iter()
                 .map(|e| {
-                    let node = match &e.backend {
-                        Some(b) => b.root().map(|n| n.name().to_string()).unwrap_or_default(),
-                        None => e.node.name().to_string(),
-                    };
+                    let node = e
+                        .blk
+                        .root()
+                        .map(|n| n.name().to_string())
+                        .unwrap_or_default();
                     json!({"id": e.id, "type": "nbd", "node-name": node,
                            "shutting-down": e.shutting_down})
                 })
@@ -144,12 +154,8 @@ impl Exports {
     }
 }
 
-/// The key under which an export uses its node.
-pub fn user_key(id: &str) -> String {
-    format!("export:{id}")
-}
-
-/// The permissions an export takes on its node (QEMU's `blk_exp_add`).
+/// The permissions an export takes on its node (QEMU's `blk_exp_add`:
+/// everything but `resize` is shared).
 pub fn export_perm(writable: bool) -> PermPair {
     PermPair {
         perm: if writable {
@@ -157,7 +163,7 @@ pub fn export_perm(writable: bool) -> PermPair {
         } else {
             Perm::CONSISTENT_READ
         },
-        shared: Perm::ALL,
+        shared: Perm::ALL & !Perm::RESIZE,
     }
 }
 
@@ -195,16 +201,24 @@ async fn finish_removal(state: &Arc<State>, id: &str) {
         };
         ex.list.remove(pos)
     };
-    match &entry.backend {
-        Some(b) => {
-            let nodes = state.machine.export_unref(&state.graph, b);
-            crate::machine::close_nodes(nodes).await;
-        }
-        None => state.graph.remove_user(&entry.node, &user_key(id)),
-    }
+    release_backend(state, &entry).await;
     state
         .events
         .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+}
+
+/// Lets go of an export's backend: its own leaves its node; a device
+/// backend loses an export reference (and, if it was deleted meanwhile,
+/// its medium).
+pub async fn release_backend(state: &Arc<State>, e: &ExportEntry) {
+    if e.own {
+        // One synchronous graph step (the graph's own lock orders it with
+        // other changes); no drained section needed.
+        e.blk.remove(&state.graph);
+    } else {
+        let nodes = state.machine.export_unref(&state.graph, &e.blk);
+        crate::machine::close_nodes(nodes).await;
+    }
 }
 
 /// Removes every export (hard) and stops the server; waits until all are

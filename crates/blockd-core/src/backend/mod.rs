@@ -1,14 +1,14 @@
-//! Block backends: the attachment point between a device front end and the
-//! graph (QEMU's `BlockBackend`, `block/block-backend.c`).
+//! Block backends: the device front end on a [`Root`] (the device parts
+//! of QEMU's `BlockBackend`, `block/block-backend.c`).
 //!
 //! ```text
-//!   device "cd0" ──attached──► BlockBackend ──root (a graph user)──► node
-//!   (tray, lock)                name, perms,        swappable medium
-//!                               error policy, io-status, accounting
+//!   device "cd0" ──attached──► BlockBackend ──Root──edge "root"──► node
+//!   (tray, lock)               name, error policy,  perms, gate,  swappable
+//!                              io-status, accounting              medium
 //! ```
 //!
-//! A backend has an optional root node, the *medium*. While it has one it is
-//! an external user of that node in the [`BlockGraph`], holding the
+//! A backend's root has an optional root node, the *medium*. While it has
+//! one, the root is a user of that node in the [`BlockGraph`], holding the
 //! backend's permissions, so the node cannot be deleted under it. The
 //! medium can be removed and another inserted (`eject`, `blockdev-change-
 //! medium`). A device model may be attached; it decides whether the media
@@ -18,20 +18,25 @@
 //! I/O through a backend ([`BlockBackend::read`] and friends) is what a
 //! device front end issues: it waits while the server is stopped, fails
 //! with `ENOMEDIUM` without a medium or with an open tray, refuses
-//! out-of-range requests as invalid, applies the write cache mode,
-//! accounts every request (see [`crate::accounting`]) and applies the
-//! `rerror`/`werror` policy to failures (report, ignore, or stop the
-//! server and retry the request once it runs again).
+//! out-of-range requests as invalid, accounts every request (see
+//! [`crate::accounting`]) and applies the `rerror`/`werror` policy to
+//! failures (report, ignore, or stop the server and retry the request once
+//! it runs again); then it goes through the root (its gate, its write
+//! cache mode) to the medium.
+//!
+//! An export's own backend ([`BlockBackend::new_export`], QEMU's
+//! `BlockExport.blk`) has none of the device parts: its requests go
+//! straight through the root. Every export's I/O thus takes one path.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::accounting::AcctStats;
 use crate::error::BlockError;
 use crate::graph::BlockGraph;
 use crate::node::{BlockNode, DetectZeroes};
 use crate::perm::{Perm, PermPair};
+use crate::root::{Root, RootKind};
 use crate::runstate::RunState;
 
 pub use crate::qapi::{BlockErrorAction as ErrorAction, BlockdevOnError as OnError, IoStatus};
@@ -129,24 +134,22 @@ pub trait IoErrorHook: Send + Sync {
 
 #[derive(Debug)]
 struct State {
-    perm: PermPair,
     dev: Option<DeviceLink>,
     root_state: RootState,
     probed_raw: bool,
-    write_cache: bool,
     on_read_error: OnError,
     on_write_error: OnError,
     iostatus_enabled: bool,
     iostatus: IoStatus,
 }
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
 /// A block backend. See the [module docs](self).
 pub struct BlockBackend {
-    id: u64,
     name: String,
-    root: RwLock<Option<Arc<BlockNode>>>,
+    root: Arc<Root>,
+    /// A device front end (run state, media, accounting, error policy);
+    /// `false` for an export's own backend.
+    front_end: bool,
     st: Mutex<State>,
     stats: AcctStats,
     run: Arc<RunState>,
@@ -171,12 +174,26 @@ impl BlockBackend {
     /// `perm` is what it will hold on its media; `run` is the server's run
     /// state, which I/O waits on.
     pub fn new(name: &str, perm: PermPair, run: Arc<RunState>) -> Self {
+        Self::build(name, perm, run, true)
+    }
+
+    /// An export's own backend (QEMU's `BlockExport.blk`): anonymous, no
+    /// device parts; `perm` is what the export takes on its node.
+    pub fn new_export(perm: PermPair, run: Arc<RunState>) -> Self {
+        Self::build("", perm, run, false)
+    }
+
+    fn build(name: &str, perm: PermPair, run: Arc<RunState>, front_end: bool) -> Self {
+        let kind = if front_end {
+            RootKind::Backend
+        } else {
+            RootKind::Export
+        };
         BlockBackend {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: name.to_string(),
-            root: RwLock::new(None),
+            root: Root::new(kind, name, perm),
+            front_end,
             st: Mutex::new(State {
-                perm,
                 dev: None,
                 // A backend that never had a medium opens its first one
                 // read-only unless told otherwise (QEMU's zeroed flags).
@@ -185,7 +202,6 @@ impl BlockBackend {
                     ..RootState::default()
                 },
                 probed_raw: false,
-                write_cache: true,
                 on_read_error: OnError::Report,
                 on_write_error: OnError::Enospc,
                 iostatus_enabled: false,
@@ -206,21 +222,25 @@ impl BlockBackend {
         &self.name
     }
 
-    /// The key under which the backend uses its medium in the graph.
+    /// A key naming this backend uniquely within the process.
     pub fn user_key(&self) -> String {
-        format!("backend:{}", self.id)
+        format!("backend:{}", self.root.id())
+    }
+
+    /// The root the backend issues its requests through.
+    pub fn root_handle(&self) -> &Arc<Root> {
+        &self.root
+    }
+
+    /// Whether the backend is a device front end (not an export's own).
+    pub fn is_front_end(&self) -> bool {
+        self.front_end
     }
 
     /// How permission errors name the backend (QEMU's
     /// `blk_root_get_parent_desc`).
     pub fn describe(&self) -> String {
-        if !self.name.is_empty() {
-            return format!("block device '{}'", self.name);
-        }
-        match self.st().dev.as_ref() {
-            Some(d) => format!("block device '{}'", d.id),
-            None => "an unnamed block device".to_string(),
-        }
+        self.root.describe()
     }
 
     /// Installs the error-policy hook (once).
@@ -235,15 +255,12 @@ impl BlockBackend {
 
     /// The medium, if any.
     pub fn root(&self) -> Option<Arc<BlockNode>> {
-        self.root.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.root.node()
     }
 
     /// Whether a medium is inserted.
     pub fn is_inserted(&self) -> bool {
-        self.root
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.root.edge().is_some()
     }
 
     /// Whether I/O can reach a medium: inserted and the tray closed.
@@ -253,7 +270,7 @@ impl BlockBackend {
 
     /// The permissions the backend holds (or will hold) on its medium.
     pub fn perm(&self) -> PermPair {
-        self.st().perm
+        self.root.perm()
     }
 
     /// Whether writes are allowed: a medium that is not read-only and the
@@ -274,45 +291,23 @@ impl BlockBackend {
 
     /// Changes the permissions; on a conflict nothing changed.
     pub fn set_perm(&self, graph: &BlockGraph, perm: PermPair) -> Result<(), BlockError> {
-        let root = self.root.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(node) = root.as_ref() {
-            graph.update_user(node, &self.user_key(), &self.describe(), perm)?;
-        }
-        self.st().perm = perm;
-        Ok(())
+        graph.set_root_perm(&self.root, perm)
     }
 
     /// Inserts a medium (QEMU's `blk_insert_bs`): the backend becomes a user
     /// of `node` with its permissions. The caller checked that there is no
     /// medium.
     pub fn insert(&self, graph: &BlockGraph, node: Arc<BlockNode>) -> Result<(), BlockError> {
-        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
-        if root.is_some() {
-            return Err(BlockError::in_use(
-                "There already is a medium in the device",
-            ));
-        }
-        let perm = self.perm();
-        graph.add_user(&node, &self.user_key(), &self.describe(), true, perm)?;
-        *root = Some(node);
-        Ok(())
+        graph.attach_root(&self.root, &node)
     }
 
     /// Removes the medium (QEMU's `blk_remove_bs`), remembering its options
     /// for the next one; returns it. The node stays in the graph: the caller
     /// releases it if it was opened implicitly.
     pub fn remove(&self, graph: &BlockGraph) -> Option<Arc<BlockNode>> {
-        let node = self
-            .root
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+        let node = graph.detach_root(&self.root)?;
         self.update_root_state(&node);
-        {
-            let mut st = self.st();
-            st.probed_raw = false;
-        }
-        graph.remove_user(&node, &self.user_key());
+        self.st().probed_raw = false;
         Some(node)
     }
 
@@ -354,6 +349,7 @@ impl BlockBackend {
         if st.dev.is_some() {
             return false;
         }
+        self.root.set_dev_id(Some(dev.id.clone()));
         st.dev = Some(dev);
         if st.iostatus_enabled {
             st.iostatus = IoStatus::Ok;
@@ -366,6 +362,7 @@ impl BlockBackend {
         let mut st = self.st();
         st.dev = None;
         st.iostatus_enabled = false;
+        self.root.set_dev_id(None);
     }
 
     /// Whether a device model is attached.
@@ -386,7 +383,7 @@ impl BlockBackend {
             tray: dev.filter(|d| d.has_tray).map(|d| d.tray_open),
             locked: dev.is_some_and(|d| d.has_tray && d.locked),
             iostatus: iostatus_enabled.then_some(st.iostatus),
-            write_cache: st.write_cache,
+            write_cache: self.root.write_cache(),
         }
     }
 
@@ -474,12 +471,12 @@ impl BlockBackend {
 
     /// Whether the write cache is on (else every write is flushed).
     pub fn write_cache(&self) -> bool {
-        self.st().write_cache
+        self.root.write_cache()
     }
 
     /// Turns the write cache on or off.
     pub fn set_write_cache(&self, on: bool) {
-        self.st().write_cache = on;
+        self.root.set_write_cache(on);
     }
 
     /// The error policies (read, write).
@@ -539,7 +536,7 @@ impl BlockBackend {
 
     /// The medium's length (0 without one).
     pub fn length(&self) -> u64 {
-        self.root().map(|n| n.length()).unwrap_or(0)
+        self.root.length()
     }
 }
 

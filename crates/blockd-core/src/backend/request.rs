@@ -2,11 +2,16 @@
 //!
 //! Every request waits while the server is stopped, fails with `ENOMEDIUM`
 //! without a medium or with an open tray, is refused as invalid when out of
-//! range, is accounted, and on failure goes through the error policy:
-//! reported, ignored, or (stop) retried once the server runs again.
+//! range, is accounted, goes through the backend's root (its gate and
+//! write-cache mode) to the medium, and on failure goes through the error
+//! policy: reported, ignored, or (stop) retried once the server runs again.
+//! A retried request waits for the run state *outside* the root, so a
+//! drained section never waits for a stopped server.
+//!
+//! An export's own backend (not a front end) passes every request straight
+//! to its root.
 
 use std::io;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -19,7 +24,7 @@ use crate::runstate::RunStatus;
 
 impl BlockBackend {
     /// Waits while stopped, then returns the medium or `ENOMEDIUM`.
-    async fn ready(&self) -> io::Result<Arc<BlockNode>> {
+    async fn ready(&self) -> io::Result<std::sync::Arc<BlockNode>> {
         if self.run.get() != RunStatus::Running {
             self.run.wait_running().await;
         }
@@ -71,11 +76,14 @@ impl BlockBackend {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if !self.front_end {
+            return self.root.read(offset, len).await;
+        }
         loop {
             let node = self.ready().await?;
             self.check_range(&node, offset, len as u64, AcctType::Read)?;
             let c = self.stats.start(len as u64, AcctType::Read);
-            match node.read(offset, len).await {
+            match self.root.read(offset, len).await {
                 Ok(d) => {
                     self.stats.done(c);
                     return Ok(d);
@@ -104,18 +112,20 @@ impl BlockBackend {
         op: F,
     ) -> io::Result<()>
     where
-        F: Fn(Arc<BlockNode>, bool) -> Fut,
+        F: Fn() -> Fut,
         Fut: std::future::Future<Output = io::Result<()>> + 'a,
     {
+        if !self.front_end {
+            return op().await;
+        }
         loop {
             let node = self.ready().await?;
             if !self.perm().perm.contains(Perm::WRITE) {
                 return Err(errno(libc::EPERM));
             }
             self.check_range(&node, offset, len, ty)?;
-            let writethrough = !self.write_cache();
             let c = self.stats.start(len, ty);
-            match op(node.clone(), writethrough).await {
+            match op().await {
                 Ok(()) => {
                     self.stats.done(c);
                     return Ok(());
@@ -141,15 +151,8 @@ impl BlockBackend {
         if self.st().probed_raw && offset < crate::probe::PROBE_BUF_SIZE as u64 && len > 0 {
             self.check_probed_write(offset, &data).await?;
         }
-        self.write_like(offset, len, AcctType::Write, |node, wt| {
-            let data = data.clone();
-            async move {
-                let f = ReqFlags {
-                    fua: flags.fua || wt,
-                    ..flags
-                };
-                node.write(offset, data, f).await
-            }
+        self.write_like(offset, len, AcctType::Write, || {
+            self.root.write(offset, data.clone(), flags)
         })
         .await
     }
@@ -158,8 +161,8 @@ impl BlockBackend {
     /// sector must keep probing as raw.
     async fn check_probed_write(&self, offset: u64, data: &Bytes) -> io::Result<()> {
         let n = crate::probe::PROBE_BUF_SIZE;
-        let node = self.ready().await?;
-        let mut head = BytesMut::from(&node.read(0, n).await?[..]);
+        self.ready().await?;
+        let mut head = BytesMut::from(&self.root.read(0, n).await?[..]);
         let start = offset as usize;
         let take = (n - start).min(data.len());
         head[start..start + take].copy_from_slice(&data[..take]);
@@ -171,30 +174,29 @@ impl BlockBackend {
 
     /// Makes a range read as zeroes (accounted as a write).
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
-        self.write_like(offset, len, AcctType::Write, |node, wt| async move {
-            let f = ReqFlags {
-                fua: flags.fua || wt,
-                ..flags
-            };
-            node.write_zeroes(offset, len, f).await
+        self.write_like(offset, len, AcctType::Write, || {
+            self.root.write_zeroes(offset, len, flags)
         })
         .await
     }
 
     /// Discards a range.
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_like(offset, len, AcctType::Unmap, |node, _| async move {
-            node.discard(offset, len).await
+        self.write_like(offset, len, AcctType::Unmap, || {
+            self.root.discard(offset, len)
         })
         .await
     }
 
     /// Flushes the medium.
     pub async fn flush(&self) -> io::Result<()> {
+        if !self.front_end {
+            return self.root.flush().await;
+        }
         loop {
             let node = self.ready().await?;
             let c = self.stats.start(0, AcctType::Flush);
-            match node.flush().await {
+            match self.root.flush().await {
                 Ok(()) => {
                     self.stats.done(c);
                     return Ok(());
@@ -216,13 +218,17 @@ impl BlockBackend {
 
     /// What a range of the medium holds (not accounted).
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        let node = self.ready().await?;
-        node.block_status(offset, len).await
+        if self.front_end {
+            self.ready().await?;
+        }
+        self.root.block_status(offset, len).await
     }
 
     /// The allocation depth of a range of the medium (not accounted).
     pub async fn allocation_depth(&self, offset: u64, len: u64) -> io::Result<(u64, u32)> {
-        let node = self.ready().await?;
-        node.allocation_depth(offset, len).await
+        if self.front_end {
+            self.ready().await?;
+        }
+        self.root.allocation_depth(offset, len).await
     }
 }

@@ -820,10 +820,6 @@ impl BlockDriver for BlkdebugDriver {
         self.image.node().length()
     }
 
-    fn children(&self) -> Vec<ChildRef> {
-        vec![self.image.clone()]
-    }
-
     fn filename(&self) -> Option<String> {
         if !self.plain {
             return None;

@@ -49,8 +49,8 @@ use std::time::Duration;
 
 use blockd_core::perm::default_perms;
 use blockd_core::{
-    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, DriverInfo, IoFuture,
-    IoLimits, PermPair, ReqFlags,
+    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
+    IoFuture, IoLimits, PermPair, ReqFlags,
 };
 use bytes::Bytes;
 
@@ -146,7 +146,9 @@ struct Shown {
 /// The `qcow2` format driver.
 pub struct Qcow2Driver {
     file: ChildRef,
-    backing: Option<ChildRef>,
+    /// The node's children (the core's list): `backing` is looked up here,
+    /// as a reopen may add, change or remove it.
+    children: Arc<Children>,
     geo: Geo,
     meta: tokio::sync::Mutex<Meta>,
     /// Held shared by guest I/O, exclusively while freed clusters become
@@ -451,7 +453,7 @@ pub async fn open(
     Ok((
         Qcow2Driver {
             file,
-            backing,
+            children: ctx.children.clone(),
             geo,
             meta: tokio::sync::Mutex::new(m),
             reuse: tokio::sync::RwLock::new(()),
@@ -489,12 +491,6 @@ impl BlockDriver for Qcow2Driver {
 
     fn length(&self) -> u64 {
         self.geo.size
-    }
-
-    fn children(&self) -> Vec<ChildRef> {
-        let mut v = vec![self.file.clone()];
-        v.extend(self.backing.clone());
-        v
     }
 
     fn info(&self) -> DriverInfo {

@@ -54,8 +54,8 @@ async fn wait(n: std::sync::Arc<tokio::sync::Notify>, guard: impl Sized) {
 
 impl Qcow2Driver {
     async fn read_backing(&self, off: u64, len: usize) -> io::Result<Bytes> {
-        match &self.backing {
-            Some(b) => b.node().read(off, len).await,
+        match self.children.node("backing") {
+            Some(b) => b.read(off, len).await,
             None => Ok(Bytes::from(vec![0u8; len])),
         }
     }
@@ -355,9 +355,9 @@ impl Qcow2Driver {
                 zero: true,
                 allocated: true,
             },
-            RunStatus::Unallocated => match &self.backing {
+            RunStatus::Unallocated => match self.children.node("backing") {
                 Some(b) => {
-                    let s = b.node().block_status(offset, n).await?;
+                    let s = b.block_status(offset, n).await?;
                     BlockStatus {
                         len: s.len.clamp(1, n),
                         data: s.data,

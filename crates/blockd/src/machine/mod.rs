@@ -5,7 +5,7 @@
 //! blockd has no guest. Its devices are front ends that own a backend and
 //! model what the guest-facing hardware decides (removable media, a tray,
 //! a guest lock, error reporting); consumers reach a backend through an
-//! NBD export of it ([`io::BackendIo`]).
+//! NBD export of it ([`crate::exports::BackendIo`]).
 //!
 //! ```text
 //!  machine buses: pci.0 (hotplug) · ide.0 ide.1 · floppy-bus.0 (no hotplug)
@@ -21,7 +21,6 @@
 pub mod devices;
 pub mod drive;
 pub mod fast;
-pub mod io;
 pub mod media;
 pub mod props;
 pub mod query;

@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use blockd_core::node::User;
-use blockd_core::{BlockError, BlockNode};
+use blockd_core::{BlockError, BlockNode, Parent};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
 use serde::Deserialize;
@@ -160,9 +159,18 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
     Value::Object(m)
 }
 
+/// Permission names as QEMU's `x-debug-query-block-graph` lists them
+/// (highest bit first).
+fn perm_names(p: blockd_core::Perm) -> Vec<&'static str> {
+    let mut v = p.names();
+    v.reverse();
+    v
+}
+
 fn debug_graph(st: &State) -> Value {
     let nodes = st.graph.nodes();
     let mut ids: HashMap<u64, u64> = HashMap::new();
+    let mut root_ids: HashMap<u64, u64> = HashMap::new();
     let mut out_nodes = Vec::new();
     let mut edges = Vec::new();
     let mut next = 1u64;
@@ -172,34 +180,33 @@ fn debug_graph(st: &State) -> Value {
         next += 1;
     }
     for n in &nodes {
-        for p in n.parents() {
-            let parent = match &p.user {
-                User::Node { parent, .. } => match st.graph.get(parent) {
-                    Some(pn) => ids[&pn.id()],
-                    None => continue,
-                },
-                User::External { label, backend, .. } => {
-                    let id = next;
-                    next += 1;
-                    let ty = if *backend {
-                        "block-backend"
-                    } else {
-                        "block-export"
-                    };
-                    out_nodes.push(json!({"id": id, "type": ty, "name": label}));
-                    id
+        for e in n.parents() {
+            let parent = match e.parent() {
+                Some(Parent::Node(p)) => {
+                    match p.upgrade().and_then(|p| ids.get(&p.id()).copied()) {
+                        Some(id) => id,
+                        None => continue,
+                    }
                 }
+                Some(Parent::Root(r)) => {
+                    let Some(r) = r.upgrade() else { continue };
+                    *root_ids.entry(r.id()).or_insert_with(|| {
+                        let id = next;
+                        next += 1;
+                        out_nodes
+                            .push(json!({"id": id, "type": "block-backend", "name": r.name()}));
+                        id
+                    })
+                }
+                None => continue,
             };
-            let name = match &p.user {
-                User::Node { child, .. } => child.clone(),
-                User::External { .. } => "root".to_string(),
-            };
+            let p = e.perm();
             edges.push(json!({
                 "parent": parent,
                 "child": ids[&n.id()],
-                "name": name,
-                "perm": p.perm.perm.names(),
-                "shared-perm": p.perm.shared.names(),
+                "name": e.name(),
+                "perm": perm_names(p.perm),
+                "shared-perm": perm_names(p.shared),
             }));
         }
     }

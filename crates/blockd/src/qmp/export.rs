@@ -3,12 +3,16 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
+use blockd_core::qapi::id_wellformed;
+use blockd_core::BlockBackend;
 use blockd_nbd::{ExportConfig, Listen, NbdServer, ServerOptions};
 use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::exports::{begin_removal, export_perm, stop_server, user_key, ExportEntry, NodeIo};
+use crate::exports::{
+    begin_removal, export_perm, release_backend, stop_server, BackendIo, ExportEntry,
+};
 use crate::state::State;
 
 type R<T> = Result<T, QmpError>;
@@ -110,8 +114,6 @@ struct NewExport {
     by_device: bool,
 }
 
-use blockd_core::qapi::id_wellformed;
-
 async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     let mut ex = state.exports.lock().await;
     if !id_wellformed(&n.id) {
@@ -168,53 +170,43 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     if server.has_export(&name) {
         return Err(gen(format!("NBD server already has export named '{name}'")));
     }
-    let key = user_key(&n.id);
-    let io: Arc<dyn blockd_nbd::ExportIo> = match &backend {
+    let (blk, own) = match backend {
         Some(b) => {
-            state.machine.export_ref(b);
-            Arc::new(crate::machine::io::BackendIo::new(
-                b.clone(),
-                n.writethrough,
-            ))
+            state.machine.export_ref(&b);
+            (b, false)
         }
         None => {
-            state
-                .graph
-                .add_user(
-                    &node,
-                    &key,
-                    &format!("export '{}'", n.id),
-                    false,
-                    export_perm(n.writable),
-                )
+            let blk = Arc::new(BlockBackend::new_export(
+                export_perm(n.writable),
+                state.run.clone(),
+            ));
+            blk.set_write_cache(!n.writethrough);
+            blk.insert(&state.graph, node.clone())
                 .map_err(crate::qmp::qerr)?;
-            Arc::new(NodeIo::new(node.clone(), n.writethrough))
+            (blk, true)
         }
     };
+    // A device backend keeps its own cache mode; the export adds FUA.
+    let fua = !own && n.writethrough;
     let cfg = ExportConfig {
         name: name.clone(),
         description: n.description,
-        io,
+        io: Arc::new(BackendIo::new(blk.clone(), fua)),
         writable: n.writable,
         allocation_depth: n.allocation_depth,
     };
-    if let Err(e) = server.add_export(cfg) {
-        match &backend {
-            Some(b) => {
-                let nodes = state.machine.export_unref(&state.graph, b);
-                crate::machine::close_nodes(nodes).await;
-            }
-            None => state.graph.remove_user(&node, &key),
-        }
-        return Err(gen(e));
-    }
-    ex.list.push(ExportEntry {
+    let entry = ExportEntry {
         id: n.id,
         name,
-        node,
-        backend,
+        blk,
+        own,
         shutting_down: false,
-    });
+    };
+    if let Err(e) = server.add_export(cfg) {
+        release_backend(state, &entry).await;
+        return Err(gen(e));
+    }
+    ex.list.push(entry);
     Ok(())
 }
 

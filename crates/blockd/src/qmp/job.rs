@@ -2,7 +2,7 @@
 
 use std::sync::Weak;
 
-use blockd_core::{Perm, PermPair};
+use blockd_core::{Perm, PermPair, Root, RootKind};
 use blockd_drivers::create::{create_file, FileCreateOptions};
 use blockd_drivers::options::BlockdevRef;
 use blockd_drivers::qcow2::create::Qcow2CreateOptions;
@@ -76,7 +76,6 @@ impl JobDriver for FileCreateJob {
 struct Qcow2CreateJob {
     /// Weak: the job lives in the state's job list.
     state: Weak<State>,
-    id: String,
     opts: Qcow2CreateOptions,
 }
 
@@ -94,16 +93,16 @@ impl Qcow2CreateJob {
         let node = graph
             .get(&name)
             .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
-        let key = format!("create-job:{}", self.id);
+        // QEMU's qcow2 creation holds the node through an anonymous
+        // backend with write and resize.
         let perm = PermPair {
             perm: Perm::WRITE | Perm::RESIZE,
             shared: Perm::ALL,
         };
-        graph
-            .add_user(&node, &key, &format!("job '{}'", self.id), true, perm)
-            .map_err(|e| e.msg)?;
+        let root = Root::new(RootKind::Job, "", perm);
+        graph.attach_root(&root, &node).map_err(|e| e.msg)?;
         let r = blockd_drivers::qcow2::create::create(&node, &self.opts).await;
-        graph.remove_user(&node, &key);
+        graph.detach_root(&root);
         r.map_err(|e| e.msg)
     }
 }
@@ -139,7 +138,6 @@ pub fn register(d: &mut Dispatcher<State>) {
                 CreateOptions::File(f) => Box::new(FileCreateJob { opts: f }),
                 CreateOptions::Qcow2(q) => Box::new(Qcow2CreateJob {
                     state: std::sync::Arc::downgrade(&cx.state),
-                    id: a.job_id.clone(),
                     opts: q,
                 }),
                 CreateOptions::Unsupported => {
