@@ -1,0 +1,411 @@
+//! Live graph changes under I/O: drained sections, node replacement and
+//! reopen, over in-memory drivers that count the requests reaching them.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockd_core::perm::default_perms;
+use blockd_core::{
+    BlockDriver, BlockGraph, BlockNode, Child, ChildRef, ChildRole, Children, ControlLock,
+    ExplicitOptions, IoFuture, NodeOptions, Perm, PermPair, ReopenSpec, ReqFlags, Root, RootKind,
+};
+use bytes::Bytes;
+
+/// An in-memory disk; every request that reaches it is counted, and each
+/// takes `delay` (so requests stay in flight).
+struct Mem {
+    data: Mutex<Vec<u8>>,
+    hits: Arc<AtomicU64>,
+    delay: Duration,
+}
+
+impl BlockDriver for Mem {
+    fn format_name(&self) -> &'static str {
+        "mem"
+    }
+    fn length(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            let d = self.data.lock().unwrap();
+            Ok(Bytes::copy_from_slice(
+                &d[offset as usize..offset as usize + len],
+            ))
+        })
+    }
+    fn write(&self, offset: u64, data: Bytes, _flags: ReqFlags) -> IoFuture<'_, ()> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            Ok(())
+        })
+    }
+}
+
+/// A pass-through filter over its `file` child, counting requests; it can
+/// take extra permissions on its child (`take`) and refuse to share some
+/// (`unshare`), to provoke conflicts.
+struct Filter {
+    file: ChildRef,
+    hits: Arc<AtomicU64>,
+    take: Perm,
+    unshare: Perm,
+}
+
+impl BlockDriver for Filter {
+    fn format_name(&self) -> &'static str {
+        "filter"
+    }
+    fn length(&self) -> u64 {
+        self.file.node().length()
+    }
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { self.file.node().read(offset, len).await })
+    }
+    fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move { self.file.node().write(offset, data, flags).await })
+    }
+    fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {
+        let p = default_perms(child.role(), parent, writable);
+        PermPair {
+            perm: p.perm | self.take,
+            shared: p.shared & !self.unshare,
+        }
+    }
+}
+
+struct Fixture {
+    graph: BlockGraph,
+    control: ControlLock,
+}
+
+fn fixture() -> Fixture {
+    Fixture {
+        graph: BlockGraph::new(),
+        control: ControlLock::new(),
+    }
+}
+
+const SIZE: usize = 1 << 20;
+
+impl Fixture {
+    fn mem(&self, name: &str, fill: u8, delay_ms: u64) -> (Arc<BlockNode>, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let n = Arc::new(BlockNode::new(
+            name.into(),
+            false,
+            NodeOptions::default(),
+            Box::new(Mem {
+                data: Mutex::new(vec![fill; SIZE]),
+                hits: hits.clone(),
+                delay: Duration::from_millis(delay_ms),
+            }),
+        ));
+        self.graph.insert(&[n.clone()], &n, true).unwrap();
+        (n, hits)
+    }
+
+    fn filter_with(
+        &self,
+        name: &str,
+        below: &Arc<BlockNode>,
+        take: Perm,
+        unshare: Perm,
+    ) -> Result<(Arc<BlockNode>, Arc<AtomicU64>), blockd_core::BlockError> {
+        let hits = Arc::new(AtomicU64::new(0));
+        let children = Children::new();
+        let file = Child::new(
+            "file",
+            ChildRole::FILTERED | ChildRole::PRIMARY,
+            below.clone(),
+        );
+        children.push(file.clone());
+        let n = BlockNode::with_children(
+            name.into(),
+            false,
+            NodeOptions::default(),
+            ExplicitOptions::default(),
+            Box::new(Filter {
+                file,
+                hits: hits.clone(),
+                take,
+                unshare,
+            }),
+            children,
+        );
+        self.graph.insert(&[n.clone()], &n, true)?;
+        Ok((n, hits))
+    }
+
+    fn filter(&self, name: &str, below: &Arc<BlockNode>) -> (Arc<BlockNode>, Arc<AtomicU64>) {
+        self.filter_with(name, below, Perm::NONE, Perm::NONE)
+            .unwrap()
+    }
+
+    fn root(&self, node: &Arc<BlockNode>, write: bool) -> Arc<Root> {
+        let perm = PermPair {
+            perm: if write {
+                Perm::CONSISTENT_READ | Perm::WRITE
+            } else {
+                Perm::CONSISTENT_READ
+            },
+            shared: Perm::ALL,
+        };
+        let r = Root::new(RootKind::Export, "", perm);
+        self.graph.attach_root(&r, node).unwrap();
+        r
+    }
+}
+
+/// `depth` writers looping on `root`, each writing its own 4 KiB slot with
+/// a pattern byte that counts up; returns their handles and a stop flag.
+fn writers(
+    root: &Arc<Root>,
+    depth: usize,
+) -> (
+    Vec<tokio::task::JoinHandle<io::Result<u64>>>,
+    Arc<AtomicBool>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = (0..depth)
+        .map(|i| {
+            let (root, stop) = (root.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let b = (n % 250) as u8 + 1;
+                    root.write(i as u64 * 4096, Bytes::from(vec![b; 4096]), ReqFlags::default())
+                        .await?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    (handles, stop)
+}
+
+/// `drained_begin` with a deadline, so a broken gate fails the test
+/// instead of hanging it.
+async fn drain(g: &BlockGraph, n: &Arc<BlockNode>) -> blockd_core::DrainedSection {
+    tokio::time::timeout(Duration::from_secs(5), g.drained_begin(std::slice::from_ref(n)))
+        .await
+        .expect("drained_begin hung")
+}
+
+async fn finish(handles: Vec<tokio::task::JoinHandle<io::Result<u64>>>, stop: &AtomicBool) -> u64 {
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for h in handles {
+        total += tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("writer hung")
+            .unwrap()
+            .expect("a write failed");
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drained_section_lets_no_request_in_until_it_ends() {
+    let f = fixture();
+    let (mem, mem_hits) = f.mem("mem", 0, 2);
+    let (top, top_hits) = f.filter("top", &mem);
+    let root = f.root(&top, true);
+    let (handles, stop) = writers(&root, 16);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let section = drain(&f.graph, &mem).await;
+    assert_eq!(root.gate().in_flight(), 0, "in-flight requests finished");
+    assert_eq!(section.roots().len(), 1);
+    let (m0, t0) = (mem_hits.load(Ordering::SeqCst), top_hits.load(Ordering::SeqCst));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(mem_hits.load(Ordering::SeqCst), m0, "no request reached mem");
+    assert_eq!(top_hits.load(Ordering::SeqCst), t0, "no request reached top");
+    assert_eq!(root.gate().waiting(), 16, "every writer waits at the gate");
+
+    // Nested: ending the inner section keeps the gate closed.
+    let inner = drain(&f.graph, &top).await;
+    drop(section);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(mem_hits.load(Ordering::SeqCst), m0, "still drained by the inner section");
+    drop(inner);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(mem_hits.load(Ordering::SeqCst) > m0, "released after the last section");
+    assert!(finish(handles, &stop).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gate_never_lets_a_request_in_while_quiesced() {
+    // Many short sections racing with many requests: once drained_begin
+    // returned, the in-flight count stays zero until the section ends.
+    let f = fixture();
+    let (mem, _) = f.mem("mem", 0, 0);
+    let root = f.root(&mem, true);
+    let (handles, stop) = writers(&root, 8);
+    for _ in 0..200 {
+        let s = drain(&f.graph, &mem).await;
+        for _ in 0..3 {
+            assert_eq!(root.gate().in_flight(), 0);
+            tokio::task::yield_now().await;
+        }
+        drop(s);
+        tokio::task::yield_now().await;
+    }
+    assert!(finish(handles, &stop).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replace_node_under_writes_moves_every_parent() {
+    let f = fixture();
+    let (a, a_hits) = f.mem("a", 0, 1);
+    let (b, b_hits) = f.mem("b", 0, 1);
+    let (mid, _) = f.filter("mid", &a);
+    let direct = f.root(&a, false);
+    let root = f.root(&mid, true);
+    let (handles, stop) = writers(&root, 16);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let g = f.control.lock().await;
+    f.graph.replace_node(&g, &a, &b).await.unwrap();
+    drop(g);
+    assert!(mid.child("file").unwrap().points_at(&b));
+    assert!(direct.node().unwrap().id() == b.id(), "roots move too");
+    assert!(a.parents().is_empty(), "nothing uses a any more");
+    assert_eq!(b.parents().len(), 2);
+    let a_after = a_hits.load(Ordering::SeqCst);
+    let b_before = b_hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a_hits.load(Ordering::SeqCst), a_after, "no request reaches a");
+    assert!(b_hits.load(Ordering::SeqCst) > b_before, "writes land in b");
+    assert!(finish(handles, &stop).await > 0);
+    // The permissions moved with the edges.
+    assert!(b.cumulative_perm().perm.contains(Perm::WRITE));
+    assert!(!a.cumulative_perm().perm.contains(Perm::WRITE));
+}
+
+#[tokio::test]
+async fn replace_node_refuses_a_conflict_and_changes_nothing() {
+    let f = fixture();
+    let (a, _) = f.mem("a", 0, 0);
+    let (b, _) = f.mem("b", 0, 0);
+    // `lock` uses b and lets nobody else write it.
+    let (_lock, _) = f
+        .filter_with("lock", &b, Perm::NONE, Perm::WRITE)
+        .unwrap();
+    let root = f.root(&a, true);
+    let g = f.control.lock().await;
+    let err = f.graph.replace_node(&g, &a, &b).await.unwrap_err();
+    assert_eq!(
+        err.msg,
+        "Permission conflict on node 'b': permissions 'write' are both required by an unnamed \
+         block device (uses node 'b' as 'root' child) and unshared by node 'lock' (uses node 'b' \
+         as 'file' child)."
+    );
+    assert_eq!(root.node().unwrap().id(), a.id());
+    assert_eq!(b.parents().len(), 1);
+    assert!(a.cumulative_perm().perm.contains(Perm::WRITE));
+    assert!(!b.cumulative_perm().perm.contains(Perm::WRITE));
+    // I/O still works on a.
+    root.write(0, Bytes::from(vec![7; 512]), ReqFlags::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn replace_node_by_its_own_child_keeps_the_child_edge() {
+    // Removing a filter: its parents move to the filtered node; the
+    // filter's own edge to that node stays (moving it would make a cycle).
+    let f = fixture();
+    let (a, _) = f.mem("a", 0, 0);
+    let (filt, _) = f.filter("filt", &a);
+    let root = f.root(&filt, true);
+    let g = f.control.lock().await;
+    f.graph.replace_node(&g, &filt, &a).await.unwrap();
+    assert_eq!(root.node().unwrap().id(), a.id());
+    assert!(filt.child("file").unwrap().points_at(&a));
+    assert_eq!(a.parents().len(), 2);
+    assert!(filt.parents().is_empty());
+}
+
+#[tokio::test]
+async fn reopen_read_only_with_a_writer_fails_and_changes_nothing() {
+    let f = fixture();
+    let (a, _) = f.mem("a", 0, 0);
+    let root = f.root(&a, true);
+    let g = f.control.lock().await;
+    let spec = |ro: bool| ReopenSpec {
+        node: a.clone(),
+        options: NodeOptions {
+            read_only: ro,
+            ..a.options()
+        },
+        children: Vec::new(),
+        driver_opts: None,
+    };
+    let err = f.graph.reopen(&g, vec![spec(true)]).await.unwrap_err();
+    assert_eq!(
+        err.msg,
+        "Read-only block node 'a' cannot support read-write users"
+    );
+    assert!(!a.read_only());
+    // Without the writer it works, and a writer is then refused.
+    f.graph.detach_root(&root);
+    f.graph.reopen(&g, vec![spec(true)]).await.unwrap();
+    assert!(a.read_only());
+    let r2 = Root::new(
+        RootKind::Export,
+        "",
+        PermPair {
+            perm: Perm::WRITE,
+            shared: Perm::ALL,
+        },
+    );
+    assert_eq!(
+        f.graph.attach_root(&r2, &a).unwrap_err().msg,
+        "Block node is read-only"
+    );
+    f.graph.reopen(&g, vec![spec(false)]).await.unwrap();
+    f.graph.attach_root(&r2, &a).unwrap();
+}
+
+#[tokio::test]
+async fn reopen_moves_a_child_edge_and_undoes_it_on_conflict() {
+    let f = fixture();
+    let (a, _) = f.mem("a", 0, 0);
+    let (b, _) = f.mem("b", 0, 0);
+    let (c, _) = f.mem("c", 0, 0);
+    let (top, _) = f.filter("top", &a);
+    let _w = f.root(&top, true);
+    // `lock` keeps c from being written by anyone else.
+    let (_lock, _) = f.filter_with("lock", &c, Perm::NONE, Perm::WRITE).unwrap();
+    let g = f.control.lock().await;
+    let spec = |to: &Arc<BlockNode>| ReopenSpec {
+        node: top.clone(),
+        options: top.options(),
+        children: vec![(
+            "file".into(),
+            ChildRole::FILTERED | ChildRole::PRIMARY,
+            Some(to.clone()),
+        )],
+        driver_opts: None,
+    };
+    let err = f.graph.reopen(&g, vec![spec(&c)]).await.unwrap_err();
+    assert!(err.msg.starts_with("Permission conflict on node 'c'"), "{}", err.msg);
+    assert!(top.child("file").unwrap().points_at(&a), "edge restored");
+    assert_eq!(a.parents().len(), 1);
+    f.graph.reopen(&g, vec![spec(&b)]).await.unwrap();
+    assert!(top.child("file").unwrap().points_at(&b));
+    assert!(a.parents().is_empty());
+    assert!(b.cumulative_perm().perm.contains(Perm::WRITE));
+    assert!(!a.cumulative_perm().perm.contains(Perm::WRITE));
+}
