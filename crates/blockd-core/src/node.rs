@@ -158,6 +158,10 @@ pub struct BlockNode {
     /// Back-edges: the edges of the node's parents (nodes and roots).
     parents: Mutex<Vec<Weak<Child>>>,
     cumulative: Mutex<PermPair>,
+    /// The options the node was opened (or last reopened) with, as the
+    /// layer that parses options keeps them (QEMU's `bs->options`); the
+    /// core does not interpret them.
+    open_options: Mutex<serde_json::Value>,
     /// Statistics.
     pub stats: Stats,
 }
@@ -223,6 +227,7 @@ impl BlockNode {
             tracker: Tracker::default(),
             parents: Mutex::new(Vec::new()),
             cumulative: Mutex::new(PermPair::FREE),
+            open_options: Mutex::new(serde_json::Value::Null),
             stats: Stats::default(),
         }
     }
@@ -270,6 +275,20 @@ impl BlockNode {
     /// Changes the node options (reopen commits, inside a drained section).
     pub(crate) fn set_options(&self, o: NodeOptions) {
         self.opts.store(o.pack(), Ordering::Release);
+    }
+
+    /// The options the node was opened or last reopened with (see the
+    /// field).
+    pub fn open_options(&self) -> serde_json::Value {
+        self.open_options
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the options the node was opened or reopened with.
+    pub fn set_open_options(&self, v: serde_json::Value) {
+        *self.open_options.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
     /// Which options were given for the node rather than inherited.

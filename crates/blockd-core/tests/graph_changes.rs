@@ -110,7 +110,9 @@ impl Fixture {
                 delay: Duration::from_millis(delay_ms),
             }),
         ));
-        self.graph.insert(&[n.clone()], &n, true).unwrap();
+        self.graph
+            .insert(std::slice::from_ref(&n), &n, true)
+            .unwrap();
         (n, hits)
     }
 
@@ -142,7 +144,7 @@ impl Fixture {
             }),
             children,
         );
-        self.graph.insert(&[n.clone()], &n, true)?;
+        self.graph.insert(std::slice::from_ref(&n), &n, true)?;
         Ok((n, hits))
     }
 
@@ -183,8 +185,12 @@ fn writers(
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     let b = (n % 250) as u8 + 1;
-                    root.write(i as u64 * 4096, Bytes::from(vec![b; 4096]), ReqFlags::default())
-                        .await?;
+                    root.write(
+                        i as u64 * 4096,
+                        Bytes::from(vec![b; 4096]),
+                        ReqFlags::default(),
+                    )
+                    .await?;
                     n += 1;
                 }
                 Ok(n)
@@ -197,9 +203,12 @@ fn writers(
 /// `drained_begin` with a deadline, so a broken gate fails the test
 /// instead of hanging it.
 async fn drain(g: &BlockGraph, n: &Arc<BlockNode>) -> blockd_core::DrainedSection {
-    tokio::time::timeout(Duration::from_secs(5), g.drained_begin(std::slice::from_ref(n)))
-        .await
-        .expect("drained_begin hung")
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        g.drained_begin(std::slice::from_ref(n)),
+    )
+    .await
+    .expect("drained_begin hung")
 }
 
 async fn finish(handles: Vec<tokio::task::JoinHandle<io::Result<u64>>>, stop: &AtomicBool) -> u64 {
@@ -227,20 +236,38 @@ async fn drained_section_lets_no_request_in_until_it_ends() {
     let section = drain(&f.graph, &mem).await;
     assert_eq!(root.gate().in_flight(), 0, "in-flight requests finished");
     assert_eq!(section.roots().len(), 1);
-    let (m0, t0) = (mem_hits.load(Ordering::SeqCst), top_hits.load(Ordering::SeqCst));
+    let (m0, t0) = (
+        mem_hits.load(Ordering::SeqCst),
+        top_hits.load(Ordering::SeqCst),
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(mem_hits.load(Ordering::SeqCst), m0, "no request reached mem");
-    assert_eq!(top_hits.load(Ordering::SeqCst), t0, "no request reached top");
+    assert_eq!(
+        mem_hits.load(Ordering::SeqCst),
+        m0,
+        "no request reached mem"
+    );
+    assert_eq!(
+        top_hits.load(Ordering::SeqCst),
+        t0,
+        "no request reached top"
+    );
     assert_eq!(root.gate().waiting(), 16, "every writer waits at the gate");
 
     // Nested: ending the inner section keeps the gate closed.
     let inner = drain(&f.graph, &top).await;
     drop(section);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(mem_hits.load(Ordering::SeqCst), m0, "still drained by the inner section");
+    assert_eq!(
+        mem_hits.load(Ordering::SeqCst),
+        m0,
+        "still drained by the inner section"
+    );
     drop(inner);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(mem_hits.load(Ordering::SeqCst) > m0, "released after the last section");
+    assert!(
+        mem_hits.load(Ordering::SeqCst) > m0,
+        "released after the last section"
+    );
     assert!(finish(handles, &stop).await > 0);
 }
 
@@ -261,6 +288,8 @@ async fn gate_never_lets_a_request_in_while_quiesced() {
         drop(s);
         tokio::task::yield_now().await;
     }
+    // Released for good: the writers make progress again.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(finish(handles, &stop).await > 0);
 }
 
@@ -285,7 +314,11 @@ async fn replace_node_under_writes_moves_every_parent() {
     let a_after = a_hits.load(Ordering::SeqCst);
     let b_before = b_hits.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(a_hits.load(Ordering::SeqCst), a_after, "no request reaches a");
+    assert_eq!(
+        a_hits.load(Ordering::SeqCst),
+        a_after,
+        "no request reaches a"
+    );
     assert!(b_hits.load(Ordering::SeqCst) > b_before, "writes land in b");
     assert!(finish(handles, &stop).await > 0);
     // The permissions moved with the edges.
@@ -299,9 +332,7 @@ async fn replace_node_refuses_a_conflict_and_changes_nothing() {
     let (a, _) = f.mem("a", 0, 0);
     let (b, _) = f.mem("b", 0, 0);
     // `lock` uses b and lets nobody else write it.
-    let (_lock, _) = f
-        .filter_with("lock", &b, Perm::NONE, Perm::WRITE)
-        .unwrap();
+    let (_lock, _) = f.filter_with("lock", &b, Perm::NONE, Perm::WRITE).unwrap();
     let root = f.root(&a, true);
     let g = f.control.lock().await;
     let err = f.graph.replace_node(&g, &a, &b).await.unwrap_err();
@@ -400,7 +431,11 @@ async fn reopen_moves_a_child_edge_and_undoes_it_on_conflict() {
         driver_opts: None,
     };
     let err = f.graph.reopen(&g, vec![spec(&c)]).await.unwrap_err();
-    assert!(err.msg.starts_with("Permission conflict on node 'c'"), "{}", err.msg);
+    assert!(
+        err.msg.starts_with("Permission conflict on node 'c'"),
+        "{}",
+        err.msg
+    );
     assert!(top.child("file").unwrap().points_at(&a), "edge restored");
     assert_eq!(a.parents().len(), 1);
     f.graph.reopen(&g, vec![spec(&b)]).await.unwrap();

@@ -1,6 +1,7 @@
 //! Block drivers for blockd, one module each, all implementing
 //! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
-//! nodes for `blockdev-add`, and [`options`], the typed options.
+//! nodes for `blockdev-add`, [`reopen`], which turns `blockdev-reopen`'s
+//! options into a reopen of the graph, and [`options`], the typed options.
 //!
 //! Drivers only ever see aligned, bounds-checked requests: the core's
 //! request layer pads and serialises for them.
@@ -13,5 +14,7 @@ pub mod open;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
+pub mod reopen;
 
 pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};
+pub use reopen::blockdev_reopen;

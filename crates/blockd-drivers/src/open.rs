@@ -204,7 +204,7 @@ impl OpenCtx<'_> {
 
 /// Options a child takes from its parent unless it sets them itself.
 #[derive(Debug, Clone, Copy, Default)]
-struct Inherit {
+pub(crate) struct Inherit {
     read_only: Option<bool>,
     auto_read_only: Option<bool>,
     direct: Option<bool>,
@@ -318,6 +318,7 @@ fn check_tree(
             "force-share=on can only be used with read-only images",
         ));
     }
+
     let mut check_ref = |r: &BlockdevRef| -> Result<(), BlockError> {
         match r {
             BlockdevRef::Reference(name) => {
@@ -370,7 +371,52 @@ pub fn explicit_options(opts: &BlockdevOptions) -> ExplicitOptions {
     }
 }
 
-fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
+/// The options a child opened with its parent (an inline child, an
+/// implicit backing file) gets when the parent's options become
+/// `parent`: the inherited ones follow, the ones it set itself stay
+/// (QEMU's `bdrv_reopen_queue_child` with a parent's options).
+pub(crate) fn inherited_options(
+    child: &BlockNode,
+    parent: &NodeOptions,
+    role: ChildRole,
+) -> NodeOptions {
+    let inh = Inherit::from_parent(parent, role);
+    let ex = child.explicit_options();
+    let cur = child.options();
+    let pick = |explicit: bool, cur: bool, inherited: Option<bool>| {
+        if explicit {
+            cur
+        } else {
+            inherited.unwrap_or(cur)
+        }
+    };
+    NodeOptions {
+        read_only: pick(ex.read_only, cur.read_only, inh.read_only),
+        auto_read_only: pick(ex.auto_read_only, cur.auto_read_only, inh.auto_read_only),
+        cache_direct: pick(ex.cache_direct, cur.cache_direct, inh.direct),
+        cache_no_flush: pick(ex.cache_no_flush, cur.cache_no_flush, inh.no_flush),
+        ..cur
+    }
+}
+
+/// The options of a node as recorded for a later reopen (QEMU's
+/// `bs->options`): what was given, without absent members.
+pub(crate) fn options_json(opts: &BlockdevOptions) -> serde_json::Value {
+    fn strip(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => serde_json::Value::Object(
+                m.into_iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k, strip(v)))
+                    .collect(),
+            ),
+            v => v,
+        }
+    }
+    strip(serde_json::to_value(opts).unwrap_or_default())
+}
+
+pub(crate) fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
     let cache = opts.cache.unwrap_or_default();
     NodeOptions {
         read_only: opts.read_only.or(inherit.read_only).unwrap_or(false),
@@ -407,7 +453,13 @@ fn open_node<'a>(
             None => (graph.auto_name(), true),
         };
         let mut nopts = node_options(&opts, inherit);
+        if nopts.detect_zeroes == DetectZeroes::Unmap && !nopts.discard_unmap {
+            return Err(BlockError::invalid(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         let explicit = explicit_options(&opts);
+        let json = options_json(&opts);
         let mut ctx = OpenCtx {
             graph,
             env,
@@ -434,6 +486,7 @@ fn open_node<'a>(
             }
         };
         let node = BlockNode::with_children(name, auto, nopts, explicit, driver, ctx.children);
+        node.set_open_options(json);
         created
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -4,10 +4,10 @@
 //! QEMU's), then deserialises them into these types; they must therefore
 //! accept exactly what the schema accepts.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `BlockdevDiscardOptions`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Discard {
     /// Discard requests are ignored.
@@ -18,7 +18,7 @@ pub enum Discard {
 }
 
 /// `BlockdevDetectZeroesOptions`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DetectZeroesOpt {
     /// Off.
@@ -31,7 +31,7 @@ pub enum DetectZeroesOpt {
 }
 
 /// `BlockdevCacheOptions`.
-#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CacheOptions {
     /// O_DIRECT.
@@ -42,7 +42,7 @@ pub struct CacheOptions {
 }
 
 /// `OnOffAuto`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnOffAuto {
     /// Automatic.
@@ -55,7 +55,7 @@ pub enum OnOffAuto {
 }
 
 /// `BlockdevAioOptions`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Aio {
     /// Thread pool.
@@ -66,7 +66,7 @@ pub enum Aio {
 }
 
 /// `BlockdevOptionsFile`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileOptions {
     /// Path, or `/dev/fdset/N`.
@@ -84,7 +84,7 @@ pub struct FileOptions {
 }
 
 /// `BlockdevOptionsNull`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NullOptions {
     /// Length in bytes.
@@ -98,7 +98,7 @@ pub struct NullOptions {
 }
 
 /// `BlockdevRef`: new options inline, or an existing node's name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum BlockdevRef {
     /// The node-name of an existing node.
@@ -108,7 +108,7 @@ pub enum BlockdevRef {
 }
 
 /// `BlockdevRefOrNull`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum BlockdevRefOrNull {
     /// No child.
@@ -120,7 +120,7 @@ pub enum BlockdevRefOrNull {
 }
 
 /// `BlockdevOptionsRaw`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOptions {
     /// The storage child.
@@ -132,7 +132,7 @@ pub struct RawOptions {
 }
 
 /// `BlkdebugInjectErrorOptions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlkdebugInjectError {
     /// Where the rule triggers.
@@ -152,7 +152,7 @@ pub struct BlkdebugInjectError {
 }
 
 /// `BlkdebugSetStateOptions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlkdebugSetState {
     /// Where the rule triggers.
@@ -164,7 +164,7 @@ pub struct BlkdebugSetState {
 }
 
 /// `BlockdevOptionsBlkdebug`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlkdebugOptions {
     /// The filtered child.
@@ -207,7 +207,7 @@ where
 }
 
 /// `BlockdevOptionsQcow2`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Qcow2Options {
     /// The image file.
@@ -257,7 +257,7 @@ pub struct Qcow2Options {
 }
 
 /// The driver and its own options (the union's variants).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "driver")]
 pub enum DriverOptions {
     /// `blkdebug`.
@@ -291,7 +291,7 @@ impl DriverOptions {
 }
 
 /// `BlockdevOptions`: common options plus the driver's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BlockdevOptions {
     /// The node-name (generated if absent, except for a root).
     #[serde(rename = "node-name")]

@@ -1,21 +1,48 @@
-//! `raw`: the child's bytes as they are, optionally a window
-//! (`offset`, `size`) of them.
+//! `raw`: the child's bytes as they are, optionally a window (`offset`,
+//! `size`) of them. A reopen may move the window (QEMU's
+//! `raw_reopen_prepare`); the new one is checked against the (new) file.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use blockd_core::driver::PrepareFuture;
 use blockd_core::perm::default_perms;
 use blockd_core::{
-    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, IoFuture, PermPair, ReqFlags,
+    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, IoFuture, PermPair,
+    ReopenRequest, ReqFlags, Staged,
 };
 use bytes::Bytes;
 
 use crate::open::OpenCtx;
-use crate::options::RawOptions;
+use crate::options::{DriverOptions, RawOptions};
+
+/// No window size: the whole file (after `offset`).
+const NO_SIZE: u64 = u64::MAX;
 
 /// The `raw` format driver.
 #[derive(Debug)]
 pub struct RawDriver {
     file: ChildRef,
-    offset: u64,
-    size: Option<u64>,
+    offset: AtomicU64,
+    /// [`NO_SIZE`] without a window size.
+    size: AtomicU64,
+}
+
+/// Checks a window against the file length; QEMU's messages.
+fn check_window(offset: u64, size: Option<u64>, real: u64) -> Result<(), BlockError> {
+    if offset > real {
+        return Err(BlockError::invalid(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+        )));
+    }
+    if let Some(s) = size {
+        if offset.checked_add(s).is_none_or(|end| end > real) {
+            // (QEMU's message has the double space too.)
+            return Err(BlockError::invalid(format!(
+                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({real})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the options that need no child.
@@ -43,31 +70,32 @@ pub async fn open(o: RawOptions, ctx: &mut OpenCtx<'_>) -> Result<RawDriver, Blo
     let real = file.node().length();
     let offset = o.offset.unwrap_or(0) as u64;
     let size = o.size.map(|s| s as u64);
-    if offset > real {
-        return Err(BlockError::invalid(format!(
-            "Offset ({offset}) cannot be greater than size of the containing file ({real})"
-        )));
-    }
-    if let Some(s) = size {
-        if offset.checked_add(s).is_none_or(|end| end > real) {
-            // (QEMU's message has the double space too.)
-            return Err(BlockError::invalid(format!(
-                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({real})"
-            )));
-        }
-    }
-    Ok(RawDriver { file, offset, size })
+    check_window(offset, size, real)?;
+    Ok(RawDriver {
+        file,
+        offset: AtomicU64::new(offset),
+        size: AtomicU64::new(size.unwrap_or(NO_SIZE)),
+    })
 }
 
 impl RawDriver {
+    fn window(&self) -> (u64, Option<u64>) {
+        let size = self.size.load(Ordering::Acquire);
+        (
+            self.offset.load(Ordering::Acquire),
+            (size != NO_SIZE).then_some(size),
+        )
+    }
+
     fn check(&self, offset: u64, len: u64) -> std::io::Result<u64> {
-        if let Some(size) = self.size {
+        let (base, size) = self.window();
+        if let Some(size) = size {
             if offset.checked_add(len).is_none_or(|e| e > size) {
                 return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
         offset
-            .checked_add(self.offset)
+            .checked_add(base)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
     }
 }
@@ -78,9 +106,9 @@ impl BlockDriver for RawDriver {
     }
 
     fn length(&self) -> u64 {
-        match self.size {
-            Some(s) => s,
-            None => self.file.node().length().saturating_sub(self.offset),
+        match self.window() {
+            (_, Some(s)) => s,
+            (base, None) => self.file.node().length().saturating_sub(base),
         }
     }
 
@@ -125,7 +153,7 @@ impl BlockDriver for RawDriver {
 
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.size.is_some() || self.offset != 0 {
+            if self.window() != (0, None) {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOTSUP));
             }
             self.file.node().truncate(len).await
@@ -136,10 +164,34 @@ impl BlockDriver for RawDriver {
         // Without a window the child is FILTERED (pass-through); with one it
         // is DATA (storage defaults), as in QEMU.
         let mut p = default_perms(child.role(), parent, writable);
-        if self.size.is_some() || self.offset != 0 {
+        if self.window() != (0, None) {
             // A window's bounds are fixed: nobody may resize under it.
             p.shared = p.shared & !blockd_core::Perm::RESIZE;
         }
         p
+    }
+
+    fn reopen_prepare<'a>(&'a self, req: &'a ReopenRequest<'a>) -> PrepareFuture<'a> {
+        Box::pin(async move {
+            let Some(DriverOptions::Raw(o)) = req
+                .driver_opts
+                .and_then(|o| o.downcast_ref::<DriverOptions>())
+            else {
+                return Ok(Box::new(self.window()) as Staged);
+            };
+            check(o)?;
+            let offset = o.offset.unwrap_or(0) as u64;
+            let size = o.size.map(|s| s as u64);
+            let real = req.child("file").map(|f| f.length()).unwrap_or(0);
+            check_window(offset, size, real)?;
+            Ok(Box::new((offset, size)) as Staged)
+        })
+    }
+
+    fn reopen_commit(&self, staged: Staged) {
+        if let Ok(w) = staged.downcast::<(u64, Option<u64>)>() {
+            self.offset.store(w.0, Ordering::Release);
+            self.size.store(w.1.unwrap_or(NO_SIZE), Ordering::Release);
+        }
     }
 }

@@ -276,3 +276,35 @@ pub fn release_all(fd: RawFd, cmds: LockCmds, st: &mut LockState) {
     }
     *st = LockState::default();
 }
+
+/// Moves the locks recorded in `st` from `old` to `new` (a descriptor
+/// replacing it): locks every byte on `new` first (shared locks never
+/// conflict with our own), then releases them on `old` unless both share
+/// one open file description (then they are the same locks). On error
+/// nothing changed on `old` and `new` holds nothing.
+pub fn transfer(
+    old: RawFd,
+    new: RawFd,
+    cmds: LockCmds,
+    st: &LockState,
+    same_description: bool,
+) -> Result<(), BlockError> {
+    if same_description {
+        return Ok(());
+    }
+    let mut fresh = LockState::default();
+    if let Err(e) = apply(
+        new,
+        cmds,
+        &mut fresh,
+        st.locked_perm,
+        st.locked_unshared,
+        false,
+    ) {
+        release_all(new, cmds, &mut fresh);
+        return Err(e);
+    }
+    let mut old_st = *st;
+    release_all(old, cmds, &mut old_st);
+    Ok(())
+}

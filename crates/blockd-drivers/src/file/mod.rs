@@ -25,9 +25,20 @@
 //! * **Image locking** ([`lock`]) mirrors the node's permissions into the
 //!   byte-range locks QEMU uses, so blockd and QEMU processes respect each
 //!   other's permissions on the same image.
+//! * **Reopen and dynamic auto-read-only** ([`reopen`]): the descriptor and
+//!   what depends on how it was opened (mode, `O_DIRECT`, alignment) form a
+//!   [`Handle`] that can be replaced while the node is in use. A reopen
+//!   that changes `read-only` or `cache.direct` opens a new descriptor at
+//!   prepare and swaps it in at commit, moving the image locks over. With
+//!   `auto-read-only` on a read-write node the descriptor follows the
+//!   permissions, as QEMU's `dynamic-auto-read-only`: read-only while
+//!   nobody needs to write, reopened read-write when a writer arrives. Every
+//!   request holds the handle it started with, so a swap never closes a
+//!   descriptor under a request.
 
 mod inline;
 pub mod lock;
+mod reopen;
 mod sys;
 
 #[cfg(test)]
@@ -41,10 +52,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+
+use blockd_core::driver::PrepareFuture;
 use blockd_core::error::strerror;
 use blockd_core::{
     BlockDriver, BlockError, BlockStatus, DriverInfo, ErrorKind, IoFuture, IoLimits, NodeOptions,
-    Perm, PermPair, ReqFlags,
+    Perm, PermPair, ReopenRequest, ReqFlags, Staged,
 };
 use bytes::Bytes;
 
@@ -73,20 +87,40 @@ pub struct FileDriver {
     inner: Arc<Inner>,
 }
 
-/// State shared with the blocking tasks.
+/// The image descriptor and what depends on how it was opened; replaced
+/// whole by a reopen or an auto-read-only switch.
 #[derive(Debug)]
-struct Inner {
+struct Handle {
     fd: OwnedFd,
-    /// `filename` as given (shown in queries).
-    filename: String,
-    /// A block device rather than a regular file.
-    blkdev: bool,
+    /// Opened `O_RDWR`.
+    writable: bool,
     /// Opened with O_DIRECT.
     direct: bool,
     /// Request alignment (1 without O_DIRECT).
     align: u32,
+}
+
+impl Handle {
+    fn raw(&self) -> RawFd {
+        sys::rawfd(&self.fd)
+    }
+}
+
+/// State shared with the blocking tasks.
+struct Inner {
+    handle: ArcSwap<Handle>,
+    /// `filename` as given (shown in queries).
+    filename: String,
+    /// Descriptor sets, to open `/dev/fdset/N` again.
+    fdsets: Option<Arc<dyn FdSets>>,
+    /// A block device rather than a regular file.
+    blkdev: bool,
     /// `cache.no-flush`: close does not sync.
-    no_flush: bool,
+    no_flush: AtomicBool,
+    /// The node is read-only.
+    node_read_only: AtomicBool,
+    /// `auto-read-only`: the descriptor follows the permissions.
+    auto_read_only: AtomicBool,
     /// `force-share`: other users' permissions are not restricted by us.
     force_share: bool,
     /// Cached length in whole sectors: updated by writes past the end and
@@ -117,6 +151,15 @@ struct Inner {
     locks: Mutex<LockState>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("filename", &self.filename)
+            .field("handle", &self.handle.load())
+            .finish()
+    }
+}
+
 /// Checks the options that need no file system access. Everything else
 /// (a missing file, a bad descriptor set) is reported at open, as QEMU does.
 pub fn check(o: &FileOptions) -> Result<(), BlockError> {
@@ -137,10 +180,7 @@ pub async fn open(
     let node = *node;
     let fdsets = env.fdsets.clone();
     let inline_writes = !env.no_inline_writes;
-    match tokio::task::spawn_blocking(move || {
-        open_blocking(&o, &node, fdsets.as_deref(), inline_writes)
-    })
-    .await
+    match tokio::task::spawn_blocking(move || open_blocking(&o, &node, fdsets, inline_writes)).await
     {
         Ok(r) => r.map(|(inner, ro)| {
             (
@@ -260,20 +300,31 @@ fn open_fd(
     Ok(fd)
 }
 
+/// The request alignment of a descriptor: probed for `O_DIRECT` (except
+/// on NFS), else 1.
+fn alignment(fd: RawFd, direct: bool) -> Result<u32, BlockError> {
+    if direct && !on_nfs(fd) {
+        sys::probe_dio_alignment(fd)
+            .ok_or_else(|| BlockError::invalid("Could not find working O_DIRECT alignment"))
+    } else {
+        Ok(1)
+    }
+}
+
 fn open_blocking(
     o: &FileOptions,
     node: &NodeOptions,
-    fdsets: Option<&dyn FdSets>,
+    fdsets: Option<Arc<dyn FdSets>>,
     inline_writes: bool,
 ) -> Result<(Inner, bool), BlockError> {
     let path = o.filename.as_str();
     let direct = node.cache_direct;
     let want_rw = !node.read_only;
-    let (fd, read_only) = match open_fd(path, want_rw, direct, fdsets) {
+    let (fd, read_only) = match open_fd(path, want_rw, direct, fdsets.as_deref()) {
         Ok(fd) => (fd, !want_rw),
         Err(e) if want_rw && node.auto_read_only && auto_read_only_falls_back(errno_of(&e)) => {
             tracing::debug!(filename = path, error = %e, "auto-read-only: opening read-only");
-            (open_fd(path, false, direct, fdsets)?, true)
+            (open_fd(path, false, direct, fdsets.as_deref())?, true)
         }
         Err(e) => return Err(e),
     };
@@ -299,12 +350,7 @@ fn open_blocking(
     let length = sys::getlength(raw)
         .map_err(|e| BlockError::io("Could not refresh total sector count", e))?;
 
-    let align = if direct && !on_nfs(raw) {
-        sys::probe_dio_alignment(raw)
-            .ok_or_else(|| BlockError::invalid("Could not find working O_DIRECT alignment"))?
-    } else {
-        1
-    };
+    let align = alignment(raw, direct)?;
 
     let lock_cmds = match o.locking.unwrap_or_default() {
         OnOffAuto::Off => None,
@@ -322,12 +368,18 @@ fn open_blocking(
     };
 
     let inner = Inner {
-        fd,
+        handle: ArcSwap::from_pointee(Handle {
+            fd,
+            writable: !read_only,
+            direct,
+            align,
+        }),
         filename: o.filename.clone(),
+        fdsets,
         blkdev,
-        direct,
-        align,
-        no_flush: node.cache_no_flush,
+        no_flush: AtomicBool::new(node.cache_no_flush),
+        node_read_only: AtomicBool::new(read_only),
+        auto_read_only: AtomicBool::new(node.auto_read_only),
         force_share: node.force_share,
         length: AtomicU64::new(align_up(length, SECTOR)),
         // Without O_DIRECT, BLKZEROOUT leaves stale data in the page cache
@@ -383,29 +435,33 @@ where
 }
 
 impl Inner {
-    fn raw(&self) -> RawFd {
-        sys::rawfd(&self.fd)
+    /// The current handle; a request keeps the one it loaded until it is
+    /// done, so its descriptor stays open even if a reopen swaps it.
+    fn h(&self) -> arc_swap::Guard<Arc<Handle>> {
+        self.handle.load()
     }
 
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        if self.direct {
+        let h = self.h();
+        if h.direct {
             Ok(Bytes::from_owner(AlignedBuf::read_at(
-                self.raw(),
+                h.raw(),
                 len,
                 offset,
             )?))
         } else {
-            Ok(Bytes::from(sys::read_vec(self.raw(), len, offset)?))
+            Ok(Bytes::from(sys::read_vec(h.raw(), len, offset)?))
         }
     }
 
     /// A buffered read done inline if the page cache holds all of it
     /// (`preadv2(RWF_NOWAIT)`); `None` means "use the blocking pool".
     fn try_read_nowait(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
-        if self.direct || len > NOWAIT_MAX || !self.nowait_read.load(Ordering::Relaxed) {
+        let h = self.h();
+        if h.direct || len > NOWAIT_MAX || !self.nowait_read.load(Ordering::Relaxed) {
             return None;
         }
-        match sys::read_vec_nowait(self.raw(), len, offset) {
+        match sys::read_vec_nowait(h.raw(), len, offset) {
             Ok(Some(v)) => Some(v),
             Ok(None) => None,
             Err(_) => {
@@ -424,11 +480,12 @@ impl Inner {
     fn try_write_inline(&self, offset: u64, data: &[u8]) -> Option<io::Result<()>> {
         let end = offset.saturating_add(data.len() as u64);
         let length = self.length.load(Ordering::Acquire);
-        if self.direct || end > length {
+        let h = self.h();
+        if h.direct || end > length {
             return None;
         }
         if data.len() <= NOWAIT_MAX && self.nowait_write.load(Ordering::Relaxed) {
-            match sys::write_nowait(self.raw(), data, offset) {
+            match sys::write_nowait(h.raw(), data, offset) {
                 Ok(true) => {
                     self.wrote(end);
                     return Some(Ok(()));
@@ -441,7 +498,7 @@ impl Inner {
             return None;
         }
         let start = Instant::now();
-        let r = self.pwrite(offset, data);
+        let r = self.pwrite(&h, offset, data);
         self.inline_writes.took(start.elapsed());
         if r.is_ok() {
             self.wrote(end);
@@ -456,19 +513,19 @@ impl Inner {
         self.write_gen.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn pwrite(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        if self.direct && !sys::mem_aligned(data.as_ptr()) {
+    fn pwrite(&self, h: &Handle, offset: u64, data: &[u8]) -> io::Result<()> {
+        if h.direct && !sys::mem_aligned(data.as_ptr()) {
             let b = AlignedBuf::copy_of(data);
             let b = b.as_ref();
             // SAFETY: `b` is a live slice of b.len() bytes.
-            return unsafe { sys::pwrite_full(self.raw(), b.as_ptr(), b.len(), offset) };
+            return unsafe { sys::pwrite_full(h.raw(), b.as_ptr(), b.len(), offset) };
         }
         // SAFETY: `data` is a live slice of data.len() bytes.
-        unsafe { sys::pwrite_full(self.raw(), data.as_ptr(), data.len(), offset) }
+        unsafe { sys::pwrite_full(h.raw(), data.as_ptr(), data.len(), offset) }
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.pwrite(offset, data)?;
+        self.pwrite(&self.h(), offset, data)?;
         self.wrote(offset + data.len() as u64);
         if fua {
             self.sync()?;
@@ -483,8 +540,9 @@ impl Inner {
         if bad != 0 {
             return Err(sys::err(bad));
         }
-        sys::fdatasync(self.raw()).inspect_err(|e| {
-            if !self.direct {
+        let h = self.h();
+        sys::fdatasync(h.raw()).inspect_err(|e| {
+            if !h.direct {
                 self.page_cache_inconsistent
                     .store(sys::raw(e), Ordering::Release);
             }
@@ -507,10 +565,11 @@ impl Inner {
 
     /// Writes zero buffers over a range (the slow fallback).
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let h = self.h();
         let chunk = (len.min(ZERO_CHUNK as u64)) as usize;
         let aligned;
         let plain;
-        let zeroes: &[u8] = if self.direct {
+        let zeroes: &[u8] = if h.direct {
             aligned = AlignedBuf::zeroed(chunk);
             aligned.as_ref()
         } else {
@@ -520,7 +579,7 @@ impl Inner {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(chunk as u64) as usize;
-            self.pwrite(offset + done, &zeroes[..n])?;
+            self.pwrite(&h, offset + done, &zeroes[..n])?;
             done += n as u64;
         }
         Ok(())
@@ -531,18 +590,20 @@ impl Inner {
     /// writes zeroes over the last block of the range, which the caller is
     /// zeroing anyway.
     fn extend_to(&self, end: u64) -> io::Result<()> {
-        let size = sys::fstat(self.raw())?.st_size as u64;
+        let h = self.h();
+        let size = sys::fstat(h.raw())?.st_size as u64;
         if size >= end {
             return Ok(());
         }
-        let a = u64::from(self.align);
+        let a = u64::from(h.align);
         self.write_zero_buffers(end - a, a)
     }
 
     /// QEMU's `handle_aiocb_write_zeroes` (and `_block`): zero a range
     /// efficiently or fail with ENOTSUP.
     fn zero_range_fast(&self, offset: u64, len: u64, no_fallback: bool) -> io::Result<()> {
-        let fd = self.raw();
+        let h = self.h();
+        let fd = h.raw();
         if self.blkdev {
             if !self.has_write_zeroes.load(Ordering::Relaxed) {
                 return Err(sys::err(libc::ENOTSUP));
@@ -612,7 +673,7 @@ impl Inner {
         if flags.may_unmap {
             // Deallocate and read back zeroes in one go, if possible.
             match sys::fallocate(
-                self.raw(),
+                self.h().raw(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
@@ -649,11 +710,12 @@ impl Inner {
         if !self.has_discard.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let h = self.h();
         let r = if self.blkdev {
-            sys::blk_discard(self.raw(), offset, len)
+            sys::blk_discard(h.raw(), offset, len)
         } else {
             sys::fallocate(
-                self.raw(),
+                h.raw(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
@@ -675,7 +737,8 @@ impl Inner {
 
     /// QEMU's `raw_co_block_status` over `find_allocation`.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
-        let a = u64::from(self.align);
+        let h = self.h();
+        let a = u64::from(h.align);
         let data = |n: u64| BlockStatus {
             len: n,
             data: true,
@@ -688,7 +751,7 @@ impl Inner {
             zero: true,
             allocated: true,
         };
-        let fd = self.raw();
+        let fd = h.raw();
         let st = match sys::lseek(fd, offset, libc::SEEK_DATA) {
             // A trailing hole (or the file shrank behind our back).
             Ok(None) => hole(len),
@@ -722,14 +785,14 @@ impl Inner {
         if self.blkdev {
             // A device cannot be resized; shrinking is a no-op, growing
             // fails (QEMU's non-exact truncate of device files).
-            let cur = sys::getlength(self.raw())?;
+            let cur = sys::getlength(self.h().raw())?;
             return if len > cur {
                 Err(sys::err(libc::EINVAL))
             } else {
                 Ok(())
             };
         }
-        sys::ftruncate(self.raw(), len)?;
+        sys::ftruncate(self.h().raw(), len)?;
         self.length.store(align_up(len, SECTOR), Ordering::Release);
         self.write_gen.fetch_add(1, Ordering::AcqRel);
         Ok(())
@@ -744,7 +807,7 @@ impl Drop for Inner {
         if let Some(cmds) = self.lock_cmds {
             let st = self.locks.get_mut().unwrap_or_else(|e| e.into_inner());
             if st.locked_perm != Perm::NONE || st.locked_unshared != Perm::NONE {
-                lock::release_all(sys::rawfd(&self.fd), cmds, st);
+                lock::release_all(self.handle.load().raw(), cmds, st);
             }
         }
     }
@@ -753,7 +816,7 @@ impl Drop for Inner {
 impl FileDriver {
     /// The request alignment in use (1 unless `cache.direct`).
     pub fn alignment(&self) -> u32 {
-        self.inner.align
+        self.inner.h().align
     }
 
     /// Whether image locking is active on this node.
@@ -769,7 +832,7 @@ impl BlockDriver for FileDriver {
 
     fn limits(&self) -> IoLimits {
         IoLimits {
-            request_alignment: self.inner.align,
+            request_alignment: self.inner.h().align,
             ..IoLimits::default()
         }
     }
@@ -783,7 +846,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn allocated_size(&self) -> Option<u64> {
-        sys::fstat(self.inner.raw())
+        sys::fstat(self.inner.h().raw())
             .ok()
             .map(|st| st.st_blocks as u64 * 512)
     }
@@ -848,33 +911,15 @@ impl BlockDriver for FileDriver {
     }
 
     fn set_perm(&self, perm: PermPair) -> Result<(), BlockError> {
-        let i = &self.inner;
-        // QEMU's block layer: writing without resize needs a length (in
-        // whole sectors) that is a multiple of the alignment, because the
-        // padding of the last block would grow the file.
-        if perm.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED)
-            && !perm.perm.contains(Perm::RESIZE)
-            && self.length() % u64::from(i.align) != 0
-        {
-            return Err(BlockError::new(
-                ErrorKind::PermissionConflict,
-                "Cannot get 'write' permission without 'resize': \
-                 Image size is not a multiple of request alignment",
-            ));
-        }
-        let Some(cmds) = i.lock_cmds else {
-            return Ok(());
-        };
-        // force-share: this node restricts nobody (QEMU makes every edge to
-        // a force-share node share everything); it still announces what it
-        // holds and checks that nobody unshared it.
-        let shared = if i.force_share {
-            Perm::ALL
-        } else {
-            perm.shared
-        };
-        let mut st = i.locks.lock().unwrap_or_else(|e| e.into_inner());
-        lock::update(i.raw(), cmds, &mut st, perm.perm, shared)
+        self.inner.set_perm(perm)
+    }
+
+    fn reopen_prepare<'a>(&'a self, req: &'a ReopenRequest<'a>) -> PrepareFuture<'a> {
+        Box::pin(reopen::prepare(&self.inner, req))
+    }
+
+    fn reopen_commit(&self, staged: Staged) {
+        reopen::commit(&self.inner, staged);
     }
 
     fn close(&self) -> IoFuture<'_, ()> {
@@ -882,14 +927,14 @@ impl BlockDriver for FileDriver {
             // QEMU flushes a node before closing it, except with
             // cache.no-flush; the descriptor itself closes when the driver
             // is dropped.
-            let r = if self.inner.no_flush {
+            let r = if self.inner.no_flush.load(Ordering::Acquire) {
                 Ok(())
             } else {
                 blocking(&self.inner, |i| i.flush()).await
             };
             if let Some(cmds) = self.inner.lock_cmds {
                 let mut st = self.inner.locks.lock().unwrap_or_else(|e| e.into_inner());
-                lock::release_all(self.inner.raw(), cmds, &mut st);
+                lock::release_all(self.inner.h().raw(), cmds, &mut st);
             }
             r
         })

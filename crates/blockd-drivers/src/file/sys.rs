@@ -494,3 +494,25 @@ pub(super) fn mem_aligned(p: *const u8) -> bool {
 pub(super) fn rawfd(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Whether two descriptors share one open file description (`kcmp`);
+/// `false` if the kernel cannot tell. Locks (OFD locks) belong to the
+/// description, so releasing them through one releases them for both.
+pub(super) fn same_description(a: RawFd, b: RawFd) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: getpid has no preconditions.
+    let pid = libc::c_long::from(unsafe { libc::getpid() });
+    // SAFETY: kcmp only compares kernel objects named by plain integers;
+    // bad values fail with an errno.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a),
+            libc::c_long::from(b),
+        )
+    };
+    r == 0
+}

@@ -570,7 +570,7 @@ async fn opens_descriptor_sets() {
         .unwrap();
     assert_eq!(&std::fs::read(&path).unwrap()[..9], b"via fdset");
     // SAFETY: F_GETFD only reads the descriptor flags.
-    let fdflags = unsafe { libc::fcntl(d.inner.raw(), libc::F_GETFD) };
+    let fdflags = unsafe { libc::fcntl(d.inner.h().raw(), libc::F_GETFD) };
     assert!(fdflags & libc::FD_CLOEXEC != 0);
     let e = open_err(fopts("/dev/fdset/5"), rw(), &env).await;
     assert_eq!(e.msg, "Failed to find fdset /dev/fdset/5");
@@ -848,10 +848,17 @@ fn write_without_resize_needs_an_aligned_length() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut d = rt.block_on(open_with(&path, rw()));
+    let d = rt.block_on(open_with(&path, rw()));
     assert_eq!(d.length(), 5120);
     // Simulate a 4096-byte O_DIRECT alignment on this node.
-    Arc::get_mut(&mut d.inner).unwrap().align = 4096;
+    let h = d.inner.h();
+    let fd = h.fd.try_clone().unwrap();
+    d.inner.handle.store(Arc::new(super::Handle {
+        fd,
+        writable: h.writable,
+        direct: h.direct,
+        align: 4096,
+    }));
     let write = PermPair {
         perm: Perm::CONSISTENT_READ | Perm::WRITE,
         shared: Perm::ALL,

@@ -37,6 +37,12 @@ impl TableCache {
         }
     }
 
+    /// Changes how many tables the cache may hold (at least 2); tables
+    /// beyond it are evicted as new ones come in.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(2);
+    }
+
     /// Number of tables held.
     #[cfg(test)]
     pub fn len(&self) -> usize {

@@ -33,6 +33,7 @@ pub mod header;
 mod cache;
 mod meta;
 mod refcount;
+mod reopen;
 mod rw;
 
 #[cfg(test)]
@@ -45,12 +46,14 @@ mod testutil;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use reopen::Settings;
+
+use blockd_core::driver::{FinishFuture, PrepareFuture};
 use blockd_core::perm::default_perms;
 use blockd_core::{
     BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
-    IoFuture, IoLimits, PermPair, ReqFlags,
+    IoFuture, IoLimits, PermPair, ReopenRequest, ReqFlags, Staged,
 };
 use bytes::Bytes;
 
@@ -150,11 +153,13 @@ pub struct Qcow2Driver {
     /// as a reopen may add, change or remove it.
     children: Arc<Children>,
     geo: Geo,
-    meta: tokio::sync::Mutex<Meta>,
+    /// Shared (`Arc`) so a reopen can hold it from prepare to commit.
+    meta: Arc<tokio::sync::Mutex<Meta>>,
     /// Held shared by guest I/O, exclusively while freed clusters become
     /// reusable.
     reuse: tokio::sync::RwLock<()>,
-    read_only: bool,
+    /// Changed by reopen.
+    read_only: AtomicBool,
     dirty: Arc<AtomicBool>,
     shown: Shown,
     /// The last decompressed cluster: (host offset, data).
@@ -346,21 +351,9 @@ pub async fn open(
             "qcow2: Image is corrupt; cannot be opened read/write",
         ));
     }
-    let lazy = o
-        .lazy_refcounts
-        .unwrap_or(h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0);
-    if lazy && h.version < 3 {
-        return Err(BlockError::invalid(
-            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
-        ));
-    }
-    if o.discard_no_unref == Some(true) && h.version < 3 {
-        return Err(BlockError::invalid(
-            "discard-no-unref is only supported since qcow2 version 3",
-        ));
-    }
-    let (l2_bytes, rc_bytes) = cache_sizes(&o, cs, h.size)?;
     let geo = Geo::new(h.cluster_bits, h.version, h.size);
+    let lazy_bit = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+    let settings = Settings::from_options(&o, &geo, lazy_bit, ctx.node.discard_unmap)?;
     let l1 = decode_be64(
         &io.read(h.l1_table_offset, h.l1_size as usize * 8)
             .await
@@ -397,7 +390,7 @@ pub async fn open(
         table,
         table_offset: h.refcount_table_offset,
         table_clusters: rt_clusters,
-        cache: cache::TableCache::new((rc_bytes / cs).max(4) as usize),
+        cache: cache::TableCache::new(settings.rc_entries),
         free_hint: 0,
     };
     let mut m = Meta::new(
@@ -405,22 +398,15 @@ pub async fn open(
         geo,
         l1,
         h.l1_table_offset,
-        (l2_bytes / cs).max(2) as usize,
+        settings.l2_entries,
         rc,
         h.incompatible_features,
         dirty.clone(),
     );
-    m.lazy = lazy;
-    m.pass_discard_request = o.pass_discard_request.unwrap_or(ctx.node.discard_unmap);
-    m.pass_discard_other = o.pass_discard_other.unwrap_or(false);
-    m.discard_no_unref = o.discard_no_unref.unwrap_or(false);
+    settings.apply(&mut m);
     m.has_backing = backing.is_some();
     m.snapshots = snapshots;
     m.snapshot_table = (h.snapshots_offset, snap_len);
-    m.clean_interval = o
-        .cache_clean_interval
-        .filter(|&s| s > 0)
-        .map(|s| Duration::from_secs(s as u64));
     if !read_only {
         let fail = |what: &str, e: io::Error| BlockError::io(what.to_string(), e);
         if h.version >= 3 && h.autoclear_features != 0 {
@@ -455,9 +441,9 @@ pub async fn open(
             file,
             children: ctx.children.clone(),
             geo,
-            meta: tokio::sync::Mutex::new(m),
+            meta: Arc::new(tokio::sync::Mutex::new(m)),
             reuse: tokio::sync::RwLock::new(()),
-            read_only,
+            read_only: AtomicBool::new(read_only),
             dirty,
             shown,
             decompressed: Mutex::new(None),
@@ -548,9 +534,21 @@ impl BlockDriver for Qcow2Driver {
         default_perms(child.role(), parent, writable)
     }
 
+    fn reopen_prepare<'a>(&'a self, req: &'a ReopenRequest<'a>) -> PrepareFuture<'a> {
+        Box::pin(self.prepare_reopen(req))
+    }
+
+    fn reopen_commit(&self, staged: Staged) {
+        self.commit_reopen(staged);
+    }
+
+    fn reopen_finish(&self) -> FinishFuture<'_> {
+        Box::pin(self.finish_reopen())
+    }
+
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only.load(Ordering::Acquire) {
                 return Ok(());
             }
             let mut m = self.meta.lock().await;

@@ -323,7 +323,7 @@ impl Qcow2Driver {
     }
 
     pub(super) async fn do_flush(&self) -> io::Result<()> {
-        if self.read_only {
+        if self.read_only.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
         let frees = {

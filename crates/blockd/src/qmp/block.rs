@@ -29,6 +29,12 @@ struct NodeName {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct Reopen {
+    options: Vec<BlockdevOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct QueryNodes {
     flat: Option<bool>,
 }
@@ -48,6 +54,7 @@ pub fn register(d: &mut Dispatcher<State>) {
                     )));
                 }
             }
+            let _g = st.control.lock().await;
             blockd_drivers::blockdev_add(&st.graph, &st.env, opts)
                 .await
                 .map_err(qerr)?;
@@ -55,7 +62,19 @@ pub fn register(d: &mut Dispatcher<State>) {
         },
     );
     d.register("blockdev-del", |cx: Ctx<State>, a: NodeName| async move {
+        let g = cx.state.control.lock().await;
         let removed = cx.state.graph.remove(&a.node_name).map_err(qerr)?;
+        drop(g);
+        close_nodes(removed).await;
+        R::Ok(Empty {})
+    });
+    d.register("blockdev-reopen", |cx: Ctx<State>, a: Reopen| async move {
+        let st = &cx.state;
+        let g = st.control.lock().await;
+        let removed = blockd_drivers::blockdev_reopen(&st.graph, &g, a.options)
+            .await
+            .map_err(qerr)?;
+        drop(g);
         close_nodes(removed).await;
         R::Ok(Empty {})
     });

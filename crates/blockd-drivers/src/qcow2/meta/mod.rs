@@ -695,6 +695,12 @@ impl Meta {
     }
 
     /// Writes everything and leaves a clean image (close).
+    /// Changes how many L2 tables and refcount blocks the caches hold.
+    pub fn set_cache_capacities(&mut self, l2: usize, rc: usize) {
+        self.l2.set_capacity(l2);
+        self.rc.cache.set_capacity(rc);
+    }
+
     pub async fn close(&mut self) -> io::Result<()> {
         self.write_back(true).await?;
         let frees = self.take_frees();

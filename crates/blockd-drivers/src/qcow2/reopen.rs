@@ -1,0 +1,201 @@
+//! Reopening a qcow2 node (QEMU's `qcow2_reopen_prepare`, `_commit`,
+//! `_abort` and `qcow2_update_options`).
+//!
+//! * **Runtime options** (`lazy-refcounts`, `pass-discard-*`,
+//!   `discard-no-unref`, the cache sizes, `cache-clean-interval`) are
+//!   checked as at open and take effect at commit.
+//! * **Read-write to read-only**: prepare writes every dirty table back,
+//!   applies pending frees and marks the image clean (the node still holds
+//!   its write permission then), so nothing is left to write once it is
+//!   read-only.
+//! * **Read-only to read-write**: prepare refuses an image marked corrupt;
+//!   once the write permission is held, [`Qcow2Driver`]'s `reopen_finish`
+//!   does what opening read-write does: clears the autoclear bits (blockd
+//!   maintains none of their features) and repairs the refcounts of an
+//!   image left dirty by a crash with lazy refcounts.
+//! * **Backing changes** (made by the graph): the driver looks `backing`
+//!   up at every use; commit records whether there is one, which decides
+//!   whether an unallocated cluster reads from it or as zeroes.
+//!
+//! Prepare takes the metadata lock and the staged change holds it until
+//! commit or abort, so nothing can slip in between (the node is drained
+//! anyway).
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use blockd_core::{BlockError, ErrorKind, ReopenRequest, Staged};
+use tokio::sync::OwnedMutexGuard;
+
+use super::check;
+use super::header::{INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use super::meta::Meta;
+use super::{cache_sizes, check as check_options, Geo, Qcow2Driver};
+use crate::options::{DriverOptions, Qcow2Options};
+
+/// The runtime options of a qcow2 node, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Settings {
+    pub lazy: bool,
+    pub pass_discard_request: bool,
+    pub pass_discard_other: bool,
+    pub discard_no_unref: bool,
+    pub l2_entries: usize,
+    pub rc_entries: usize,
+    pub clean_interval: Option<Duration>,
+}
+
+impl Settings {
+    /// Resolves options as QEMU's `qcow2_update_options` does; `lazy_bit`
+    /// is the image's lazy-refcounts feature bit, `discard_unmap` the
+    /// node's `discard` mode (the default of `pass-discard-request`).
+    pub fn from_options(
+        o: &Qcow2Options,
+        geo: &Geo,
+        lazy_bit: bool,
+        discard_unmap: bool,
+    ) -> Result<Settings, BlockError> {
+        check_options(o)?;
+        let lazy = o.lazy_refcounts.unwrap_or(lazy_bit);
+        if lazy && geo.version < 3 {
+            return Err(BlockError::invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
+        if o.discard_no_unref == Some(true) && geo.version < 3 {
+            return Err(BlockError::invalid(
+                "discard-no-unref is only supported since qcow2 version 3",
+            ));
+        }
+        let cs = geo.cs;
+        let (l2_bytes, rc_bytes) = cache_sizes(o, cs, geo.size)?;
+        Ok(Settings {
+            lazy,
+            pass_discard_request: o.pass_discard_request.unwrap_or(discard_unmap),
+            pass_discard_other: o.pass_discard_other.unwrap_or(false),
+            discard_no_unref: o.discard_no_unref.unwrap_or(false),
+            l2_entries: (l2_bytes / cs).max(2) as usize,
+            rc_entries: (rc_bytes / cs).max(4) as usize,
+            clean_interval: o
+                .cache_clean_interval
+                .filter(|&s| s > 0)
+                .map(|s| Duration::from_secs(s as u64)),
+        })
+    }
+
+    /// Puts the settings into effect.
+    pub fn apply(&self, m: &mut Meta) {
+        m.lazy = self.lazy;
+        m.pass_discard_request = self.pass_discard_request;
+        m.pass_discard_other = self.pass_discard_other;
+        m.discard_no_unref = self.discard_no_unref;
+        m.set_cache_capacities(self.l2_entries, self.rc_entries);
+        m.clean_interval = self.clean_interval;
+    }
+}
+
+/// A prepared reopen.
+struct Qcow2Staged {
+    meta: OwnedMutexGuard<Meta>,
+    settings: Option<Settings>,
+    read_only: bool,
+    has_backing: bool,
+}
+
+fn io_err(what: &str, e: io::Error) -> BlockError {
+    BlockError::io(what.to_string(), e)
+}
+
+impl Qcow2Driver {
+    pub(super) async fn prepare_reopen(
+        &self,
+        req: &ReopenRequest<'_>,
+    ) -> Result<Staged, BlockError> {
+        let settings = match req
+            .driver_opts
+            .and_then(|o| o.downcast_ref::<DriverOptions>())
+        {
+            Some(DriverOptions::Qcow2(o)) => Some(Settings::from_options(
+                o,
+                &self.geo,
+                self.shown.lazy_bit,
+                req.new.discard_unmap,
+            )?),
+            _ => None,
+        };
+        if req.becomes_writable() && self.shown.corrupt {
+            return Err(BlockError::new(
+                ErrorKind::Corrupt,
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        let mut m = self.meta.clone().lock_owned().await;
+        let lazy_off = settings.as_ref().is_some_and(|s| !s.lazy) && m.lazy;
+        let writable_now = !self.read_only.load(Ordering::Acquire);
+        if writable_now && (req.becomes_read_only() || lazy_off) {
+            // Everything on disk before the write permission goes (or
+            // before lazy refcounts stop covering a crash).
+            let _excl = self.reuse.write().await;
+            m.close()
+                .await
+                .map_err(|e| io_err("Could not flush qcow2 metadata", e))?;
+        }
+        Ok(Box::new(Qcow2Staged {
+            meta: m,
+            settings,
+            read_only: req.new.read_only,
+            has_backing: req.child("backing").is_some(),
+        }))
+    }
+
+    pub(super) fn commit_reopen(&self, staged: Staged) {
+        let Ok(mut st) = staged.downcast::<Qcow2Staged>() else {
+            return;
+        };
+        if let Some(s) = &st.settings {
+            s.apply(&mut st.meta);
+        }
+        st.meta.has_backing = st.has_backing;
+        self.read_only.store(st.read_only, Ordering::Release);
+    }
+
+    /// After becoming writable: what opening read-write does. On error
+    /// the driver is read-only again (the graph makes the node so too).
+    pub(super) async fn finish_reopen(&self) -> Result<(), BlockError> {
+        let r = self.finish_read_write().await;
+        if r.is_err() {
+            self.read_only.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    async fn finish_read_write(&self) -> Result<(), BlockError> {
+        if self.read_only.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        let fail = |e| io_err("Could not reopen qcow2 image read-write", e);
+        if self.geo.version >= 3 {
+            let ac = self.file_io().read(OFF_AUTOCLEAR, 8).await.map_err(fail)?;
+            if ac.iter().any(|&b| b != 0) {
+                self.file_io()
+                    .write(OFF_AUTOCLEAR, vec![0; 8])
+                    .await
+                    .map_err(fail)?;
+                self.file_io().sync().await.map_err(fail)?;
+            }
+        }
+        if m.incompat & INCOMPAT_DIRTY != 0 {
+            check::rebuild_refcounts(&mut m).await.map_err(fail)?;
+            m.mark_clean().await.map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn file_io(&self) -> super::FileIo {
+        super::FileIo {
+            file: self.file.clone(),
+        }
+    }
+}
