@@ -165,3 +165,71 @@ pub(super) fn commit(inner: &Inner, staged: Staged) {
         .store(st.auto_read_only, Ordering::Release);
     inner.no_flush.store(st.no_flush, Ordering::Release);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use blockd_core::{BlockDriver, NodeOptions, Perm, PermPair, ReqFlags};
+    use bytes::Bytes;
+
+    use super::super::tests::{make_file, open_with, TempDir};
+    use super::super::{lock, FileDriver};
+
+    fn access_mode(d: &FileDriver) -> i32 {
+        // SAFETY: F_GETFL on a descriptor the handle keeps open.
+        let fl = unsafe { libc::fcntl(d.inner.h().raw(), libc::F_GETFL) };
+        fl & libc::O_ACCMODE
+    }
+
+    const READ: PermPair = PermPair {
+        perm: Perm::CONSISTENT_READ,
+        shared: Perm::ALL,
+    };
+
+    fn write() -> PermPair {
+        PermPair {
+            perm: Perm(Perm::CONSISTENT_READ.0 | Perm::WRITE.0 | Perm::RESIZE.0),
+            shared: Perm(Perm::CONSISTENT_READ.0 | Perm::WRITE_UNCHANGED.0),
+        }
+    }
+
+    #[tokio::test]
+    async fn auto_read_only_descriptor_follows_the_write_permission() {
+        let dir = TempDir::new("auto-ro");
+        let path = dir.file("img");
+        make_file(&path, &[0u8; 65536]);
+        let node = NodeOptions {
+            auto_read_only: true,
+            ..NodeOptions::default()
+        };
+        let d = open_with(&path, node).await;
+        d.set_perm(READ).unwrap();
+        assert_eq!(access_mode(&d), libc::O_RDONLY, "nobody writes: read-only");
+        d.set_perm(write()).unwrap();
+        assert_eq!(access_mode(&d), libc::O_RDWR, "a writer: read-write");
+        d.write(0, Bytes::from(vec![7u8; 4096]), ReqFlags::default())
+            .await
+            .unwrap();
+        // The locks moved with the descriptor: another descriptor sees
+        // that somebody holds "write" and unshares it.
+        let other = std::fs::File::open(&path).unwrap();
+        let cmds = d.inner.lock_cmds.expect("locking on");
+        assert!(lock::check(other.as_raw_fd(), cmds, Perm::WRITE, Perm::ALL).is_err());
+        assert!(lock::check(other.as_raw_fd(), cmds, Perm::CONSISTENT_READ, Perm::NONE).is_err());
+        d.set_perm(READ).unwrap();
+        assert_eq!(access_mode(&d), libc::O_RDONLY, "the writer left");
+        lock::check(other.as_raw_fd(), cmds, Perm::WRITE, Perm::ALL).expect("write is free again");
+        assert_eq!(d.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    }
+
+    #[tokio::test]
+    async fn without_auto_read_only_the_mode_stays() {
+        let dir = TempDir::new("no-auto-ro");
+        let path = dir.file("img");
+        make_file(&path, &[0u8; 65536]);
+        let d = open_with(&path, NodeOptions::default()).await;
+        d.set_perm(READ).unwrap();
+        assert_eq!(access_mode(&d), libc::O_RDWR);
+    }
+}

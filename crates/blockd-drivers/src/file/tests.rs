@@ -92,7 +92,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn make_file(path: &str, data: &[u8]) {
+pub(super) fn make_file(path: &str, data: &[u8]) {
     std::fs::write(path, data).expect("write test file");
 }
 

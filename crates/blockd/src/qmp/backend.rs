@@ -89,12 +89,14 @@ pub fn register(d: &mut Dispatcher<State>) {
     );
     d.register("eject", |cx: Ctx<State>, a: Tray| async move {
         let st = &cx.state;
+        let g = st.control.lock().await;
         let nodes = st.machine.eject(
             &st.graph,
             a.device.as_deref(),
             a.id.as_deref(),
             a.force.unwrap_or(false),
         )?;
+        drop(g);
         crate::machine::close_nodes(nodes).await;
         R::Ok(Empty {})
     });
@@ -119,7 +121,9 @@ pub fn register(d: &mut Dispatcher<State>) {
         "blockdev-remove-medium",
         |cx: Ctx<State>, a: Id| async move {
             let st = &cx.state;
+            let g = st.control.lock().await;
             let nodes = st.machine.remove_medium(&st.graph, &a.id)?;
+            drop(g);
             crate::machine::close_nodes(nodes).await;
             R::Ok(Empty {})
         },
@@ -128,6 +132,7 @@ pub fn register(d: &mut Dispatcher<State>) {
         "blockdev-insert-medium",
         |cx: Ctx<State>, a: Insert| async move {
             let st = &cx.state;
+            let _g = st.control.lock().await;
             st.machine.insert_medium(&st.graph, &a.id, &a.node_name)?;
             R::Ok(Empty {})
         },
@@ -154,7 +159,10 @@ async fn change_medium(st: &State, a: Change) -> R<Empty> {
         .await
         .map_err(crate::qmp::qerr)?;
     let force = a.force.unwrap_or(false);
-    match st.machine.change_medium(&st.graph, device, id, force, node) {
+    let g = st.control.lock().await;
+    let changed = st.machine.change_medium(&st.graph, device, id, force, node);
+    drop(g);
+    match changed {
         Ok(old) => {
             blk.set_probed_raw(probed);
             crate::machine::close_nodes(old).await;

@@ -32,12 +32,15 @@ pub fn register(d: &mut Dispatcher<State>) {
             ));
         };
         let st = &cx.state;
+        let _g = st.control.lock().await;
         st.machine.device_add(&st.graph, &m, true)?;
         R::Ok(Empty {})
     });
     d.register("device_del", |cx: Ctx<State>, a: DeviceDel| async move {
         let st = &cx.state;
+        let g = st.control.lock().await;
         let nodes = st.machine.device_del(&st.graph, &a.id)?;
+        drop(g);
         crate::machine::close_nodes(nodes).await;
         R::Ok(Empty {})
     });

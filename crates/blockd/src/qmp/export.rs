@@ -115,6 +115,8 @@ struct NewExport {
 }
 
 async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
+    // Lock order: control-plane lock, then the exports.
+    let _g = state.control.lock().await;
     let mut ex = state.exports.lock().await;
     if !id_wellformed(&n.id) {
         return Err(gen("Invalid block export id"));
