@@ -71,7 +71,7 @@ fn graph_changes_while_io() {
         p("ov.qcow2")
     ));
     let mut c = srv.client();
-    let mut run = |c: &mut blockd_testkit::QmpClient, name: &str, args: Value| {
+    let run = |c: &mut blockd_testkit::QmpClient, name: &str, args: Value| {
         c.execute(name, Some(args.clone()))
             .unwrap_or_else(|e| panic!("{name} {args}: {e}"))
     };
