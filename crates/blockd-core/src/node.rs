@@ -758,10 +758,15 @@ impl BlockNode {
         })
     }
 
-    /// Changes the length.
+    /// Changes the length. A serialising request over everything from the
+    /// shorter of the old and new lengths to the end (QEMU's
+    /// `bdrv_co_truncate` with its `BDRV_TRACKED_TRUNCATE` request): it
+    /// waits for the requests in flight there and holds back new ones
+    /// until the length changed, instead of draining and racing with them.
     pub async fn truncate(&self, len: u64) -> io::Result<()> {
         self.check_write(0, 0)?;
-        self.drain().await;
+        let from = len.min(self.length());
+        let _t = self.tracker.begin(from, u64::MAX, true).await;
         self.driver.truncate(len).await
     }
 

@@ -444,3 +444,34 @@ async fn reopen_moves_a_child_edge_and_undoes_it_on_conflict() {
     assert!(b.cumulative_perm().perm.contains(Perm::WRITE));
     assert!(!a.cumulative_perm().perm.contains(Perm::WRITE));
 }
+
+#[tokio::test]
+async fn truncate_waits_for_requests_beyond_the_new_end() {
+    let f = fixture();
+    let (mem, _) = f.mem("mem", 0, 200);
+    // A slow write beyond the new end is in flight.
+    let m2 = mem.clone();
+    let w = tokio::spawn(async move {
+        m2.write(
+            SIZE as u64 / 2,
+            Bytes::from(vec![1u8; 4096]),
+            ReqFlags::default(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let t0 = std::time::Instant::now();
+    // (The in-memory driver cannot truncate; what counts is when it is asked.)
+    let _ = mem.truncate(4096).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(150),
+        "truncate did not wait for the write in flight beyond the new end"
+    );
+    w.await.unwrap().unwrap();
+    // A request below the new end does not wait for a truncate.
+    let t1 = std::time::Instant::now();
+    mem.write(0, Bytes::from(vec![2u8; 512]), ReqFlags::default())
+        .await
+        .unwrap();
+    assert!(t1.elapsed() < Duration::from_millis(400));
+}
