@@ -526,3 +526,32 @@ async fn concurrent_frees_and_reuse() {
     assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
     del(&g, "q").await;
 }
+
+#[test]
+fn runtime_numbers_are_read_as_qemu_opts_reads_them() {
+    let err = |extra: serde_json::Value| {
+        let mut v = json!({"driver": "qcow2", "file": "mem"});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let o: crate::options::BlockdevOptions = serde_json::from_value(v).unwrap();
+        let crate::options::DriverOptions::Qcow2(q) = o.driver else {
+            unreachable!()
+        };
+        super::check(&q).unwrap_err().msg
+    };
+    // Sizes: negative is out of range (qemu-storage-daemon 10.0.2).
+    assert_eq!(
+        err(json!({"l2-cache-size": -1})),
+        "Value '-1' is out of range for parameter 'l2-cache-size'"
+    );
+    // The interval is a number: -1 wraps around, and is too big.
+    assert_eq!(
+        err(json!({"cache-clean-interval": -1})),
+        "Cache clean interval too big"
+    );
+    assert_eq!(
+        err(json!({"cache-clean-interval": 1i64 << 32})),
+        "Cache clean interval too big"
+    );
+}
