@@ -10,6 +10,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use blockd_optval::{keyval, qemu_opts};
 use clap::Parser;
 use serde_json::{Map, Value};
 
@@ -80,12 +81,9 @@ pub struct Args {
     pub log: Option<String>,
 }
 
+/// `--inline-writes`: QEMU's boolean spellings, as every other switch.
 fn parse_on_off(v: &str) -> Result<bool, String> {
-    match v {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{v}' is not 'on' or 'off'")),
-    }
+    blockd_optval::parse_bool(v).ok_or_else(|| format!("'{v}' is not 'on' or 'off'"))
 }
 
 /// Parses the command line; `Err` carries clap's message and exit code
@@ -144,9 +142,9 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
                 "backend" => backend = Some(v),
                 "path" => path = Some(PathBuf::from(v)),
                 "id" => id = Some(v),
-                "server" => server = parse_bool(&k, &v)?,
+                "server" => server = qemu_opts::parse_bool(&k, &v)?,
                 "wait" => {
-                    if parse_bool(&k, &v)? {
+                    if qemu_opts::parse_bool(&k, &v)? {
                         return Err(
                             "chardev: wait=on is not supported (blockd never waits for a client)"
                                 .into(),
@@ -189,7 +187,7 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
                     ))
                 }
                 "pretty" => {
-                    parse_bool(&k, &v)?;
+                    keyval::boolean(&k, &v)?;
                 }
                 "id" => {}
                 other => return Err(format!("monitor: unsupported option '{other}'")),
@@ -203,14 +201,6 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
         out.push(path.clone());
     }
     Ok(out)
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-    }
 }
 
 /// A `--blockdev` value: the arguments, and whether they came in the

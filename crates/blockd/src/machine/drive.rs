@@ -17,6 +17,7 @@ use blockd_core::probe::{matches_format, probe_format, PROBE_BUF_SIZE};
 use blockd_core::{BlockError, BlockGraph, BlockNode, DetectZeroes, Perm, PermPair};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_drivers::Env;
+use blockd_optval::qemu_opts;
 use blockd_qmp::schema::{Schema, TypeDef};
 use serde_json::{json, Map, Value};
 
@@ -315,12 +316,18 @@ pub struct DriveSpec {
 }
 
 fn bool_opt(key: &str, v: &str) -> Result<bool, String> {
-    crate::machine::props::parse_bool(key, v)
+    qemu_opts::parse_bool(key, v)
 }
 
+/// `bus`, `unit` and `index`: QemuOpts numbers, which `drive_new` keeps in
+/// a C `int` (so only the low 32 bits count).
 fn num_opt(key: &str, v: &str) -> Result<u32, String> {
-    v.parse::<u32>()
-        .map_err(|_| format!("Parameter '{key}' expects a non-negative number below 2^64"))
+    Ok(qemu_opts::parse_number(key, v)? as u32)
+}
+
+/// `unit` and `index`: -1 is QEMU's "not given".
+fn given(n: u32) -> Option<u32> {
+    (n != u32::MAX).then_some(n)
 }
 
 fn on_error(v: &str, is_read: bool) -> Result<OnError, String> {
@@ -403,8 +410,8 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
             }
             "if" => d.iface = v,
             "bus" => d.bus = Some(num_opt(&k, &v)?),
-            "unit" => d.unit = Some(num_opt(&k, &v)?),
-            "index" => d.index = Some(num_opt(&k, &v)?),
+            "unit" => d.unit = given(num_opt(&k, &v)?),
+            "index" => d.index = given(num_opt(&k, &v)?),
             "file" => d.file = (!v.is_empty()).then_some(v),
             "snapshot" => d.snapshot = bool_opt(&k, &v)?,
             "rerror" => d.rerror = on_error(&v, true)?,
@@ -429,10 +436,12 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
             }
             "stats-account-invalid" => d.account.0 = Some(bool_opt(&k, &v)?),
             "stats-account-failed" => d.account.1 = Some(bool_opt(&k, &v)?),
-            k if k.starts_with("stats-intervals.") => match v.parse::<u64>() {
-                Ok(n) if n > 0 && n <= u64::from(u32::MAX) => d.intervals.push(n as u32),
-                _ => return Err(format!("Invalid interval length: {v}")),
-            },
+            k if k.starts_with("stats-intervals.") => {
+                match blockd_optval::parse_uint_full(&v, 10) {
+                    Ok(n) if n > 0 && n <= u64::from(u32::MAX) => d.intervals.push(n as u32),
+                    _ => return Err(format!("Invalid interval length: {v}")),
+                }
+            }
             "node-name" => {
                 d.medium.node_name = Some(v);
                 d.has_block_opts = true;
@@ -655,5 +664,27 @@ mod tests {
         let d = parse("file=/x,stats-intervals.0=60,stats-intervals.1=5,file.locking=off").unwrap();
         assert_eq!(d.intervals, vec![60, 5]);
         assert_eq!(d.medium.file_opts.get("locking"), Some(&Value::from("off")));
+        // bus, unit and index are QemuOpts numbers (blockdev.c).
+        let d = parse("bus=0x1,unit=010").unwrap();
+        assert_eq!((d.bus, d.unit), (Some(1), Some(8)));
+        assert_eq!(parse("index=-1").unwrap().index, None);
+        assert_eq!(
+            parse("bus=x").unwrap_err(),
+            "Parameter 'bus' expects a number"
+        );
+        assert_eq!(
+            parse("unit=99999999999999999999").unwrap_err(),
+            "Value '99999999999999999999' is too large for parameter 'unit'"
+        );
+        // stats-intervals: parse_uint_full in base 10.
+        assert_eq!(parse("stats-intervals.0= 5").unwrap().intervals, vec![5]);
+        assert_eq!(
+            parse("stats-intervals.0=0x5").unwrap_err(),
+            "Invalid interval length: 0x5"
+        );
+        assert_eq!(
+            parse("read-only=maybe").unwrap_err(),
+            "Parameter 'read-only' expects 'on' or 'off'"
+        );
     }
 }
