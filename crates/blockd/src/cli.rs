@@ -5,7 +5,12 @@
 //! blockd --chardev socket,path=P,server=on,wait=off,id=m0 --monitor chardev=m0
 //! blockd --blockdev '{"driver":"null-co","node-name":"n0"}'
 //! blockd --blockdev driver=null-co,node-name=n0
+//! blockd --blockdev null-co,node-name=n0  # `driver` implied, as in qemu-storage-daemon
 //! ```
+//!
+//! `--blockdev`, `--export`, `--nbd-server` and `--monitor` take JSON or
+//! QEMU's keyval syntax ([`crate::keyval`]); `--chardev`, `--drive` and
+//! `--device` take QemuOpts' ([`split_qemu_opts`]), as in QEMU.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -175,9 +180,13 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
     }
     let mut out = Vec::new();
     for m in monitors {
-        let opts = split_qemu_opts(m, Some("chardev"))?;
+        // MonitorOptions in keyval syntax, `chardev` implied.
+        let opts = crate::keyval::parse(m, Some("chardev"))?;
         let mut dev = None;
         for (k, v) in opts {
+            let Value::String(v) = v else {
+                return Err(format!("Parameters '{k}.*' are unexpected"));
+            };
             match k.as_str() {
                 "chardev" => dev = Some(v),
                 "mode" if v == "control" => {}
@@ -214,15 +223,12 @@ pub struct OptionArgs {
     pub keyval: bool,
 }
 
-/// Parses an option value given as JSON or `key=value,...` (see
-/// [`blockdev_arg`]).
-pub fn option_arg(s: &str) -> Result<OptionArgs, String> {
-    blockdev_arg(s)
-}
-
-/// Parses a `--blockdev` value: JSON as is, QEMU's `key=value` form with
-/// dotted keys as nested objects of strings.
-pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
+/// Parses an option value as qemu-storage-daemon does
+/// (`qobject_input_visitor_new_str`): JSON if it starts with `{`, else
+/// QEMU's keyval syntax ([`crate::keyval`]) with `implied_key` for a bare
+/// first element (`driver` for `--blockdev`, `type` for `--export`, none
+/// for `--nbd-server`).
+pub fn option_arg(s: &str, implied_key: Option<&str>) -> Result<OptionArgs, String> {
     if s.trim_start().starts_with('{') {
         let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
         return match v {
@@ -233,28 +239,25 @@ pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
             _ => Err("expected a JSON object".into()),
         };
     }
-    let mut root = Map::new();
-    for (k, v) in split_qemu_opts(s, None)? {
-        let mut cur = &mut root;
-        let segs: Vec<&str> = k.split('.').collect();
-        for seg in &segs[..segs.len() - 1] {
-            let e = cur
-                .entry(seg.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            cur = match e {
-                Value::Object(m) => m,
-                _ => return Err(format!("Parameter '{k}' conflicts with '{seg}'")),
-            };
-        }
-        let last = segs[segs.len() - 1];
-        if cur.insert(last.to_string(), Value::String(v)).is_some() {
-            return Err(format!("Parameter '{k}' given twice"));
-        }
-    }
     Ok(OptionArgs {
-        value: Value::Object(root),
+        value: Value::Object(crate::keyval::parse(s, implied_key)?),
         keyval: true,
     })
+}
+
+/// A `--blockdev` value: [`option_arg`] with `driver` implied.
+pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, Some("driver"))
+}
+
+/// An `--export` value: [`option_arg`] with `type` implied.
+pub fn export_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, Some("type"))
+}
+
+/// An `--nbd-server` value: [`option_arg`] without an implied key.
+pub fn nbd_server_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, None)
 }
 
 /// Parses a `--device` value: JSON, or `DRIVER,key=value,...` (a later
@@ -303,7 +306,34 @@ mod tests {
             v.value,
             serde_json::json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/x"}})
         );
-        assert!(blockdev_arg("a=1,a=2").is_err());
-        assert!(blockdev_arg("[1]").is_err());
+        // Not JSON (which must be an object): a bare driver name, which
+        // the schema refuses later, as qemu-storage-daemon does.
+        assert_eq!(blockdev_arg("[1]").unwrap().value["driver"], "[1]");
+        assert!(blockdev_arg("{1}").is_err());
+        assert!(!blockdev_arg(r#"{"driver": "null-co"}"#).unwrap().keyval);
+    }
+
+    #[test]
+    fn implied_keys_are_qsds() {
+        let v = blockdev_arg("null-co,node-name=n0").unwrap().value;
+        assert_eq!(
+            v,
+            serde_json::json!({"driver": "null-co", "node-name": "n0"})
+        );
+        let v = export_arg("nbd,id=e0,node-name=n0").unwrap().value;
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "nbd", "id": "e0", "node-name": "n0"})
+        );
+        assert_eq!(
+            nbd_server_arg("unix").unwrap_err(),
+            "Expected '=' after parameter 'unix'"
+        );
+        let socks = monitor_sockets(
+            &["socket,path=/tmp/a.sock,server=on,wait=off,id=m0".into()],
+            &["m0,mode=control".into()],
+        )
+        .unwrap();
+        assert_eq!(socks, vec![PathBuf::from("/tmp/a.sock")]);
     }
 }

@@ -19,6 +19,7 @@ use tokio::net::UnixListener;
 pub mod cli;
 pub mod exports;
 pub mod fds;
+pub mod keyval;
 pub mod machine;
 pub mod qmp;
 pub mod schema;
@@ -447,7 +448,12 @@ where
                 let _ = std::fs::remove_file(p);
             }
         };
-        let nbd_server = match args.nbd_server.as_deref().map(cli::option_arg).transpose() {
+        let nbd_server = match args
+            .nbd_server
+            .as_deref()
+            .map(cli::nbd_server_arg)
+            .transpose()
+        {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("blockd: --nbd-server: {e}");
@@ -457,7 +463,7 @@ where
         };
         let mut exports = Vec::new();
         for x in &args.export {
-            match cli::option_arg(x) {
+            match cli::export_arg(x) {
                 Ok(v) => exports.push(v),
                 Err(e) => {
                     eprintln!("blockd: --export {x}: {e}");
