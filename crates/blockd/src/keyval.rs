@@ -47,9 +47,18 @@ pub fn parse(params: &str, implied_key: Option<&str>) -> Result<Map<String, Valu
     if help {
         return Err("Help is not available for this option".into());
     }
+    listify_root(root)
+}
+
+/// Turns the objects of a tree whose keys are all indexes into lists
+/// (QEMU's `keyval_listify`), for options nested from dotted keys by
+/// other means (`--drive`).
+pub fn listify_root(root: Map<String, Value>) -> Result<Map<String, Value>, String> {
     match listify(root, &mut Vec::new())? {
         Value::Object(m) => Ok(m),
-        _ => unreachable!("the root's keys are names, never indexes"),
+        // A root of indexes only: QEMU's keys never start with one.
+        Value::Array(_) => Err("Invalid parameter '0'".into()),
+        _ => unreachable!("listify returns an object or a list"),
     }
 }
 

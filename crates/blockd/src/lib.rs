@@ -134,12 +134,11 @@ impl Server {
             sockets: sockets.to_vec(),
         };
         for b in blockdevs {
-            let args = if b.keyval {
-                schema.coerce_keyval("blockdev-add", b.value.clone())
-            } else {
-                b.value.clone()
+            let added = match keyval_args(&schema, "blockdev-add", b) {
+                Ok(args) => server.qmp.execute("blockdev-add", args).await,
+                Err(e) => Err(e),
             };
-            if let Err(e) = server.qmp.execute("blockdev-add", args).await {
+            if let Err(e) = added {
                 server.shutdown("host-signal").await;
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
             }
@@ -155,12 +154,11 @@ impl Server {
             }
         }
         for x in exports {
-            let args = if x.keyval {
-                schema.coerce_keyval("block-export-add", x.value.clone())
-            } else {
-                x.value.clone()
+            let added = match keyval_args(&schema, "block-export-add", x) {
+                Ok(args) => server.qmp.execute("block-export-add", args).await,
+                Err(e) => Err(e),
             };
-            if let Err(e) = server.qmp.execute("block-export-add", args).await {
+            if let Err(e) = added {
                 server.shutdown("host-signal").await;
                 return Err(StartError(format!("--export: {}", e.desc)));
             }
@@ -196,14 +194,12 @@ impl Server {
         schema: &blockd_qmp::schema::Schema,
         n: &cli::OptionArgs,
     ) -> Result<(), String> {
-        let v = if n.keyval {
-            schema.coerce_keyval_type("NbdServerOptions", n.value.clone())
+        let mut v = if n.keyval {
+            schema.check_value_keyval("NbdServerOptions", &n.value)
         } else {
-            n.value.clone()
-        };
-        let mut v = schema
-            .check_value("NbdServerOptions", &v)
-            .map_err(|e| e.desc)?;
+            schema.check_value("NbdServerOptions", &n.value)
+        }
+        .map_err(|e| e.desc)?;
         // The flat address becomes the legacy {type, data} form.
         if let Some(Value::Object(mut addr)) = v.get_mut("addr").map(Value::take) {
             let ty = addr.remove("type").unwrap_or(Value::Null);
@@ -247,6 +243,20 @@ impl Server {
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// The arguments of `command` from a command-line option: `key=value`
+/// options are checked (and typed) in keyval mode, as qemu-storage-daemon
+/// visits them, before the command checks them again as JSON.
+fn keyval_args(
+    schema: &blockd_qmp::schema::Schema,
+    command: &str,
+    o: &cli::OptionArgs,
+) -> Result<Value, blockd_qmp::QmpError> {
+    match &o.value {
+        Value::Object(m) if o.keyval => schema.check_command_args_keyval(command, m),
+        v => Ok(v.clone()),
     }
 }
 

@@ -354,6 +354,21 @@ fn bad_blockdev_stops_start_up() {
             "Parameter 'driver' does not accept value 'nope'",
         ),
         ("{\"driver\": \"null-co\"", "invalid JSON"),
+        // Keyval values are read as qemu-storage-daemon 10.0.2 reads them,
+        // with its messages.
+        (
+            "null-co,node-name=n0,size=1.5k",
+            "Parameter 'size' expects integer",
+        ),
+        (
+            "null-co,node-name=n0,read-only=maybe",
+            "Parameter 'read-only' expects 'on' or 'off'",
+        ),
+        (
+            "null-co,node-name=n0,size.x=1",
+            "Parameters 'size.*' are unexpected",
+        ),
+        ("raw,node-name=r,offset=x", "Parameter 'file' is missing"),
     ] {
         let o = run(&["--qmp", sock.to_str().unwrap(), "--blockdev", arg]);
         assert_eq!(o.status.code(), Some(1), "{arg}");

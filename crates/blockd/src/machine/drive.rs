@@ -91,12 +91,12 @@ fn unknown_driver(name: &str) -> BlockError {
 /// Checks options against the schema and types them.
 fn typed(v: Value, keyval: bool, format: &str) -> Result<BlockdevOptions, BlockError> {
     let s = schema();
-    let v = if keyval {
-        s.coerce_keyval_type("BlockdevOptions", v)
+    let checked = if keyval {
+        s.check_value_keyval("BlockdevOptions", &v)
     } else {
-        v
+        s.check_value("BlockdevOptions", &v)
     };
-    let v = s.check_value("BlockdevOptions", &v).map_err(|e| {
+    let v = checked.map_err(|e| {
         let msg = match e.desc.strip_prefix("Parameter '") {
             Some(rest) if rest.ends_with("' is unexpected") => {
                 let opt = &rest[..rest.len() - "' is unexpected".len()];
@@ -272,6 +272,7 @@ async fn open_without_file(
     for (k, v) in &spec.file_opts {
         nest(&mut top, &format!("file.{k}"), v.clone());
     }
+    let top = crate::keyval::listify_root(top).map_err(BlockError::invalid)?;
     let opts = typed(Value::Object(top), spec.keyval, driver)?;
     Ok((
         blockd_drivers::open_implicit(graph, env, opts).await?,
