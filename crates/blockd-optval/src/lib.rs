@@ -11,6 +11,7 @@
 //! | `qemu_strtoi64(s, NULL, 0, ..)` | [`strtoi64`] | C's `strtoll` with base 0 |
 //! | `parse_uint_full` | [`parse_uint_full`] | `strtoull` in a given base, negative numbers refused |
 //! | `qemu_strtod_finite(s, NULL, ..)` | [`strtod_finite`] | a finite decimal floating-point number |
+//! | `qemu_parse_fd` | [`parse_fd`] | `strtol` in base 10, 0 to `INT_MAX` (`/dev/fdset/N`) |
 //! | `qapi_bool_parse` (`qapi/qapi-util.c`) | [`parse_bool`] | `on`/`yes`/`true`/`y` and `off`/`no`/`false`/`n`, case-sensitive |
 //!
 //! Every function reads the whole string, as QEMU's callers that pass no
@@ -45,7 +46,7 @@ mod size;
 #[cfg(test)]
 mod tests;
 
-pub use num::{parse_uint_full, strtod_finite, strtoi64, strtou64};
+pub use num::{parse_fd, parse_uint_full, strtod_finite, strtoi64, strtou64};
 pub use size::strtosz;
 
 /// Why a string is not a valid value (QEMU's `-EINVAL` and `-ERANGE`).

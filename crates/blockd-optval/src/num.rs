@@ -123,6 +123,17 @@ pub fn parse_uint_full(s: &str, base: u32) -> Result<u64, NumError> {
     Ok(sc.mag)
 }
 
+/// QEMU's `qemu_parse_fd` (also `qemu_parse_fdset`): C's `strtol` in base
+/// 10 over the whole string, with results below 0 or above `INT_MAX`
+/// refused. `None` where QEMU returns -1.
+pub fn parse_fd(s: &str) -> Option<i32> {
+    let sc = scan_all(s, 10).ok()?;
+    if sc.overflow || (sc.neg && sc.mag != 0) {
+        return None;
+    }
+    i32::try_from(sc.mag).ok()
+}
+
 /// QEMU's `qemu_strtod_finite(s, NULL, ..)`: a decimal floating-point
 /// number (leading white space, a sign, digits with an optional point and
 /// exponent) over the whole string. Infinities and NaN are invalid; a

@@ -180,6 +180,18 @@ fn integer_table() {
 }
 
 #[test]
+fn file_descriptors() {
+    assert_eq!(parse_fd("3"), Some(3));
+    assert_eq!(parse_fd(" +3"), Some(3));
+    assert_eq!(parse_fd("010"), Some(10));
+    assert_eq!(parse_fd("-0"), Some(0));
+    assert_eq!(parse_fd("2147483647"), Some(i32::MAX));
+    for bad in ["", "-1", "2147483648", "0x3", "3 ", "x"] {
+        assert_eq!(parse_fd(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
 fn floats() {
     assert_eq!(strtod_finite("1.5"), Ok(1.5));
     assert_eq!(strtod_finite(" -2e3"), Ok(-2000.0));
