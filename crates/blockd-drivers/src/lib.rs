@@ -1,6 +1,8 @@
 //! Block drivers for blockd, one module each, all implementing
 //! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
-//! nodes for `blockdev-add`, and [`options`], the typed options.
+//! nodes for `blockdev-add`, [`implicit`], which opens an image by file
+//! name (a medium, a backing file: protocol node, probe, format node), and
+//! [`options`], the typed options.
 //!
 //! Drivers only ever see aligned, bounds-checked requests: the core's
 //! request layer pads and serialises for them.
@@ -8,10 +10,12 @@
 pub mod blkdebug;
 pub mod create;
 pub mod file;
+pub mod implicit;
 pub mod null;
 pub mod open;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
 
+pub use implicit::{open_image, ImageRequest, OpenedImage};
 pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};

@@ -3,20 +3,22 @@
 //!
 //! A medium is opened in two steps, as QEMU does: the protocol node first
 //! (`file`), then — after reading its first sector to guess the format if
-//! none was given — the format node on top of it. Both are implicit nodes
-//! (generated names unless `node-name` is given, not owned by the
-//! monitor), so they leave the graph with the backend that uses them.
-//! A raw format that was guessed protects the first sector against writes
-//! that would make the image look like another format, and a warning is
+//! none was given — the format node on top of it; that is the drivers'
+//! implicit open path ([`blockd_drivers::implicit`]), which backing files
+//! take too. This module builds the options of both nodes and types them
+//! against the schema. Both are implicit nodes (generated names unless
+//! `node-name` is given, not owned by the monitor), so they leave the
+//! graph with the backend that uses them. A raw format that was guessed
+//! protects the first sector against writes that would make the image
+//! look like another format (the backend's guard), and a warning is
 //! printed, as QEMU does.
 
 use std::sync::{Arc, OnceLock};
 
 use blockd_core::backend::{OnError, RootState};
-use blockd_core::probe::{matches_format, probe_format, PROBE_BUF_SIZE};
 use blockd_core::{BlockError, BlockGraph, BlockNode, DetectZeroes, Perm, PermPair};
 use blockd_drivers::options::BlockdevOptions;
-use blockd_drivers::Env;
+use blockd_drivers::{Env, ImageRequest};
 use blockd_optval::qemu_opts;
 use blockd_qmp::schema::{Schema, TypeDef};
 use serde_json::{json, Map, Value};
@@ -131,7 +133,8 @@ fn common(spec: &MediumSpec, read_only: bool) -> Map<String, Value> {
     m
 }
 
-/// Opens a medium: protocol node, probing, format node. Returns the node
+/// Opens a medium: protocol node, probing, format node (the drivers'
+/// implicit open path, [`blockd_drivers::open_image`]). Returns the node
 /// and whether its raw format was guessed.
 pub async fn open_medium(
     graph: &BlockGraph,
@@ -163,66 +166,37 @@ pub async fn open_medium(
             proto.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
         }
     }
-    let opts = typed(Value::Object(proto), spec.keyval, "file")?;
-    let file = blockd_drivers::open_implicit(graph, env, opts).await?;
+    let protocol = typed(Value::Object(proto), spec.keyval, "file")?;
     if protocol_only {
-        return Ok((file, false));
+        return Ok((
+            blockd_drivers::open_implicit(graph, env, protocol).await?,
+            false,
+        ));
     }
-    let fail = |e: BlockError| async {
-        crate::machine::close_nodes(graph.release(&file)).await;
-        Err(e)
+    let request = ImageRequest {
+        protocol,
+        format: spec.format.clone(),
     };
-    let probe_len = file.length().min(PROBE_BUF_SIZE as u64) as usize;
-    let head = match file.read(0, probe_len).await {
-        Ok(b) => b,
-        Err(e) => {
-            return fail(BlockError::io(
-                "Could not read image for determining its format",
-                e,
-            ))
-            .await
+    let image = blockd_drivers::open_image(graph, env, request, |format, file| {
+        if !known_driver(format) {
+            return Err(unknown_driver(format));
         }
-    };
-    let (format, probed) = match &spec.format {
-        Some(f) => {
-            if f == "qcow2" && !matches_format(f, &head) {
-                return fail(BlockError::invalid("Image is not in qcow2 format")).await;
-            }
-            (f.clone(), false)
+        let mut top = common(spec, file.read_only());
+        top.insert("driver".into(), format.into());
+        top.insert("file".into(), file.name().into());
+        if let Some(n) = &spec.node_name {
+            top.insert("node-name".into(), n.clone().into());
         }
-        None => (probe_format(&head).unwrap_or("raw").to_string(), true),
-    };
-    if !known_driver(&format) {
-        return fail(unknown_driver(&format)).await;
-    }
-    let mut top = common(spec, file.read_only());
-    top.insert("driver".into(), format.clone().into());
-    top.insert("file".into(), file.name().into());
-    if let Some(n) = &spec.node_name {
-        top.insert("node-name".into(), n.clone().into());
-    }
-    if spec.detect_zeroes != DetectZeroes::Off {
-        top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
-    }
-    for (k, v) in &spec.format_opts {
-        top.insert(k.clone(), v.clone());
-    }
-    let opts = match typed(Value::Object(top), spec.keyval, &fmt_name) {
-        Ok(o) => o,
-        Err(e) => return fail(e).await,
-    };
-    let node = match blockd_drivers::open_implicit(graph, env, opts).await {
-        Ok(n) => n,
-        Err(e) => return fail(e).await,
-    };
-    let probed_raw = probed && format == "raw";
-    if probed_raw && !node.read_only() {
-        eprintln!(
-            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
-            file.filename()
-        );
-    }
-    Ok((node, probed_raw))
+        if spec.detect_zeroes != DetectZeroes::Off {
+            top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
+        }
+        for (k, v) in &spec.format_opts {
+            top.insert(k.clone(), v.clone());
+        }
+        typed(Value::Object(top), spec.keyval, &fmt_name)
+    })
+    .await?;
+    Ok((image.node, image.probed_raw))
 }
 
 /// Puts `a.b.c = v` into nested objects.
