@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use blockd_qmp::json::Limits;
 use blockd_qmp::schema::schema_info;
-use blockd_qmp::{EventBus, QmpServer, ServerConfig};
+use blockd_qmp::{EventBus, QmpServer, ServerConfig, ShutdownCause};
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
 pub mod cli;
+pub mod events;
 pub mod exports;
 pub mod fds;
 pub mod keyval;
@@ -139,17 +140,17 @@ impl Server {
                 Err(e) => Err(e),
             };
             if let Err(e) = added {
-                server.shutdown("host-signal").await;
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
             }
         }
         if let Err(e) = server.start_machine(drives, devices).await {
-            server.shutdown("host-signal").await;
+            server.shutdown(ShutdownCause::HostSignal).await;
             return Err(StartError(e));
         }
         if let Some(n) = nbd_server {
             if let Err(e) = server.start_nbd_option(&schema, n).await {
-                server.shutdown("host-signal").await;
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--nbd-server: {e}")));
             }
         }
@@ -159,7 +160,7 @@ impl Server {
                 Err(e) => Err(e),
             };
             if let Err(e) = added {
-                server.shutdown("host-signal").await;
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--export: {}", e.desc)));
             }
         }
@@ -216,15 +217,15 @@ impl Server {
     pub async fn run_until_shutdown(self, mut signals: Signals) {
         let reason = tokio::select! {
             r = self.state.shutdown_requested() => r,
-            _ = signals.recv() => "host-signal",
+            _ = signals.recv() => ShutdownCause::HostSignal,
         };
-        tracing::info!(reason, "shutting down");
+        tracing::info!(?reason, "shutting down");
         self.shutdown(reason).await;
     }
 
     /// Shuts down: answers received commands, sends `SHUTDOWN`, closes
     /// clients, removes the sockets.
-    pub async fn shutdown(self, reason: &str) {
+    pub async fn shutdown(self, reason: ShutdownCause) {
         self.qmp.shutdown(reason).await;
         // Takes the control-plane lock around each cancel only: cancelled
         // jobs finalize under it on their own tasks, so it must not be held
