@@ -31,15 +31,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use blockd_core::probe::{matches_format, probe_format, read_head};
-use blockd_core::{BlockError, BlockGraph, BlockNode, ChildRole};
+use blockd_core::{BlockError, BlockGraph, BlockNode};
 
 use crate::open::{check_tree, insert_opened, open_node, Inherit};
 use crate::options::BlockdevOptions;
 use crate::Env;
-
-/// The role the format drivers give their `file` child.
-pub(crate) const FILE_ROLE: ChildRole =
-    ChildRole(ChildRole::DATA.0 | ChildRole::METADATA.0 | ChildRole::PRIMARY.0);
 
 /// An image to open by file name.
 #[derive(Debug, Clone)]

@@ -177,11 +177,13 @@ impl OpenCtx<'_> {
                         "Could not open backing file: the backing chain is deeper than {MAX_BACKING_DEPTH} images"
                     )));
                 }
+                let backing_err = |e: BlockError| BlockError {
+                    msg: format!("Could not open backing file: {}", e.msg),
+                    ..e
+                };
                 // The driver is looked up before anything is opened.
-                if let Some(f) = format.filter(|f| !DriverOptions::NAMES.contains(f)) {
-                    return Err(BlockError::invalid(format!(
-                        "Could not open backing file: Unknown driver '{f}'"
-                    )));
+                if let Some(f) = format {
+                    backing_options(f, "").map_err(backing_err)?;
                 }
                 // QEMU's bdrv_backing_options: the backing node is read-only
                 // (and so never written, even when probing guessed raw),
@@ -192,7 +194,9 @@ impl OpenCtx<'_> {
                     read_only: true,
                     ..inherit.resolve()
                 };
-                let file_inherit = Inherit::from_parent(&backing_node, crate::implicit::FILE_ROLE);
+                // (The file is the format node's primary child, never its COW
+                // child: the only role that changes what a child inherits.)
+                let file_inherit = Inherit::from_parent(&backing_node, ChildRole::PRIMARY);
                 let protocol: BlockdevOptions =
                     serde_json::from_value(serde_json::json!({"driver": "file", "filename": path}))
                         .map_err(|e| BlockError::invalid(format!("internal error: {e}")))?;
@@ -211,20 +215,10 @@ impl OpenCtx<'_> {
                     file_inherit,
                     inherit,
                     request,
-                    |fmt: &str, file: &BlockNode| {
-                        serde_json::from_value(serde_json::json!({
-                            "driver": fmt,
-                            "read-only": true,
-                            "file": file.name(),
-                        }))
-                        .map_err(|_| BlockError::invalid(format!("Unknown driver '{fmt}'")))
-                    },
+                    |fmt: &str, file: &BlockNode| backing_options(fmt, file.name()),
                 )
                 .await
-                .map_err(|e| BlockError {
-                    msg: format!("Could not open backing file: {}", e.msg),
-                    ..e
-                })?;
+                .map_err(backing_err)?;
                 let edge = Child::new_inheriting("backing", role, opened.node);
                 self.children.push(edge.clone());
                 return Ok(Some(edge));
@@ -232,6 +226,18 @@ impl OpenCtx<'_> {
         };
         self.open_child("backing", child, role).await.map(Some)
     }
+}
+
+/// The options of a backing node opened from an image header: `format`
+/// over the protocol node `file`, read-only. An unknown format is QEMU's
+/// "Unknown driver 'FMT'".
+fn backing_options(format: &str, file: &str) -> Result<BlockdevOptions, BlockError> {
+    serde_json::from_value(serde_json::json!({
+        "driver": format,
+        "read-only": true,
+        "file": file,
+    }))
+    .map_err(|_| BlockError::invalid(format!("Unknown driver '{format}'")))
 }
 
 /// Options a child takes from its parent unless it sets them itself.
