@@ -1,11 +1,23 @@
 //! Image format probing: which format the first bytes of an image look like
-//! (QEMU's `bdrv_probe_all` over the drivers' `bdrv_probe` callbacks).
+//! (QEMU's `find_image_format`: `bdrv_probe_all` over the drivers'
+//! `bdrv_probe` callbacks).
+//!
+//! [`probe_node`] reads the first sector through the protocol node that was
+//! opened for the image (so the read is the driver's: off the event loop,
+//! with the node's alignment, descriptor and locks), and [`probe_format`]
+//! looks at it. This is the one prober: the implicit open path of the
+//! drivers (`blockd_drivers::implicit`) uses it for media and backing
+//! files alike.
 //!
 //! Only signatures are checked; a buffer no format claims is raw. Raw
 //! images whose format was guessed get their first sector protected: a
 //! write that would make them probe as another format is refused, so a
 //! guest cannot turn a raw image into, say, a qcow2 header that names a
 //! host file as its backing file.
+
+use bytes::Bytes;
+
+use crate::{BlockError, BlockNode};
 
 /// How many bytes probing looks at (QEMU's `BLOCK_PROBE_BUF_SIZE`).
 pub const PROBE_BUF_SIZE: usize = 512;
@@ -49,6 +61,22 @@ pub fn probe_format(buf: &[u8]) -> Option<&'static str> {
         return Some("vdi");
     }
     None
+}
+
+/// The first sector of the image behind `node` (up to [`PROBE_BUF_SIZE`]
+/// bytes; fewer for a shorter image, none for an empty one), read through
+/// the node.
+pub async fn read_head(node: &BlockNode) -> Result<Bytes, BlockError> {
+    let len = node.length().min(PROBE_BUF_SIZE as u64) as usize;
+    node.read(0, len)
+        .await
+        .map_err(|e| BlockError::io("Could not read image for determining its format", e))
+}
+
+/// The format of the image behind `node`, `raw` if its first sector has no
+/// known signature.
+pub async fn probe_node(node: &BlockNode) -> Result<&'static str, BlockError> {
+    Ok(probe_format(&read_head(node).await?).unwrap_or("raw"))
 }
 
 /// The signature check of one format, for opening an image with an

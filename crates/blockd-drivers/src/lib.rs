@@ -1,7 +1,9 @@
 //! Block drivers for blockd, one module each, all implementing
 //! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
-//! nodes for `blockdev-add`, [`reopen`], which turns `blockdev-reopen`'s
-//! options into a reopen of the graph, and [`options`], the typed options.
+//! nodes for `blockdev-add`, [`implicit`], which opens an image by file
+//! name (a medium, a backing file: protocol node, probe, format node),
+//! [`reopen`], which turns `blockdev-reopen`'s options into a reopen of the
+//! graph, and [`options`], the typed options.
 //!
 //! Drivers only ever see aligned, bounds-checked requests: the core's
 //! request layer pads and serialises for them.
@@ -9,6 +11,7 @@
 pub mod blkdebug;
 pub mod create;
 pub mod file;
+pub mod implicit;
 pub mod null;
 pub mod open;
 pub mod options;
@@ -16,5 +19,6 @@ pub mod qcow2;
 pub mod raw;
 pub mod reopen;
 
+pub use implicit::{open_image, ImageRequest, OpenedImage};
 pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};
 pub use reopen::blockdev_reopen;

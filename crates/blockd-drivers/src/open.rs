@@ -11,6 +11,13 @@
 //!
 //! If any step fails, every node opened so far is closed and the graph is
 //! unchanged.
+//!
+//! A backing file that an image header names ([`OpenCtx::open_backing`]
+//! without options) is opened by file name, through the implicit open
+//! path ([`crate::implicit`]): its protocol node, a probe of its first
+//! sector, its format node; the format node's options reference the
+//! protocol node, which [`OpenCtx`] resolves from the nodes opened for it
+//! (`preopened`) before looking in the graph.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -65,6 +72,9 @@ pub struct OpenCtx<'a> {
     /// Image files of the overlays above this node in an implicitly
     /// opened backing chain (loop and depth detection).
     backing_chain: Vec<String>,
+    /// Nodes opened for this node before it (the protocol node of an
+    /// image opened by file name), which its options name as references.
+    preopened: Vec<Arc<BlockNode>>,
 }
 
 /// QEMU's `path_combine`: a relative backing file name is relative to the
@@ -76,16 +86,6 @@ pub fn resolve_backing_path(overlay: &str, name: &str) -> String {
     match overlay.rfind('/') {
         Some(i) => format!("{}{name}", &overlay[..=i]),
         None => name.to_string(),
-    }
-}
-
-/// QEMU's probe, reduced to what blockd opens: qcow2 by its magic, else raw.
-fn probe_format(path: &str) -> &'static str {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)) {
-        Ok(()) if magic == *b"QFI\xfb" => "qcow2",
-        _ => "raw",
     }
 }
 
@@ -110,10 +110,18 @@ impl OpenCtx<'_> {
     ) -> Result<ChildRef, BlockError> {
         let edge = match child {
             BlockdevRef::Reference(r) => {
-                let node = self.graph.get(&r).ok_or_else(|| {
-                    BlockError::not_found(format!("Cannot find device='{r}' nor node-name='{r}'"))
-                })?;
-                Child::new(name, role, node)
+                if let Some(node) = self.preopened.iter().find(|n| n.name() == r) {
+                    // Opened for this node: it inherits, as QEMU's
+                    // implicitly opened `file` does.
+                    Child::new_inheriting(name, role, node.clone())
+                } else {
+                    let node = self.graph.get(&r).ok_or_else(|| {
+                        BlockError::not_found(format!(
+                            "Cannot find device='{r}' nor node-name='{r}'"
+                        ))
+                    })?;
+                    Child::new(name, role, node)
+                }
             }
             BlockdevRef::Definition(opts) => {
                 let inherit = Inherit::from_parent(&self.node, role);
@@ -125,6 +133,7 @@ impl OpenCtx<'_> {
                     inherit,
                     self.created.clone(),
                     chain,
+                    Vec::new(),
                 )
                 .await?;
                 Child::new_inheriting(name, role, node)
@@ -168,38 +177,67 @@ impl OpenCtx<'_> {
                         "Could not open backing file: the backing chain is deeper than {MAX_BACKING_DEPTH} images"
                     )));
                 }
-                let fmt = format.unwrap_or_else(|| probe_format(&path)).to_string();
-                let opts = serde_json::json!({
-                    "driver": fmt,
-                    "read-only": true,
-                    "file": {"driver": "file", "filename": path},
-                });
-                let opts: BlockdevOptions = serde_json::from_value(opts).map_err(|_| {
-                    BlockError::invalid(format!(
-                        "Could not open backing file: Unknown driver '{fmt}'"
-                    ))
-                })?;
-                let inherit = Inherit::from_parent(&self.node, role);
-                let node = open_node(
-                    self.graph,
-                    self.env,
-                    opts,
-                    inherit,
-                    self.created.clone(),
-                    chain,
-                )
-                .await
-                .map_err(|e| BlockError {
+                let backing_err = |e: BlockError| BlockError {
                     msg: format!("Could not open backing file: {}", e.msg),
                     ..e
-                })?;
-                let edge = Child::new_inheriting("backing", role, node);
+                };
+                // The driver is looked up before anything is opened.
+                if let Some(f) = format {
+                    backing_options(f, "").map_err(backing_err)?;
+                }
+                // QEMU's bdrv_backing_options: the backing node is read-only
+                // (and so never written, even when probing guessed raw),
+                // over what it inherits from the overlay; its file
+                // inherits from it.
+                let inherit = Inherit::from_parent(&self.node, role);
+                let backing_node = NodeOptions {
+                    read_only: true,
+                    ..inherit.resolve()
+                };
+                // (The file is the format node's primary child, never its COW
+                // child: the only role that changes what a child inherits.)
+                let file_inherit = Inherit::from_parent(&backing_node, ChildRole::PRIMARY);
+                let protocol: BlockdevOptions =
+                    serde_json::from_value(serde_json::json!({"driver": "file", "filename": path}))
+                        .map_err(|e| BlockError::invalid(format!("internal error: {e}")))?;
+                let request = crate::implicit::ImageRequest {
+                    protocol,
+                    format: format.map(str::to_string),
+                };
+                let tree = crate::implicit::Tree {
+                    graph: self.graph,
+                    env: self.env,
+                    created: self.created.clone(),
+                    backing_chain: chain,
+                };
+                let opened = crate::implicit::open_image_in(
+                    &tree,
+                    file_inherit,
+                    inherit,
+                    request,
+                    |fmt: &str, file: &BlockNode| backing_options(fmt, file.name()),
+                )
+                .await
+                .map_err(backing_err)?;
+                let edge = Child::new_inheriting("backing", role, opened.node);
                 self.children.push(edge.clone());
                 return Ok(Some(edge));
             }
         };
         self.open_child("backing", child, role).await.map(Some)
     }
+}
+
+/// The options of a backing node opened from an image header: `format`
+/// over the protocol node `file`, read-only. An unknown format is QEMU's
+/// "Unknown driver 'FMT'".
+fn backing_options(format: &str, file: &str) -> Result<BlockdevOptions, BlockError> {
+    serde_json::from_value(serde_json::json!({
+        "driver": format,
+        "read-only": true,
+        "file": file,
+    }))
+    .map_err(|_| BlockError::invalid(format!("Unknown driver '{format}'")))
 }
 
 /// Options a child takes from its parent unless it sets them itself.
@@ -214,7 +252,7 @@ pub(crate) struct Inherit {
 }
 
 impl Inherit {
-    fn from_parent(p: &NodeOptions, role: ChildRole) -> Inherit {
+    pub(crate) fn from_parent(p: &NodeOptions, role: ChildRole) -> Inherit {
         Inherit {
             read_only: Some(p.read_only || role.has(ChildRole::COW)),
             auto_read_only: Some(p.auto_read_only && !role.has(ChildRole::COW)),
@@ -224,6 +262,19 @@ impl Inherit {
             // Lower layers default to passing discards down; the parent's
             // own policy decides what reaches them.
             discard_unmap: true,
+        }
+    }
+
+    /// The options of a node that sets none itself.
+    pub(crate) fn resolve(self) -> NodeOptions {
+        NodeOptions {
+            read_only: self.read_only.unwrap_or(false),
+            auto_read_only: self.auto_read_only.unwrap_or(false),
+            detect_zeroes: DetectZeroes::Off,
+            discard_unmap: self.discard_unmap,
+            cache_direct: self.direct.unwrap_or(false),
+            cache_no_flush: self.no_flush.unwrap_or(false),
+            force_share: self.force_share.unwrap_or(false),
         }
     }
 }
@@ -262,7 +313,7 @@ async fn open_tree(
     opts: BlockdevOptions,
     monitor_owned: bool,
 ) -> Result<Arc<BlockNode>, BlockError> {
-    check_tree(graph, &opts, &mut HashSet::new())?;
+    check_tree(graph, &opts, &[], &mut HashSet::new())?;
     let created = Arc::new(Mutex::new(Vec::new()));
     let opened = open_node(
         graph,
@@ -271,8 +322,21 @@ async fn open_tree(
         Inherit::default(),
         created.clone(),
         Vec::new(),
+        Vec::new(),
     )
     .await;
+    insert_opened(graph, created, opened, monitor_owned).await
+}
+
+/// The end of an open: inserts every node it `created` into the graph in
+/// one step, with its root; if the open or the insertion failed, closes
+/// them all instead.
+pub(crate) async fn insert_opened(
+    graph: &BlockGraph,
+    created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
+    opened: Result<Arc<BlockNode>, BlockError>,
+    monitor_owned: bool,
+) -> Result<Arc<BlockNode>, BlockError> {
     let root = match opened {
         Ok(r) => r,
         Err(e) => {
@@ -300,9 +364,12 @@ async fn close_all(created: Arc<Mutex<Vec<Arc<BlockNode>>>>) {
 }
 
 /// Checks names, references and static driver options of a whole tree.
-fn check_tree(
+/// References may name graph nodes or the `pending` nodes (opened for the
+/// tree's root, not yet in the graph).
+pub(crate) fn check_tree(
     graph: &BlockGraph,
     opts: &BlockdevOptions,
+    pending: &[Arc<BlockNode>],
     names: &mut HashSet<String>,
 ) -> Result<(), BlockError> {
     if let Some(n) = &opts.node_name {
@@ -322,7 +389,7 @@ fn check_tree(
     let mut check_ref = |r: &BlockdevRef| -> Result<(), BlockError> {
         match r {
             BlockdevRef::Reference(name) => {
-                if graph.contains(name) {
+                if graph.contains(name) || pending.iter().any(|n| n.name() == name) {
                     Ok(())
                 } else {
                     Err(BlockError::not_found(format!(
@@ -330,7 +397,7 @@ fn check_tree(
                     )))
                 }
             }
-            BlockdevRef::Definition(d) => check_tree(graph, d, names),
+            BlockdevRef::Definition(d) => check_tree(graph, d, pending, names),
         }
     };
     match &opts.driver {
@@ -349,7 +416,7 @@ fn check_tree(
                 Some(BlockdevRefOrNull::Reference(r)) => {
                     check_ref(&BlockdevRef::Reference(r.clone()))?
                 }
-                Some(BlockdevRefOrNull::Definition(d)) => check_tree(graph, d, names)?,
+                Some(BlockdevRefOrNull::Definition(d)) => check_tree(graph, d, pending, names)?,
                 _ => {}
             }
             crate::qcow2::check(q)
@@ -418,34 +485,36 @@ pub(crate) fn options_json(opts: &BlockdevOptions) -> serde_json::Value {
 
 pub(crate) fn node_options(opts: &BlockdevOptions, inherit: Inherit) -> NodeOptions {
     let cache = opts.cache.unwrap_or_default();
+    let own = Inherit {
+        read_only: opts.read_only.or(inherit.read_only),
+        auto_read_only: opts.auto_read_only.or(inherit.auto_read_only),
+        direct: cache.direct.or(inherit.direct),
+        no_flush: cache.no_flush.or(inherit.no_flush),
+        force_share: opts.force_share.or(inherit.force_share),
+        discard_unmap: opts
+            .discard
+            .map_or(inherit.discard_unmap, |d| d == Discard::Unmap),
+    };
     NodeOptions {
-        read_only: opts.read_only.or(inherit.read_only).unwrap_or(false),
-        auto_read_only: opts
-            .auto_read_only
-            .or(inherit.auto_read_only)
-            .unwrap_or(false),
         detect_zeroes: match opts.detect_zeroes.unwrap_or_default() {
             DetectZeroesOpt::Off => DetectZeroes::Off,
             DetectZeroesOpt::On => DetectZeroes::On,
             DetectZeroesOpt::Unmap => DetectZeroes::Unmap,
         },
-        discard_unmap: match opts.discard {
-            Some(d) => d == Discard::Unmap,
-            None => inherit.discard_unmap,
-        },
-        cache_direct: cache.direct.or(inherit.direct).unwrap_or(false),
-        cache_no_flush: cache.no_flush.or(inherit.no_flush).unwrap_or(false),
-        force_share: opts.force_share.or(inherit.force_share).unwrap_or(false),
+        ..own.resolve()
     }
 }
 
-fn open_node<'a>(
+/// Opens one node and (through its driver) its children; `preopened` are
+/// nodes opened for it that its options reference.
+pub(crate) fn open_node<'a>(
     graph: &'a BlockGraph,
     env: &'a Env,
     opts: BlockdevOptions,
     inherit: Inherit,
     created: Arc<Mutex<Vec<Arc<BlockNode>>>>,
     backing_chain: Vec<String>,
+    preopened: Vec<Arc<BlockNode>>,
 ) -> BoxFuture<'a, Result<Arc<BlockNode>, BlockError>> {
     Box::pin(async move {
         let (name, auto) = match &opts.node_name {
@@ -468,6 +537,7 @@ fn open_node<'a>(
             children: Children::new(),
             created: created.clone(),
             backing_chain,
+            preopened,
         };
         let driver: Box<dyn BlockDriver> = match opts.driver {
             DriverOptions::File(f) => {

@@ -47,11 +47,11 @@ fn check_window(offset: u64, size: Option<u64>, real: u64) -> Result<(), BlockEr
 
 /// Checks the options that need no child.
 pub fn check(o: &RawOptions) -> Result<(), BlockError> {
+    // QEMU's runtime options read them as QemuOpts sizes.
     for (name, v) in [("offset", o.offset), ("size", o.size)] {
-        if let Some(v) = v.filter(|&v| v < 0) {
-            return Err(BlockError::invalid(format!(
-                "Value '{v}' is out of range for parameter '{name}'"
-            )));
+        if let Some(v) = v {
+            blockd_optval::qemu_opts::parse_size(name, &v.to_string())
+                .map_err(BlockError::invalid)?;
         }
     }
     Ok(())

@@ -4,12 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Inner;
 use crate::events::{
-    BlockErrorAction, BlockdevOnError, IoOperationType, IoStatus, BLOCK_JOB_ERROR, BLOCK_JOB_READY,
+    BlockErrorAction, BlockJobError, BlockJobReady, BlockdevOnError, IoOperationType, IoStatus,
 };
 use crate::record::{transition, JobKey, JobShared};
 use crate::status::{JobStatus, JobType};
@@ -176,7 +175,7 @@ impl JobCtx {
                 return;
             }
             if transition(rec, JobStatus::Ready, events) && rec.job_type.is_block_job() {
-                events.push(BLOCK_JOB_READY, rec.progress_event());
+                events.push(BlockJobReady(rec.progress_event()));
             }
         });
     }
@@ -195,14 +194,11 @@ impl JobCtx {
     ) -> BlockErrorAction {
         let action = BlockErrorAction::for_error(on_error, is_enospc);
         self.inner.with_job(self.key, |rec, events| {
-            events.push(
-                BLOCK_JOB_ERROR,
-                json!({
-                    "device": rec.id,
-                    "operation": operation.as_str(),
-                    "action": action.as_str(),
-                }),
-            );
+            events.push(BlockJobError {
+                device: rec.id.clone(),
+                operation,
+                action,
+            });
             if action == BlockErrorAction::Stop {
                 if !rec.user_paused {
                     rec.pause();

@@ -22,12 +22,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, ThreadId};
 
 use blockd_core::{ControlGuard, ControlLock};
-use serde_json::json;
 
 use crate::ctx::JobCtx;
 use crate::driver::{JobDriver, JobOptions};
 use crate::error::{JobError, CANCELED_MESSAGE};
-use crate::events::{JobEvents, BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_PENDING};
+use crate::events::{BlockJobCancelled, BlockJobPending, JobEvents};
 use crate::record::{transition, update_rc, EventQueue, JobKey, JobRecord, JobShared};
 use crate::status::{id_wellformed, JobStatus, JobType};
 use crate::unwind::{catch_panic, panic_message};
@@ -401,10 +400,10 @@ impl Inner {
                     if !rec.auto_finalize {
                         needs_finalize = true;
                         if rec.job_type.is_block_job() {
-                            events.push(
-                                BLOCK_JOB_PENDING,
-                                json!({"type": rec.job_type.as_str(), "id": rec.id}),
-                            );
+                            events.push(BlockJobPending {
+                                job_type: rec.job_type,
+                                id: rec.id.clone(),
+                            });
                         }
                     }
                 }
@@ -497,9 +496,9 @@ impl Inner {
             // Legacy events only for started block jobs.
             if rec.started && rec.job_type.is_block_job() {
                 if rec.force_cancel {
-                    events.push(BLOCK_JOB_CANCELLED, rec.progress_event());
+                    events.push(BlockJobCancelled(rec.progress_event()));
                 } else {
-                    events.push(BLOCK_JOB_COMPLETED, rec.completed_event());
+                    events.push(rec.completed_event());
                 }
             }
             rec.record_outcome();

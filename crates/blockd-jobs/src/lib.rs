@@ -174,9 +174,10 @@ pub use ctx::JobCtx;
 pub use driver::{FinalizeFuture, JobDriver, JobFuture, JobOptions};
 pub use error::{JobError, JobErrorClass, CANCELED_MESSAGE};
 pub use events::{
-    BlockErrorAction, BlockdevOnError, IoOperationType, IoStatus, JobEvents, NoEvents,
-    BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED, BLOCK_JOB_ERROR, BLOCK_JOB_PENDING, BLOCK_JOB_READY,
-    JOB_STATUS_CHANGE,
+    BlockErrorAction, BlockJobCancelled, BlockJobCompleted, BlockJobError, BlockJobPending,
+    BlockJobProgress, BlockJobReady, BlockdevOnError, IoOperationType, IoStatus, JobEvent,
+    JobEvents, JobStatusChange, NoEvents, BLOCK_JOB_CANCELLED, BLOCK_JOB_COMPLETED,
+    BLOCK_JOB_ERROR, BLOCK_JOB_PENDING, BLOCK_JOB_READY, JOB_STATUS_CHANGE,
 };
 pub use handle::JobHandle;
 pub use info::{BlockJobInfo, JobInfo};

@@ -4,13 +4,13 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::driver::{JobDriver, JobOptions};
 use crate::error::{JobError, CANCELED_MESSAGE};
-use crate::events::{IoStatus, JOB_STATUS_CHANGE};
+use crate::events::{BlockJobCompleted, BlockJobProgress, IoStatus, JobEvent, JobStatusChange};
 use crate::info::{BlockJobInfo, JobInfo};
 use crate::status::{JobStatus, JobType, JobVerb};
 
@@ -30,8 +30,10 @@ impl EventQueue {
         self.0.is_empty()
     }
 
-    pub(crate) fn push(&mut self, name: &'static str, data: Value) {
-        self.0.push_back((name, data));
+    pub(crate) fn push<E: JobEvent>(&mut self, event: E) {
+        let data = serde_json::to_value(&event)
+            .unwrap_or_else(|e| panic!("event {} does not serialise: {e}", E::NAME));
+        self.0.push_back((E::NAME, data));
     }
 
     pub(crate) fn pop(&mut self) -> Option<(&'static str, Value)> {
@@ -233,23 +235,22 @@ impl JobRecord {
     }
 
     /// Data of `BLOCK_JOB_READY` and `BLOCK_JOB_CANCELLED`.
-    pub(crate) fn progress_event(&self) -> Value {
-        json!({
-            "type": self.job_type.as_str(),
-            "device": self.id,
-            "len": self.progress_total,
-            "offset": self.progress_current,
-            "speed": self.speed,
-        })
+    pub(crate) fn progress_event(&self) -> BlockJobProgress {
+        BlockJobProgress {
+            job_type: self.job_type,
+            device: self.id.clone(),
+            len: self.progress_total,
+            offset: self.progress_current,
+            speed: self.speed,
+        }
     }
 
-    /// Data of `BLOCK_JOB_COMPLETED`: the progress, plus `error` on failure.
-    pub(crate) fn completed_event(&self) -> Value {
-        let mut data = self.progress_event();
-        if let (Some(msg), Some(obj)) = (&self.ret, data.as_object_mut()) {
-            obj.insert("error".into(), json!(msg));
+    /// `BLOCK_JOB_COMPLETED`: the progress, plus `error` on failure.
+    pub(crate) fn completed_event(&self) -> BlockJobCompleted {
+        BlockJobCompleted {
+            progress: self.progress_event(),
+            error: self.ret.clone(),
         }
-        data
     }
 
     /// Records the final result for [`crate::JobHandle::wait`].
@@ -282,10 +283,10 @@ pub(crate) fn try_transition(
     rec.status = to;
     rec.shared.status.send_replace(to);
     if from != to {
-        events.push(
-            JOB_STATUS_CHANGE,
-            json!({"id": rec.id, "status": to.as_str()}),
-        );
+        events.push(JobStatusChange {
+            id: rec.id.clone(),
+            status: to,
+        });
     }
     Ok(())
 }
@@ -325,6 +326,7 @@ mod tests {
     use crate::ctx::JobCtx;
     use crate::driver::JobFuture;
     use crate::events::JOB_STATUS_CHANGE;
+    use serde_json::json;
 
     struct Nop;
     impl JobDriver for Nop {
@@ -410,11 +412,17 @@ mod tests {
         rec.progress_total = 10;
         rec.progress_current = 4;
         rec.speed = 7;
+        let data = |rec: &JobRecord| serde_json::to_value(rec.completed_event()).unwrap();
         assert_eq!(
-            rec.completed_event(),
+            data(&rec),
             json!({"type": "stream", "device": "j", "len": 10, "offset": 4, "speed": 7})
         );
         rec.ret = Some("boom".into());
-        assert_eq!(rec.completed_event()["error"], "boom");
+        // The wire order: the progress, then `error`.
+        assert_eq!(
+            serde_json::to_string(&rec.completed_event()).unwrap(),
+            r#"{"type":"stream","device":"j","len":10,"offset":4,"speed":7,"error":"boom"}"#
+        );
+        assert_eq!(data(&rec)["error"], "boom");
     }
 }

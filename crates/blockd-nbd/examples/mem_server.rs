@@ -73,16 +73,14 @@ impl ExportIo for Mem {
     }
 }
 
+/// A size as QEMU's tools read one (`128M`, `1.5G`, `0x1000`).
 fn parse_size(s: &str) -> io::Result<u64> {
-    let (num, mul) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mul)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    blockd_optval::strtosz(s).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad size '{s}': {e:?}"),
+        )
+    })
 }
 
 #[tokio::main]

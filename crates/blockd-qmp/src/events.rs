@@ -1,4 +1,10 @@
-//! Event delivery to every negotiated client.
+//! Event delivery to every negotiated client, and the one way to emit an
+//! event: [`EventBus::send`] with a value of a type implementing [`Event`]
+//! (its name, and its `data` as the type serialises it), so that a call
+//! site cannot misspell an event or one of its members. Each event's type
+//! lives in the crate that emits it ([`Shutdown`] here, the server's
+//! events in `blockd::events`); the job layer types its own events and
+//! hands them over serialised through its sink ([`EventBus::forward`]).
 //!
 //! An event is encoded once and queued on each subscriber's outgoing queue,
 //! the same queue that carries its command replies, so an event emitted
@@ -11,12 +17,44 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::schema::Schema;
 use crate::wire;
+
+/// An event: a struct whose serialisation is the event's `data`, with the
+/// members named as on the wire (optional ones as `Option`s skipped when
+/// `None`), or a unit struct for an event without data.
+pub trait Event: Serialize {
+    /// The event's name on the wire.
+    const NAME: &'static str;
+}
+
+/// `ShutdownCause`: why the server shuts down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownCause {
+    /// The `quit` command.
+    HostQmpQuit,
+    /// SIGTERM or SIGINT (and a failed start-up).
+    HostSignal,
+}
+
+/// `SHUTDOWN`: sent once, after every received command was answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shutdown {
+    /// Always false: blockd has no guest.
+    pub guest: bool,
+    /// Why.
+    pub reason: ShutdownCause,
+}
+
+impl Event for Shutdown {
+    const NAME: &'static str = "SHUTDOWN";
+}
 
 struct Subscriber {
     id: u64,
@@ -66,8 +104,22 @@ impl EventBus {
     }
 
     /// Sends `{"event": NAME, "data": DATA, "timestamp": ...}` to every
-    /// subscriber. `data` is omitted when `None` (events without data).
-    pub fn emit(&self, name: &str, data: Option<Value>) {
+    /// subscriber; an event without data (a unit struct) has no `data`.
+    pub fn send<E: Event>(&self, event: &E) {
+        let data = serde_json::to_value(event)
+            .unwrap_or_else(|e| panic!("event {} does not serialise: {e}", E::NAME));
+        self.deliver(E::NAME, (!data.is_null()).then_some(data));
+    }
+
+    /// Sends an event that a crate below this one typed and serialised
+    /// itself: the job layer's events, which reach the server through its
+    /// `JobEvents` sink as a name and a `data` object. Checked against the
+    /// schema in debug builds, as every event is.
+    pub fn forward(&self, name: &str, data: Value) {
+        self.deliver(name, Some(data));
+    }
+
+    fn deliver(&self, name: &str, data: Option<Value>) {
         if cfg!(debug_assertions) {
             self.debug_check(name, data.as_ref());
         }

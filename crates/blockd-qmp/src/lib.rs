@@ -20,5 +20,5 @@ pub mod wire;
 
 pub use dispatch::{Ctx, Dispatcher, Empty, NoArgs, RawReply, Reply, Session};
 pub use error::{ErrorClass, QmpError};
-pub use events::EventBus;
+pub use events::{Event, EventBus, Shutdown, ShutdownCause};
 pub use server::{QmpServer, ServerConfig};

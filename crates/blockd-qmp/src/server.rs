@@ -27,6 +27,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
+
+use crate::events::{Shutdown, ShutdownCause};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -309,7 +311,7 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
     /// Stops the server: no new connections or input; commands already
     /// received are answered (up to the drain timeout); `SHUTDOWN` is sent
     /// with `reason`; queues are flushed; connections closed.
-    pub async fn shutdown(&self, reason: &str) {
+    pub async fn shutdown(&self, reason: ShutdownCause) {
         self.stop.cancel();
         self.executors.close();
         if tokio::time::timeout(self.config.drain_timeout, self.executors.wait())
@@ -318,8 +320,10 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
         {
             tracing::warn!("commands still running at shutdown; not waiting for them");
         }
-        self.events
-            .emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
+        self.events.send(&Shutdown {
+            guest: false,
+            reason,
+        });
         self.events.clear();
         self.io_tasks.close();
         if tokio::time::timeout(Duration::from_secs(5), self.io_tasks.wait())

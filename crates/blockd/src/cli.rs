@@ -5,11 +5,17 @@
 //! blockd --chardev socket,path=P,server=on,wait=off,id=m0 --monitor chardev=m0
 //! blockd --blockdev '{"driver":"null-co","node-name":"n0"}'
 //! blockd --blockdev driver=null-co,node-name=n0
+//! blockd --blockdev null-co,node-name=n0  # `driver` implied, as in qemu-storage-daemon
 //! ```
+//!
+//! `--blockdev`, `--export`, `--nbd-server` and `--monitor` take JSON or
+//! QEMU's keyval syntax ([`crate::keyval`]); `--chardev`, `--drive` and
+//! `--device` take QemuOpts' ([`split_qemu_opts`]), as in QEMU.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use blockd_optval::{keyval, qemu_opts};
 use clap::Parser;
 use serde_json::{Map, Value};
 
@@ -80,12 +86,9 @@ pub struct Args {
     pub log: Option<String>,
 }
 
+/// `--inline-writes`: QEMU's boolean spellings, as every other switch.
 fn parse_on_off(v: &str) -> Result<bool, String> {
-    match v {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("'{v}' is not 'on' or 'off'")),
-    }
+    blockd_optval::parse_bool(v).ok_or_else(|| format!("'{v}' is not 'on' or 'off'"))
 }
 
 /// Parses the command line; `Err` carries clap's message and exit code
@@ -144,9 +147,9 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
                 "backend" => backend = Some(v),
                 "path" => path = Some(PathBuf::from(v)),
                 "id" => id = Some(v),
-                "server" => server = parse_bool(&k, &v)?,
+                "server" => server = qemu_opts::parse_bool(&k, &v)?,
                 "wait" => {
-                    if parse_bool(&k, &v)? {
+                    if qemu_opts::parse_bool(&k, &v)? {
                         return Err(
                             "chardev: wait=on is not supported (blockd never waits for a client)"
                                 .into(),
@@ -177,9 +180,13 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
     }
     let mut out = Vec::new();
     for m in monitors {
-        let opts = split_qemu_opts(m, Some("chardev"))?;
+        // MonitorOptions in keyval syntax, `chardev` implied.
+        let opts = crate::keyval::parse(m, Some("chardev"))?;
         let mut dev = None;
         for (k, v) in opts {
+            let Value::String(v) = v else {
+                return Err(format!("Parameters '{k}.*' are unexpected"));
+            };
             match k.as_str() {
                 "chardev" => dev = Some(v),
                 "mode" if v == "control" => {}
@@ -189,7 +196,7 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
                     ))
                 }
                 "pretty" => {
-                    parse_bool(&k, &v)?;
+                    keyval::boolean(&k, &v)?;
                 }
                 "id" => {}
                 other => return Err(format!("monitor: unsupported option '{other}'")),
@@ -205,14 +212,6 @@ pub fn monitor_sockets(chardevs: &[String], monitors: &[String]) -> Result<Vec<P
     Ok(out)
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-    }
-}
-
 /// A `--blockdev` value: the arguments, and whether they came in the
 /// `key=value` form (whose strings the schema converts to numbers and
 /// booleans where it expects them).
@@ -224,15 +223,12 @@ pub struct OptionArgs {
     pub keyval: bool,
 }
 
-/// Parses an option value given as JSON or `key=value,...` (see
-/// [`blockdev_arg`]).
-pub fn option_arg(s: &str) -> Result<OptionArgs, String> {
-    blockdev_arg(s)
-}
-
-/// Parses a `--blockdev` value: JSON as is, QEMU's `key=value` form with
-/// dotted keys as nested objects of strings.
-pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
+/// Parses an option value as qemu-storage-daemon does
+/// (`qobject_input_visitor_new_str`): JSON if it starts with `{`, else
+/// QEMU's keyval syntax ([`crate::keyval`]) with `implied_key` for a bare
+/// first element (`driver` for `--blockdev`, `type` for `--export`, none
+/// for `--nbd-server`).
+pub fn option_arg(s: &str, implied_key: Option<&str>) -> Result<OptionArgs, String> {
     if s.trim_start().starts_with('{') {
         let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
         return match v {
@@ -243,28 +239,25 @@ pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
             _ => Err("expected a JSON object".into()),
         };
     }
-    let mut root = Map::new();
-    for (k, v) in split_qemu_opts(s, None)? {
-        let mut cur = &mut root;
-        let segs: Vec<&str> = k.split('.').collect();
-        for seg in &segs[..segs.len() - 1] {
-            let e = cur
-                .entry(seg.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            cur = match e {
-                Value::Object(m) => m,
-                _ => return Err(format!("Parameter '{k}' conflicts with '{seg}'")),
-            };
-        }
-        let last = segs[segs.len() - 1];
-        if cur.insert(last.to_string(), Value::String(v)).is_some() {
-            return Err(format!("Parameter '{k}' given twice"));
-        }
-    }
     Ok(OptionArgs {
-        value: Value::Object(root),
+        value: Value::Object(crate::keyval::parse(s, implied_key)?),
         keyval: true,
     })
+}
+
+/// A `--blockdev` value: [`option_arg`] with `driver` implied.
+pub fn blockdev_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, Some("driver"))
+}
+
+/// An `--export` value: [`option_arg`] with `type` implied.
+pub fn export_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, Some("type"))
+}
+
+/// An `--nbd-server` value: [`option_arg`] without an implied key.
+pub fn nbd_server_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, None)
 }
 
 /// Parses a `--device` value: JSON, or `DRIVER,key=value,...` (a later
@@ -313,7 +306,34 @@ mod tests {
             v.value,
             serde_json::json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "/x"}})
         );
-        assert!(blockdev_arg("a=1,a=2").is_err());
-        assert!(blockdev_arg("[1]").is_err());
+        // Not JSON (which must be an object): a bare driver name, which
+        // the schema refuses later, as qemu-storage-daemon does.
+        assert_eq!(blockdev_arg("[1]").unwrap().value["driver"], "[1]");
+        assert!(blockdev_arg("{1}").is_err());
+        assert!(!blockdev_arg(r#"{"driver": "null-co"}"#).unwrap().keyval);
+    }
+
+    #[test]
+    fn implied_keys_are_qsds() {
+        let v = blockdev_arg("null-co,node-name=n0").unwrap().value;
+        assert_eq!(
+            v,
+            serde_json::json!({"driver": "null-co", "node-name": "n0"})
+        );
+        let v = export_arg("nbd,id=e0,node-name=n0").unwrap().value;
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "nbd", "id": "e0", "node-name": "n0"})
+        );
+        assert_eq!(
+            nbd_server_arg("unix").unwrap_err(),
+            "Expected '=' after parameter 'unix'"
+        );
+        let socks = monitor_sockets(
+            &["socket,path=/tmp/a.sock,server=on,wait=off,id=m0".into()],
+            &["m0,mode=control".into()],
+        )
+        .unwrap();
+        assert_eq!(socks, vec![PathBuf::from("/tmp/a.sock")]);
     }
 }

@@ -24,6 +24,7 @@ use blockd_nbd::{ExportIo, NbdServer};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::events::BlockExportDeleted;
 use crate::state::State;
 
 /// The one export I/O path: requests through a backend.
@@ -204,7 +205,7 @@ async fn finish_removal(state: &Arc<State>, id: &str) {
     release_backend(state, &entry).await;
     state
         .events
-        .emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+        .send(&BlockExportDeleted { id: id.to_string() });
 }
 
 /// Lets go of an export's backend: its own leaves its node; a device

@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use blockd_qmp::json::Limits;
 use blockd_qmp::schema::schema_info;
-use blockd_qmp::{EventBus, QmpServer, ServerConfig};
+use blockd_qmp::{EventBus, QmpServer, ServerConfig, ShutdownCause};
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
 pub mod cli;
+pub mod events;
 pub mod exports;
 pub mod fds;
+pub mod keyval;
 pub mod machine;
 pub mod qmp;
 pub mod schema;
@@ -133,34 +135,32 @@ impl Server {
             sockets: sockets.to_vec(),
         };
         for b in blockdevs {
-            let args = if b.keyval {
-                schema.coerce_keyval("blockdev-add", b.value.clone())
-            } else {
-                b.value.clone()
+            let added = match keyval_args(&schema, "blockdev-add", b) {
+                Ok(args) => server.qmp.execute("blockdev-add", args).await,
+                Err(e) => Err(e),
             };
-            if let Err(e) = server.qmp.execute("blockdev-add", args).await {
-                server.shutdown("host-signal").await;
+            if let Err(e) = added {
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--blockdev: {}", e.desc)));
             }
         }
         if let Err(e) = server.start_machine(drives, devices).await {
-            server.shutdown("host-signal").await;
+            server.shutdown(ShutdownCause::HostSignal).await;
             return Err(StartError(e));
         }
         if let Some(n) = nbd_server {
             if let Err(e) = server.start_nbd_option(&schema, n).await {
-                server.shutdown("host-signal").await;
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--nbd-server: {e}")));
             }
         }
         for x in exports {
-            let args = if x.keyval {
-                schema.coerce_keyval("block-export-add", x.value.clone())
-            } else {
-                x.value.clone()
+            let added = match keyval_args(&schema, "block-export-add", x) {
+                Ok(args) => server.qmp.execute("block-export-add", args).await,
+                Err(e) => Err(e),
             };
-            if let Err(e) = server.qmp.execute("block-export-add", args).await {
-                server.shutdown("host-signal").await;
+            if let Err(e) = added {
+                server.shutdown(ShutdownCause::HostSignal).await;
                 return Err(StartError(format!("--export: {}", e.desc)));
             }
         }
@@ -195,14 +195,12 @@ impl Server {
         schema: &blockd_qmp::schema::Schema,
         n: &cli::OptionArgs,
     ) -> Result<(), String> {
-        let v = if n.keyval {
-            schema.coerce_keyval_type("NbdServerOptions", n.value.clone())
+        let mut v = if n.keyval {
+            schema.check_value_keyval("NbdServerOptions", &n.value)
         } else {
-            n.value.clone()
-        };
-        let mut v = schema
-            .check_value("NbdServerOptions", &v)
-            .map_err(|e| e.desc)?;
+            schema.check_value("NbdServerOptions", &n.value)
+        }
+        .map_err(|e| e.desc)?;
         // The flat address becomes the legacy {type, data} form.
         if let Some(Value::Object(mut addr)) = v.get_mut("addr").map(Value::take) {
             let ty = addr.remove("type").unwrap_or(Value::Null);
@@ -219,15 +217,15 @@ impl Server {
     pub async fn run_until_shutdown(self, mut signals: Signals) {
         let reason = tokio::select! {
             r = self.state.shutdown_requested() => r,
-            _ = signals.recv() => "host-signal",
+            _ = signals.recv() => ShutdownCause::HostSignal,
         };
-        tracing::info!(reason, "shutting down");
+        tracing::info!(?reason, "shutting down");
         self.shutdown(reason).await;
     }
 
     /// Shuts down: answers received commands, sends `SHUTDOWN`, closes
     /// clients, removes the sockets.
-    pub async fn shutdown(self, reason: &str) {
+    pub async fn shutdown(self, reason: ShutdownCause) {
         self.qmp.shutdown(reason).await;
         // Takes the control-plane lock around each cancel only: cancelled
         // jobs finalize under it on their own tasks, so it must not be held
@@ -246,6 +244,20 @@ impl Server {
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// The arguments of `command` from a command-line option: `key=value`
+/// options are checked (and typed) in keyval mode, as qemu-storage-daemon
+/// visits them, before the command checks them again as JSON.
+fn keyval_args(
+    schema: &blockd_qmp::schema::Schema,
+    command: &str,
+    o: &cli::OptionArgs,
+) -> Result<Value, blockd_qmp::QmpError> {
+    match &o.value {
+        Value::Object(m) if o.keyval => schema.check_command_args_keyval(command, m),
+        v => Ok(v.clone()),
     }
 }
 
@@ -447,7 +459,12 @@ where
                 let _ = std::fs::remove_file(p);
             }
         };
-        let nbd_server = match args.nbd_server.as_deref().map(cli::option_arg).transpose() {
+        let nbd_server = match args
+            .nbd_server
+            .as_deref()
+            .map(cli::nbd_server_arg)
+            .transpose()
+        {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("blockd: --nbd-server: {e}");
@@ -457,7 +474,7 @@ where
         };
         let mut exports = Vec::new();
         for x in &args.export {
-            match cli::option_arg(x) {
+            match cli::export_arg(x) {
                 Ok(v) => exports.push(v),
                 Err(e) => {
                     eprintln!("blockd: --export {x}: {e}");

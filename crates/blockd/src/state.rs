@@ -9,7 +9,7 @@ use blockd_jobs::JobManager;
 
 use crate::exports::Exports;
 use crate::fds::FdSetStore;
-use blockd_qmp::EventBus;
+use blockd_qmp::{EventBus, ShutdownCause};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +41,7 @@ pub struct State {
     /// `query-commands`'s answer.
     pub command_list: Arc<Value>,
     shutdown: CancellationToken,
-    shutdown_reason: Mutex<Option<&'static str>>,
+    shutdown_reason: Mutex<Option<ShutdownCause>>,
 }
 
 impl State {
@@ -57,9 +57,8 @@ impl State {
         let bus = events.clone();
         let control = ControlLock::new();
         let jobs = JobManager::new(
-            Arc::new(move |name: &str, data: Value| {
-                bus.emit(name, Some(data));
-            }),
+            // The job layer's events arrive typed and serialised.
+            Arc::new(move |name: &str, data: Value| bus.forward(name, data)),
             control.clone(),
         );
         let run = Arc::new(RunState::default());
@@ -85,7 +84,7 @@ impl State {
     }
 
     /// Asks the server to shut down; the first reason given wins.
-    pub fn request_shutdown(&self, reason: &'static str) {
+    pub fn request_shutdown(&self, reason: ShutdownCause) {
         let mut r = self
             .shutdown_reason
             .lock()
@@ -95,11 +94,11 @@ impl State {
     }
 
     /// Resolves once shutdown was requested, with the reason.
-    pub async fn shutdown_requested(&self) -> &'static str {
+    pub async fn shutdown_requested(&self) -> ShutdownCause {
         self.shutdown.cancelled().await;
         self.shutdown_reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or("host-signal")
+            .unwrap_or(ShutdownCause::HostSignal)
     }
 }

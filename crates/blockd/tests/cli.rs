@@ -219,6 +219,101 @@ fn blockdev_options_at_start_up() {
     assert_eq!(nodes[1]["ro"], true);
 }
 
+/// qemu-storage-daemon's implied first keys: `--blockdev DRIVER,...`,
+/// `--export TYPE,...`, `--monitor CHARDEV,...`.
+#[test]
+fn implied_first_keys() {
+    let d = scratch("implied");
+    let sock = d.join("s");
+    let mon = d.join("m");
+    let nbd = d.join("nbd");
+    let chardev = format!("socket,path={},server=on,wait=off,id=m0", mon.display());
+    let nbd_server = format!("addr.type=unix,addr.path={}", nbd.display());
+    let _s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--blockdev",
+        "null-co,node-name=n0,size=4096",
+        "--chardev",
+        &chardev,
+        "--monitor",
+        "m0",
+        "--nbd-server",
+        &nbd_server,
+        "--export",
+        "nbd,id=e0,node-name=n0",
+    ]);
+    wait_socket(&sock);
+    // The monitor on chardev m0 answers.
+    let mut c = QmpClient::connect_retry(&mon, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    let nodes = c
+        .execute("query-named-block-nodes", Some(json!({"flat": true})))
+        .unwrap();
+    assert_eq!(nodes[0]["node-name"], "n0");
+    assert_eq!(nodes[0]["drv"], "null-co");
+    assert_eq!(nodes[0]["image"]["virtual-size"], 4096);
+    let exports = c.execute("query-block-exports", None).unwrap();
+    assert_eq!(exports[0]["id"], "e0");
+    assert_eq!(exports[0]["type"], "nbd");
+    assert_eq!(exports[0]["node-name"], "n0");
+}
+
+/// A bare word after the first is no implied value: qemu-storage-daemon
+/// 10.0.2 answers each of these with the message given.
+#[test]
+fn implied_key_errors_read_like_qsd() {
+    let d = scratch("implied-err");
+    let sock = d.join("s");
+    for (opt, arg, msg) in [
+        (
+            "--blockdev",
+            "null-co,null-co",
+            "--blockdev null-co,null-co: Expected '=' after parameter 'null-co'",
+        ),
+        (
+            "--blockdev",
+            "node-name=n0,null-co",
+            "Expected '=' after parameter 'null-co'",
+        ),
+        ("--blockdev", ",node-name=n0", "Invalid parameter ''"),
+        (
+            "--blockdev",
+            "null-co,node-name=n0,a.1=x",
+            "Parameter 'a.0' missing",
+        ),
+        (
+            "--blockdev",
+            "help",
+            "Help is not available for this option",
+        ),
+        ("--export", "nbd,nbd", "Expected '=' after parameter 'nbd'"),
+        (
+            "--nbd-server",
+            "unix",
+            "Expected '=' after parameter 'unix'",
+        ),
+        ("--monitor", "m0,m1", "Expected '=' after parameter 'm1'"),
+    ] {
+        let o = run(&["--qmp", sock.to_str().unwrap(), opt, arg]);
+        assert_eq!(o.status.code(), Some(1), "{opt} {arg}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(msg), "{opt} {arg}: {err}");
+        assert!(!sock.exists());
+    }
+    // The implied value goes through the schema like any other: an
+    // unknown driver is refused as qemu-storage-daemon refuses it.
+    let o = run(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--blockdev",
+        "a.b,node-name=x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("Parameter 'driver' does not accept value 'a.b'"));
+}
+
 #[test]
 fn inline_writes_switch() {
     let o = run(&["--inline-writes", "maybe"]);
@@ -259,6 +354,21 @@ fn bad_blockdev_stops_start_up() {
             "Parameter 'driver' does not accept value 'nope'",
         ),
         ("{\"driver\": \"null-co\"", "invalid JSON"),
+        // Keyval values are read as qemu-storage-daemon 10.0.2 reads them,
+        // with its messages.
+        (
+            "null-co,node-name=n0,size=1.5k",
+            "Parameter 'size' expects integer",
+        ),
+        (
+            "null-co,node-name=n0,read-only=maybe",
+            "Parameter 'read-only' expects 'on' or 'off'",
+        ),
+        (
+            "null-co,node-name=n0,size.x=1",
+            "Parameters 'size.*' are unexpected",
+        ),
+        ("raw,node-name=r,offset=x", "Parameter 'file' is missing"),
     ] {
         let o = run(&["--qmp", sock.to_str().unwrap(), "--blockdev", arg]);
         assert_eq!(o.status.code(), Some(1), "{arg}");

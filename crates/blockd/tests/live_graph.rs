@@ -204,7 +204,7 @@ async fn drained_section_lets_no_request_in_until_it_ends() {
     }
     wait_bench(b).await;
     exec(&s, "block-export-del", json!({"id": "e"})).await;
-    s.shutdown("host-qmp-quit").await;
+    s.shutdown(blockd_qmp::ShutdownCause::HostQmpQuit).await;
     check_pattern(&img, 0x5a);
 }
 
@@ -259,7 +259,7 @@ async fn replace_node_moves_an_export_under_its_writer() {
     // The old node is free again.
     exec(&s, "blockdev-del", json!({"node-name": "a"})).await;
     exec(&s, "block-export-del", json!({"id": "e"})).await;
-    s.shutdown("host-qmp-quit").await;
+    s.shutdown(blockd_qmp::ShutdownCause::HostQmpQuit).await;
     // Every write after the switch is in the copy: the bench wrote the
     // whole image twice, so all of it carries the pattern.
     check_pattern(&b_img, 0x33);

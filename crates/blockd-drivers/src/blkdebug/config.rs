@@ -1,8 +1,12 @@
 //! QEMU's config-file parser (`qemu_config_parse`), for blkdebug's groups.
+//!
+//! Values are typed as QemuOpts types them (`qemu_opt_set`): numbers and
+//! booleans with [`blockd_optval::qemu_opts`], strings as they are.
 
 use std::collections::HashSet;
 
 use blockd_core::BlockError;
+use blockd_optval::qemu_opts;
 
 use super::{c_int, inject_rule, Action, BlkdebugEvent, Rule};
 
@@ -204,69 +208,6 @@ fn id_wellformed(id: &[u8]) -> bool {
     std::str::from_utf8(id).is_ok_and(blockd_core::qapi::id_wellformed)
 }
 
-/// Parses a number as QEMU's `qemu_strtou64` with base 0.
-fn parse_number(name: &str, value: &str) -> Result<u64, BlockError> {
-    let s = value.as_bytes();
-    let mut i = skip_space(s, 0);
-    let negative = match s.get(i) {
-        Some(b'-') => {
-            i += 1;
-            true
-        }
-        Some(b'+') => {
-            i += 1;
-            false
-        }
-        _ => false,
-    };
-    let radix = if s.get(i) == Some(&b'0')
-        && matches!(s.get(i + 1), Some(b'x' | b'X'))
-        && s.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
-    {
-        i += 2;
-        16
-    } else if s.get(i) == Some(&b'0') {
-        8
-    } else {
-        10
-    };
-    let start = i;
-    let mut n: u64 = 0;
-    let mut overflow = false;
-    while let Some(d) = s.get(i).and_then(|&b| (b as char).to_digit(radix)) {
-        match n
-            .checked_mul(u64::from(radix))
-            .and_then(|n| n.checked_add(u64::from(d)))
-        {
-            Some(v) => n = v,
-            None => overflow = true,
-        }
-        i += 1;
-    }
-    if i == start || i != s.len() {
-        return Err(BlockError::invalid(format!(
-            "Parameter '{name}' expects a number"
-        )));
-    }
-    if overflow {
-        return Err(BlockError::invalid(format!(
-            "Value '{value}' is too large for parameter '{name}'"
-        )));
-    }
-    Ok(if negative { n.wrapping_neg() } else { n })
-}
-
-/// Parses a boolean as QEMU's `qapi_bool_parse`.
-fn parse_bool(name: &str, value: &str) -> Result<bool, BlockError> {
-    match value {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(BlockError::invalid(format!(
-            "Parameter '{name}' expects 'on' or 'off'"
-        ))),
-    }
-}
-
 /// Splits the text as `fgets` with QEMU's 1024-byte buffer reads it.
 fn lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = text;
@@ -331,8 +272,12 @@ pub(super) fn parse(text: &[u8]) -> Result<Vec<Section>, BlockError> {
         let value = match section.group.option_kind(&name) {
             None => return Err(BlockError::invalid(format!("Invalid parameter '{name}'"))),
             Some(Kind::Str) => Value::Str(value),
-            Some(Kind::Num) => Value::Num(parse_number(&name, &value)?),
-            Some(Kind::Bool) => Value::Bool(parse_bool(&name, &value)?),
+            Some(Kind::Num) => {
+                Value::Num(qemu_opts::parse_number(&name, &value).map_err(BlockError::invalid)?)
+            }
+            Some(Kind::Bool) => {
+                Value::Bool(qemu_opts::parse_bool(&name, &value).map_err(BlockError::invalid)?)
+            }
         };
         section.opts.push((name, value));
     }
@@ -423,14 +368,15 @@ mod tests {
     }
 
     #[test]
-    fn numbers() {
-        assert_eq!(parse_number("n", "42").unwrap(), 42);
-        assert_eq!(parse_number("n", " +0x10").unwrap(), 16);
-        assert_eq!(parse_number("n", "-2").unwrap(), (-2i64) as u64);
-        assert_eq!(parse_number("n", "017").unwrap(), 15);
-        assert!(parse_number("n", "").is_err());
-        assert!(parse_number("n", "0x").is_err());
-        assert!(parse_number("n", "08").is_err());
-        assert!(parse_number("n", "1 ").is_err());
+    fn numbers_are_qemu_opts_numbers() {
+        let s = parse(b"[inject-error]\nerrno = \" +0x10\"\nsector = \"-2\"\nstate = \"017\"\n")
+            .unwrap();
+        assert_eq!(s[0].number("errno"), Some(16));
+        assert_eq!(s[0].number("sector"), Some((-2i64) as u64));
+        assert_eq!(s[0].number("state"), Some(15));
+        for bad in ["", "0x", "08", "1 "] {
+            let text = format!("[inject-error]\nerrno = \"{bad}\"\n");
+            assert_eq!(err(&text), "Parameter 'errno' expects a number", "{bad:?}");
+        }
     }
 }

@@ -404,15 +404,14 @@ struct Limits {
 }
 
 impl Limits {
-    /// Reads the limit options as QEMU's size options: negative values are
-    /// refused, absent ones are 0 (no override).
+    /// Reads the limit options as QEMU's size options (QemuOpts reads the
+    /// number QMP gave as a string): negative values are refused, absent
+    /// ones are 0 (no override).
     fn from_options(o: &BlkdebugOptions) -> Result<Limits, BlockError> {
         fn size(name: &str, v: Option<i64>) -> Result<u64, BlockError> {
             match v {
-                Some(v) if v < 0 => Err(BlockError::invalid(format!(
-                    "Parameter '{name}' expects a non-negative number below 2^64"
-                ))),
-                Some(v) => Ok(v as u64),
+                Some(v) => blockd_optval::qemu_opts::parse_size(name, &v.to_string())
+                    .map_err(BlockError::invalid),
                 None => Ok(0),
             }
         }

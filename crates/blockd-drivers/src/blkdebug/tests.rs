@@ -479,7 +479,7 @@ fn limit_checks_read_like_qemu() {
     );
     assert_eq!(
         check_err(json!({"align": -1})),
-        "Parameter 'align' expects a non-negative number below 2^64"
+        "Value '-1' is out of range for parameter 'align'"
     );
     assert_eq!(
         check_err(json!({"align": 512, "max-transfer": 1000})),
@@ -499,7 +499,7 @@ fn limit_checks_read_like_qemu() {
     );
     assert_eq!(
         check_err(json!({"max-discard": -5})),
-        "Parameter 'max-discard' expects a non-negative number below 2^64"
+        "Value '-5' is out of range for parameter 'max-discard'"
     );
     // 0 means "no override", as in QEMU.
     check_with_config(&options(json!({"align": 0, "max-transfer": 0}))).unwrap();

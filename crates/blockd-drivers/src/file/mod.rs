@@ -197,9 +197,10 @@ pub async fn open(
     }
 }
 
-/// QEMU's `qemu_parse_fd`: a decimal number, all of the string.
+/// QEMU's `qemu_parse_fdset` (`qemu_parse_fd`): a decimal number from 0
+/// to `INT_MAX`, all of the string.
 fn parse_fdset(s: &str) -> Option<i64> {
-    s.trim_start().parse::<i64>().ok().filter(|&id| id != -1)
+    blockd_optval::parse_fd(s).map(i64::from)
 }
 
 fn fdset_parse_error(filename: &str) -> BlockError {

@@ -508,6 +508,14 @@ async fn open_errors_are_worded_like_qemu() {
         "Could not parse fdset /dev/fdset/x"
     );
     assert!(check(&fopts("/dev/fdset/12")).is_ok());
+    // qemu_parse_fd: 0 to INT_MAX (qemu-storage-daemon 10.0.2 cannot
+    // parse either of these).
+    for bad in ["/dev/fdset/-5", "/dev/fdset/4294967296"] {
+        assert_eq!(
+            check(&fopts(bad)).unwrap_err().msg,
+            format!("Could not parse fdset {bad}")
+        );
+    }
 
     let path = dir.file("img");
     make_file(&path, &[0u8; 512]);

@@ -187,23 +187,26 @@ pub fn check(o: &Qcow2Options) -> Result<(), BlockError> {
             "blockd does not support qcow2 external data files ('data-file')",
         ));
     }
+    // QEMU's runtime options read the numbers QMP gave as strings: the
+    // cache sizes as QemuOpts sizes (negative ones out of range), the
+    // interval as a QemuOpts number (where -1 wraps, and is too big).
+    use blockd_optval::qemu_opts;
     for (name, v) in [
         ("cache-size", o.cache_size),
         ("l2-cache-size", o.l2_cache_size),
         ("l2-cache-entry-size", o.l2_cache_entry_size),
         ("refcount-cache-size", o.refcount_cache_size),
-        ("cache-clean-interval", o.cache_clean_interval),
     ] {
-        if let Some(v) = v.filter(|&v| v < 0) {
-            return Err(BlockError::invalid(format!(
-                "Value '{v}' is out of range for parameter '{name}'"
-            )));
+        if let Some(v) = v {
+            qemu_opts::parse_size(name, &v.to_string()).map_err(BlockError::invalid)?;
         }
     }
-    if o.cache_clean_interval
-        .is_some_and(|v| v > i64::from(u32::MAX))
-    {
-        return Err(BlockError::invalid("Cache clean interval too big"));
+    if let Some(v) = o.cache_clean_interval {
+        let secs = qemu_opts::parse_number("cache-clean-interval", &v.to_string())
+            .map_err(BlockError::invalid)?;
+        if secs > u64::from(u32::MAX) {
+            return Err(BlockError::invalid("Cache clean interval too big"));
+        }
     }
     Ok(())
 }

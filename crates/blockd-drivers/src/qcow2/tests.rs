@@ -526,3 +526,133 @@ async fn concurrent_frees_and_reuse() {
     assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
     del(&g, "q").await;
 }
+
+#[test]
+fn runtime_numbers_are_read_as_qemu_opts_reads_them() {
+    let err = |extra: serde_json::Value| {
+        let mut v = json!({"driver": "qcow2", "file": "mem"});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let o: crate::options::BlockdevOptions = serde_json::from_value(v).unwrap();
+        let crate::options::DriverOptions::Qcow2(q) = o.driver else {
+            unreachable!()
+        };
+        super::check(&q).unwrap_err().msg
+    };
+    // Sizes: negative is out of range (qemu-storage-daemon 10.0.2).
+    assert_eq!(
+        err(json!({"l2-cache-size": -1})),
+        "Value '-1' is out of range for parameter 'l2-cache-size'"
+    );
+    // The interval is a number: -1 wraps around, and is too big.
+    assert_eq!(
+        err(json!({"cache-clean-interval": -1})),
+        "Cache clean interval too big"
+    );
+    assert_eq!(
+        err(json!({"cache-clean-interval": 1i64 << 32})),
+        "Cache clean interval too big"
+    );
+}
+
+/// A scratch directory for images on disk (backing files are opened by
+/// file name).
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("blockd-implicit-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes a 1 MiB qcow2 overlay to `path` whose header names `backing`
+/// (in `fmt`, if given).
+async fn overlay_on_disk(path: &std::path::Path, backing: &str, fmt: Option<&str>) {
+    let mut extra = json!({"backing-file": backing});
+    if let Some(f) = fmt {
+        extra["backing-fmt"] = f.into();
+    }
+    std::fs::write(path, new_image(MIB, extra).await.data()).unwrap();
+}
+
+async fn open_overlay(path: &std::path::Path) -> Result<Arc<BlockNode>, String> {
+    let g = blockd_core::BlockGraph::new();
+    add(
+        &g,
+        json!({"driver": "qcow2", "node-name": "top",
+               "file": {"driver": "file", "filename": path.to_str().unwrap()}}),
+    )
+    .await
+    .map_err(|e| e.msg)
+}
+
+/// A backing file named without a format is probed by reading its first
+/// sector through its own file node, and opened read-only under the
+/// overlay, its file inheriting from it.
+#[tokio::test]
+async fn backing_files_without_a_format_are_probed() {
+    let d = scratch("probe");
+    std::fs::write(d.join("base.raw"), vec![0x5au8; MIB as usize]).unwrap();
+    overlay_on_disk(&d.join("top.qcow2"), "base.raw", None).await;
+    let top = open_overlay(&d.join("top.qcow2")).await.unwrap();
+    assert_eq!(&top.read(0, 4096).await.unwrap()[..], &[0x5a; 4096][..]);
+    let backing = top.child("backing").unwrap();
+    assert!(backing.inherits());
+    let base = backing.node();
+    assert_eq!(base.driver().format_name(), "raw");
+    assert!(
+        base.read_only(),
+        "a backing file is never opened for writes"
+    );
+    let file = base.child("file").unwrap();
+    assert!(file.inherits(), "the implicitly opened file inherits");
+    assert!(file.node().read_only());
+
+    // A qcow2 backing file is probed as qcow2, chains included.
+    overlay_on_disk(&d.join("mid.qcow2"), "base.raw", Some("raw")).await;
+    overlay_on_disk(&d.join("top2.qcow2"), "mid.qcow2", None).await;
+    let top = open_overlay(&d.join("top2.qcow2")).await.unwrap();
+    let mid = top.backing().unwrap();
+    assert_eq!(mid.driver().format_name(), "qcow2");
+    assert_eq!(mid.backing().unwrap().driver().format_name(), "raw");
+    assert_eq!(&top.read(0, 512).await.unwrap()[..], &[0x5a; 512][..]);
+}
+
+#[tokio::test]
+async fn backing_file_formats_are_checked_as_qemu_checks_them() {
+    let d = scratch("formats");
+    // A signature of a format blockd does not have: refused, not read as
+    // raw.
+    let mut vmdk = vec![0u8; 4096];
+    vmdk[..4].copy_from_slice(b"KDMV");
+    std::fs::write(d.join("base.vmdk"), vmdk).unwrap();
+    overlay_on_disk(&d.join("a.qcow2"), "base.vmdk", None).await;
+    assert_eq!(
+        open_overlay(&d.join("a.qcow2")).await.unwrap_err(),
+        "Could not open backing file: Unknown driver 'vmdk'"
+    );
+    // qcow2 named, raw found (qemu-storage-daemon 10.0.2's message).
+    std::fs::write(d.join("base.raw"), vec![1u8; 4096]).unwrap();
+    overlay_on_disk(&d.join("b.qcow2"), "base.raw", Some("qcow2")).await;
+    assert_eq!(
+        open_overlay(&d.join("b.qcow2")).await.unwrap_err(),
+        "Could not open backing file: Image is not in qcow2 format"
+    );
+    // An unknown format is refused before the file is opened (this one
+    // does not exist), as qemu-storage-daemon 10.0.2 does.
+    overlay_on_disk(&d.join("c.qcow2"), "missing.img", Some("raw")).await;
+    let mut img = std::fs::read(d.join("c.qcow2")).unwrap();
+    let at = img.windows(3).position(|w| w == b"raw").unwrap();
+    img[at..at + 3].copy_from_slice(b"xyz");
+    std::fs::write(d.join("c.qcow2"), img).unwrap();
+    assert_eq!(
+        open_overlay(&d.join("c.qcow2")).await.unwrap_err(),
+        "Could not open backing file: Unknown driver 'xyz'"
+    );
+    overlay_on_disk(&d.join("e.qcow2"), "missing.img", None).await;
+    let e = open_overlay(&d.join("e.qcow2")).await.unwrap_err();
+    assert!(
+        e.starts_with("Could not open backing file: Could not open '"),
+        "{e}"
+    );
+}

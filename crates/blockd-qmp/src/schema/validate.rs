@@ -8,7 +8,16 @@
 //! The check returns a normalised copy of the value (unsigned integers given
 //! as negative numbers are wrapped, as QEMU still accepts them), ready for
 //! typed deserialisation.
+//!
+//! Options given in QEMU's `key=value` syntax ([`Schema::check_value_keyval`],
+//! [`Schema::check_command_args_keyval`]) are checked in keyval mode, as
+//! QEMU's keyval input visitor does: every scalar arrives as a string and
+//! is read by the type the schema expects, when the visit reaches it
+//! (`blockd_optval::keyval`: `Parameter 'size' expects integer`, `...
+//! expects size`, `... expects 'on' or 'off'`), and an object where a
+//! scalar belongs is `Parameters 'x.*' are unexpected`.
 
+use blockd_optval::keyval;
 use serde_json::{Map, Number, Value};
 
 use super::model::{Builtin, Schema, TypeDef, TypeRef};
@@ -21,9 +30,11 @@ enum Seg<'a> {
     Index(usize),
 }
 
-/// The path of the value being visited.
+/// The path of the value being visited, and how scalars are read.
 struct Path<'a> {
     segs: Vec<Seg<'a>>,
+    /// Keyval mode: scalars are strings to be read by their type.
+    keyval: bool,
 }
 
 impl<'a> Path<'a> {
@@ -81,12 +92,33 @@ impl Schema {
         command: &str,
         args: Option<&Map<String, Value>>,
     ) -> Result<Value, QmpError> {
+        let empty = Map::new();
+        self.check_command(command, args.unwrap_or(&empty), false)
+    }
+
+    /// [`Schema::check_command_args`] for arguments given in QEMU's
+    /// `key=value` syntax (keyval mode: every scalar a string).
+    pub fn check_command_args_keyval(
+        &self,
+        command: &str,
+        args: &Map<String, Value>,
+    ) -> Result<Value, QmpError> {
+        self.check_command(command, args, true)
+    }
+
+    fn check_command(
+        &self,
+        command: &str,
+        args: &Map<String, Value>,
+        keyval: bool,
+    ) -> Result<Value, QmpError> {
         let cmd = self
             .command(command)
             .ok_or_else(|| QmpError::command_not_found(command))?;
-        let empty = Map::new();
-        let args = args.unwrap_or(&empty);
-        let mut path = Path { segs: vec![] };
+        let mut path = Path {
+            segs: vec![],
+            keyval,
+        };
         if !cmd.passthrough {
             return self.visit_object(&cmd.args, args, &mut path);
         }
@@ -106,9 +138,23 @@ impl Schema {
         Ok(out)
     }
 
-    /// Checks a value against a type; used for event data in tests.
+    /// Checks a value against a type (event data, options of implicit
+    /// nodes, `--nbd-server`).
     pub fn check_value(&self, ty: &str, v: &Value) -> Result<Value, QmpError> {
-        let mut path = Path { segs: vec![] };
+        let mut path = Path {
+            segs: vec![],
+            keyval: false,
+        };
+        self.visit(&TypeRef::Named(ty.to_string()), v, &mut path)
+    }
+
+    /// [`Schema::check_value`] in keyval mode (options given as
+    /// `key=value`: every scalar a string).
+    pub fn check_value_keyval(&self, ty: &str, v: &Value) -> Result<Value, QmpError> {
+        let mut path = Path {
+            segs: vec![],
+            keyval: true,
+        };
         self.visit(&TypeRef::Named(ty.to_string()), v, &mut path)
     }
 
@@ -132,6 +178,7 @@ impl Schema {
             }
             TypeRef::Named(name) => match &self.types[name] {
                 TypeDef::Enum(e) => {
+                    keyval_scalar_slot(v, path)?;
                     let Value::String(s) = v else {
                         return Err(QmpError::invalid_parameter_type(&path.full(), "string"));
                     };
@@ -244,7 +291,57 @@ impl Schema {
     }
 }
 
+/// Keyval mode: an object or a list where a scalar belongs (`size.x=1`
+/// for an integer `size`) is QEMU's "Parameters 'size.*' are unexpected".
+fn keyval_scalar_slot(v: &Value, path: &Path<'_>) -> Result<(), QmpError> {
+    if path.keyval && (v.is_object() || v.is_array()) {
+        return Err(QmpError::generic(format!(
+            "Parameters '{}.*' are unexpected",
+            path.full()
+        )));
+    }
+    Ok(())
+}
+
+/// Keyval mode: reads the string `s` as the builtin type `b` wants it, as
+/// QEMU's `qobject_input_type_*_keyval` do. Range checks of the narrower
+/// integer types are left to the JSON check that follows.
+fn keyval_scalar(b: Builtin, s: &str, path: &Path<'_>) -> Result<Option<Value>, QmpError> {
+    let name = path.full();
+    let v = match b {
+        Builtin::Bool => Value::Bool(keyval::boolean(&name, s).map_err(QmpError::generic)?),
+        Builtin::Int(_) => Value::from(keyval::int(&name, s).map_err(QmpError::generic)?),
+        Builtin::Uint(_) => Value::from(keyval::uint(&name, s).map_err(QmpError::generic)?),
+        Builtin::Size => Value::from(keyval::size(&name, s).map_err(QmpError::generic)?),
+        Builtin::Number => {
+            let f = keyval::number(&name, s).map_err(QmpError::generic)?;
+            Value::Number(
+                Number::from_f64(f)
+                    .ok_or_else(|| QmpError::invalid_parameter_type(&name, "number"))?,
+            )
+        }
+        Builtin::Str | Builtin::Any | Builtin::Null => return Ok(None),
+    };
+    Ok(Some(v))
+}
+
 fn visit_builtin(b: Builtin, v: &Value, path: &Path<'_>) -> Result<Value, QmpError> {
+    let converted;
+    let v = match v {
+        Value::String(s) if path.keyval => match keyval_scalar(b, s, path)? {
+            Some(typed) => {
+                converted = typed;
+                &converted
+            }
+            None => v,
+        },
+        _ => {
+            if b != Builtin::Any {
+                keyval_scalar_slot(v, path)?;
+            }
+            v
+        }
+    };
     match b {
         Builtin::Any => Ok(v.clone()),
         Builtin::Str => match v {
@@ -300,168 +397,6 @@ fn visit_builtin(b: Builtin, v: &Value, path: &Path<'_>) -> Result<Value, QmpErr
             Ok(Value::Number(Number::from(n)))
         }
     }
-}
-
-impl Schema {
-    /// Converts a command's arguments given in QEMU's `key=value` command
-    /// line form (every scalar a string, lists as objects with keys `0`,
-    /// `1`, ...) to the JSON types the schema expects, as QEMU's keyval
-    /// input visitor does: `on`/`off` (and `yes`/`no`, `true`/`false`) for
-    /// booleans, decimal or `0x` numbers (with `k`/`M`/`G`/`T` suffixes
-    /// for sizes). What cannot be converted is left for the normal check
-    /// to report.
-    pub fn coerce_keyval(&self, command: &str, args: Value) -> Value {
-        match self.command(command) {
-            Some(cmd) => {
-                let ty = TypeRef::Named(cmd.args.clone());
-                self.coerce(&ty, args)
-            }
-            None => args,
-        }
-    }
-
-    /// [`Schema::coerce_keyval`] for a named type instead of a command.
-    pub fn coerce_keyval_type(&self, ty: &str, v: Value) -> Value {
-        if self.types.contains_key(ty) {
-            self.coerce(&TypeRef::Named(ty.to_string()), v)
-        } else {
-            v
-        }
-    }
-
-    fn coerce(&self, ty: &TypeRef, v: Value) -> Value {
-        match ty {
-            TypeRef::Builtin(b) => match (b, &v) {
-                (Builtin::Bool, Value::String(s)) => match s.as_str() {
-                    "on" | "yes" | "true" | "y" => Value::Bool(true),
-                    "off" | "no" | "false" | "n" => Value::Bool(false),
-                    _ => v,
-                },
-                (Builtin::Int(_), Value::String(s)) => {
-                    parse_int(s).map(|n| Value::from(n as i64)).unwrap_or(v)
-                }
-                (Builtin::Uint(_), Value::String(s)) => parse_int(s).map(Value::from).unwrap_or(v),
-                (Builtin::Size, Value::String(s)) => parse_size(s).map(Value::from).unwrap_or(v),
-                (Builtin::Number, Value::String(s)) => s
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(Number::from_f64)
-                    .map(Value::Number)
-                    .unwrap_or(v),
-                _ => v,
-            },
-            TypeRef::Array(elem) => match v {
-                Value::Object(m) => {
-                    let mut items: Vec<(usize, Value)> = Vec::new();
-                    for (k, x) in m.iter() {
-                        match k.parse::<usize>() {
-                            Ok(i) => items.push((i, x.clone())),
-                            Err(_) => return Value::Object(m),
-                        }
-                    }
-                    items.sort_by_key(|(i, _)| *i);
-                    if items.iter().enumerate().any(|(n, (i, _))| n != *i) {
-                        return Value::Object(m);
-                    }
-                    Value::Array(
-                        items
-                            .into_iter()
-                            .map(|(_, x)| self.coerce(elem, x))
-                            .collect(),
-                    )
-                }
-                Value::Array(a) => {
-                    Value::Array(a.into_iter().map(|x| self.coerce(elem, x)).collect())
-                }
-                other => other,
-            },
-            TypeRef::Named(n) => match (&self.types[n], v) {
-                (TypeDef::Struct(s), Value::Object(m)) => {
-                    Value::Object(self.coerce_members(&s.members, m))
-                }
-                (TypeDef::Union(u), Value::Object(m)) => {
-                    let mut m = self.coerce_members(&u.base, m);
-                    let case = m
-                        .get(&u.discriminator)
-                        .and_then(Value::as_str)
-                        .and_then(|tag| u.cases.iter().find(|(c, _)| c == tag))
-                        .map(|(_, st)| st.clone());
-                    if let Some(st) = case {
-                        if let TypeDef::Struct(s) = &self.types[&st] {
-                            m = self.coerce_members(&s.members, m);
-                        }
-                    }
-                    Value::Object(m)
-                }
-                (TypeDef::Alternate(a), v) => {
-                    // An object picks the object branch; a string stays a string
-                    // (a reference) unless only scalar branches exist.
-                    let branch = a.branches.iter().find(|b| self.accepts_json_type(b, &v));
-                    match branch {
-                        Some(b) => self.coerce(b, v),
-                        None => match a.branches.first() {
-                            Some(b) => self.coerce(b, v),
-                            None => v,
-                        },
-                    }
-                }
-                (_, v) => v,
-            },
-        }
-    }
-
-    fn coerce_members(
-        &self,
-        members: &[super::model::Member],
-        mut m: Map<String, Value>,
-    ) -> Map<String, Value> {
-        for mem in members {
-            if let Some(v) = m.remove(&mem.name) {
-                let nv = self.coerce(&mem.ty, v);
-                m.insert(mem.name.clone(), nv);
-            }
-        }
-        m
-    }
-}
-
-fn parse_int(s: &str) -> Option<u64> {
-    let s = s.trim();
-    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        return u64::from_str_radix(h, 16).ok();
-    }
-    if let Some(neg) = s.strip_prefix('-') {
-        return neg.parse::<i64>().ok().map(|n| (-n) as u64);
-    }
-    s.parse().ok()
-}
-
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return None,
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    if mult == 1 {
-        return parse_int(num);
-    }
-    let f: f64 = num.parse().ok()?;
-    if !(0.0..=(u64::MAX as f64) / mult as f64).contains(&f) {
-        return None;
-    }
-    Some((f * mult as f64) as u64)
 }
 
 #[cfg(test)]
@@ -594,16 +529,79 @@ mod tests {
     fn keyval_strings_become_typed() {
         let s = schema();
         let args = json!({"driver": "b", "child": {"driver": "a", "size": "1M", "flag": "on",
-                          "n": "-3", "list": {"0": "1", "1": "0x10"}}});
-        let v = s.coerce_keyval("add", args);
+                          "n": "-3", "list": ["1", "0x10"]}});
+        let v = s
+            .check_command_args_keyval("add", args.as_object().unwrap())
+            .unwrap();
         assert_eq!(
             v,
             json!({"driver": "b", "child": {"driver": "a", "size": 1048576, "flag": true,
                     "n": -3, "list": [1, 16]}})
         );
-        assert!(s.check_command_args("add", v.as_object()).is_ok());
         // A reference stays a string.
-        let v = s.coerce_keyval("add", json!({"driver": "b", "child": "node0"}));
+        let v = s
+            .check_command_args_keyval(
+                "add",
+                json!({"driver": "b", "child": "node0"})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap();
         assert_eq!(v["child"], "node0");
+        assert_eq!(
+            s.check_value_keyval("Opts", &json!({"driver": "a", "size": "1.5k", "flag": "y"}))
+                .unwrap(),
+            json!({"driver": "a", "size": 1536, "flag": true})
+        );
+    }
+
+    #[test]
+    fn keyval_errors_are_qemus() {
+        let s = schema();
+        let err = |v: Value| s.check_value_keyval("Opts", &v).unwrap_err().desc;
+        // qemu-storage-daemon 10.0.2 answers these (for --blockdev null-co's
+        // int 'size', --object's size 'size', 'read-only', 'size.x=1').
+        assert_eq!(
+            err(json!({"driver": "a", "size": "1e3", "flag": "on"})),
+            "Parameter 'size' expects size"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": "1", "flag": "maybe"})),
+            "Parameter 'flag' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": "1", "flag": "on", "n": "1.5k"})),
+            "Parameter 'n' expects integer"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": "1", "flag": "on", "n": "200"})),
+            "Parameter 'n' expects int8_t"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": "1", "flag": "on", "u": "-1"})),
+            "Parameter 'u' expects uint32_t"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": {"x": "1"}, "flag": "on"})),
+            "Parameters 'size.*' are unexpected"
+        );
+        assert_eq!(
+            err(json!({"driver": "b", "child": {"driver": "a", "size": "x", "flag": "on"}})),
+            "Parameter 'child.size' expects size"
+        );
+        // Errors come in visit order: a missing member before a bad one
+        // that follows it in the schema.
+        assert_eq!(
+            err(json!({"driver": "a", "flag": "x"})),
+            "Parameter 'size' is missing"
+        );
+        assert_eq!(
+            err(json!({"driver": "a", "size": "x", "bogus": "1"})),
+            "Parameter 'size' expects size"
+        );
+        assert_eq!(
+            err(json!({"driver": {"x": "y"}})),
+            "Parameters 'driver.*' are unexpected"
+        );
     }
 }

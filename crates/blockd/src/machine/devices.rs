@@ -760,8 +760,8 @@ impl Machine {
         }
         events.push(device_deleted(dev.id.as_deref(), &dev.path));
         drop(g);
-        for e in events {
-            self.events.emit("DEVICE_DELETED", Some(e));
+        for e in &events {
+            self.events.send(e);
         }
         Ok(to_close)
     }

@@ -3,20 +3,23 @@
 //!
 //! A medium is opened in two steps, as QEMU does: the protocol node first
 //! (`file`), then — after reading its first sector to guess the format if
-//! none was given — the format node on top of it. Both are implicit nodes
-//! (generated names unless `node-name` is given, not owned by the
-//! monitor), so they leave the graph with the backend that uses them.
-//! A raw format that was guessed protects the first sector against writes
-//! that would make the image look like another format, and a warning is
+//! none was given — the format node on top of it; that is the drivers'
+//! implicit open path ([`blockd_drivers::implicit`]), which backing files
+//! take too. This module builds the options of both nodes and types them
+//! against the schema. Both are implicit nodes (generated names unless
+//! `node-name` is given, not owned by the monitor), so they leave the
+//! graph with the backend that uses them. A raw format that was guessed
+//! protects the first sector against writes that would make the image
+//! look like another format (the backend's guard), and a warning is
 //! printed, as QEMU does.
 
 use std::sync::{Arc, OnceLock};
 
 use blockd_core::backend::{OnError, RootState};
-use blockd_core::probe::{matches_format, probe_format, PROBE_BUF_SIZE};
 use blockd_core::{BlockError, BlockGraph, BlockNode, DetectZeroes, Perm, PermPair};
 use blockd_drivers::options::BlockdevOptions;
-use blockd_drivers::Env;
+use blockd_drivers::{Env, ImageRequest};
+use blockd_optval::qemu_opts;
 use blockd_qmp::schema::{Schema, TypeDef};
 use serde_json::{json, Map, Value};
 
@@ -90,12 +93,12 @@ fn unknown_driver(name: &str) -> BlockError {
 /// Checks options against the schema and types them.
 fn typed(v: Value, keyval: bool, format: &str) -> Result<BlockdevOptions, BlockError> {
     let s = schema();
-    let v = if keyval {
-        s.coerce_keyval_type("BlockdevOptions", v)
+    let checked = if keyval {
+        s.check_value_keyval("BlockdevOptions", &v)
     } else {
-        v
+        s.check_value("BlockdevOptions", &v)
     };
-    let v = s.check_value("BlockdevOptions", &v).map_err(|e| {
+    let v = checked.map_err(|e| {
         let msg = match e.desc.strip_prefix("Parameter '") {
             Some(rest) if rest.ends_with("' is unexpected") => {
                 let opt = &rest[..rest.len() - "' is unexpected".len()];
@@ -130,7 +133,8 @@ fn common(spec: &MediumSpec, read_only: bool) -> Map<String, Value> {
     m
 }
 
-/// Opens a medium: protocol node, probing, format node. Returns the node
+/// Opens a medium: protocol node, probing, format node (the drivers'
+/// implicit open path, [`blockd_drivers::open_image`]). Returns the node
 /// and whether its raw format was guessed.
 pub async fn open_medium(
     graph: &BlockGraph,
@@ -162,66 +166,37 @@ pub async fn open_medium(
             proto.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
         }
     }
-    let opts = typed(Value::Object(proto), spec.keyval, "file")?;
-    let file = blockd_drivers::open_implicit(graph, env, opts).await?;
+    let protocol = typed(Value::Object(proto), spec.keyval, "file")?;
     if protocol_only {
-        return Ok((file, false));
+        return Ok((
+            blockd_drivers::open_implicit(graph, env, protocol).await?,
+            false,
+        ));
     }
-    let fail = |e: BlockError| async {
-        crate::machine::close_nodes(graph.release(&file)).await;
-        Err(e)
+    let request = ImageRequest {
+        protocol,
+        format: spec.format.clone(),
     };
-    let probe_len = file.length().min(PROBE_BUF_SIZE as u64) as usize;
-    let head = match file.read(0, probe_len).await {
-        Ok(b) => b,
-        Err(e) => {
-            return fail(BlockError::io(
-                "Could not read image for determining its format",
-                e,
-            ))
-            .await
+    let image = blockd_drivers::open_image(graph, env, request, |format, file| {
+        if !known_driver(format) {
+            return Err(unknown_driver(format));
         }
-    };
-    let (format, probed) = match &spec.format {
-        Some(f) => {
-            if f == "qcow2" && !matches_format(f, &head) {
-                return fail(BlockError::invalid("Image is not in qcow2 format")).await;
-            }
-            (f.clone(), false)
+        let mut top = common(spec, file.read_only());
+        top.insert("driver".into(), format.into());
+        top.insert("file".into(), file.name().into());
+        if let Some(n) = &spec.node_name {
+            top.insert("node-name".into(), n.clone().into());
         }
-        None => (probe_format(&head).unwrap_or("raw").to_string(), true),
-    };
-    if !known_driver(&format) {
-        return fail(unknown_driver(&format)).await;
-    }
-    let mut top = common(spec, file.read_only());
-    top.insert("driver".into(), format.clone().into());
-    top.insert("file".into(), file.name().into());
-    if let Some(n) = &spec.node_name {
-        top.insert("node-name".into(), n.clone().into());
-    }
-    if spec.detect_zeroes != DetectZeroes::Off {
-        top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
-    }
-    for (k, v) in &spec.format_opts {
-        top.insert(k.clone(), v.clone());
-    }
-    let opts = match typed(Value::Object(top), spec.keyval, &fmt_name) {
-        Ok(o) => o,
-        Err(e) => return fail(e).await,
-    };
-    let node = match blockd_drivers::open_implicit(graph, env, opts).await {
-        Ok(n) => n,
-        Err(e) => return fail(e).await,
-    };
-    let probed_raw = probed && format == "raw";
-    if probed_raw && !node.read_only() {
-        eprintln!(
-            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
-            file.filename()
-        );
-    }
-    Ok((node, probed_raw))
+        if spec.detect_zeroes != DetectZeroes::Off {
+            top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
+        }
+        for (k, v) in &spec.format_opts {
+            top.insert(k.clone(), v.clone());
+        }
+        typed(Value::Object(top), spec.keyval, &fmt_name)
+    })
+    .await?;
+    Ok((image.node, image.probed_raw))
 }
 
 /// Puts `a.b.c = v` into nested objects.
@@ -271,6 +246,7 @@ async fn open_without_file(
     for (k, v) in &spec.file_opts {
         nest(&mut top, &format!("file.{k}"), v.clone());
     }
+    let top = crate::keyval::listify_root(top).map_err(BlockError::invalid)?;
     let opts = typed(Value::Object(top), spec.keyval, driver)?;
     Ok((
         blockd_drivers::open_implicit(graph, env, opts).await?,
@@ -315,12 +291,18 @@ pub struct DriveSpec {
 }
 
 fn bool_opt(key: &str, v: &str) -> Result<bool, String> {
-    crate::machine::props::parse_bool(key, v)
+    qemu_opts::parse_bool(key, v)
 }
 
+/// `bus`, `unit` and `index`: QemuOpts numbers, which `drive_new` keeps in
+/// a C `int` (so only the low 32 bits count).
 fn num_opt(key: &str, v: &str) -> Result<u32, String> {
-    v.parse::<u32>()
-        .map_err(|_| format!("Parameter '{key}' expects a non-negative number below 2^64"))
+    Ok(qemu_opts::parse_number(key, v)? as u32)
+}
+
+/// `unit` and `index`: -1 is QEMU's "not given".
+fn given(n: u32) -> Option<u32> {
+    (n != u32::MAX).then_some(n)
 }
 
 fn on_error(v: &str, is_read: bool) -> Result<OnError, String> {
@@ -403,8 +385,8 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
             }
             "if" => d.iface = v,
             "bus" => d.bus = Some(num_opt(&k, &v)?),
-            "unit" => d.unit = Some(num_opt(&k, &v)?),
-            "index" => d.index = Some(num_opt(&k, &v)?),
+            "unit" => d.unit = given(num_opt(&k, &v)?),
+            "index" => d.index = given(num_opt(&k, &v)?),
             "file" => d.file = (!v.is_empty()).then_some(v),
             "snapshot" => d.snapshot = bool_opt(&k, &v)?,
             "rerror" => d.rerror = on_error(&v, true)?,
@@ -429,10 +411,12 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
             }
             "stats-account-invalid" => d.account.0 = Some(bool_opt(&k, &v)?),
             "stats-account-failed" => d.account.1 = Some(bool_opt(&k, &v)?),
-            k if k.starts_with("stats-intervals.") => match v.parse::<u64>() {
-                Ok(n) if n > 0 && n <= u64::from(u32::MAX) => d.intervals.push(n as u32),
-                _ => return Err(format!("Invalid interval length: {v}")),
-            },
+            k if k.starts_with("stats-intervals.") => {
+                match blockd_optval::parse_uint_full(&v, 10) {
+                    Ok(n) if n > 0 && n <= u64::from(u32::MAX) => d.intervals.push(n as u32),
+                    _ => return Err(format!("Invalid interval length: {v}")),
+                }
+            }
             "node-name" => {
                 d.medium.node_name = Some(v);
                 d.has_block_opts = true;
@@ -655,5 +639,27 @@ mod tests {
         let d = parse("file=/x,stats-intervals.0=60,stats-intervals.1=5,file.locking=off").unwrap();
         assert_eq!(d.intervals, vec![60, 5]);
         assert_eq!(d.medium.file_opts.get("locking"), Some(&Value::from("off")));
+        // bus, unit and index are QemuOpts numbers (blockdev.c).
+        let d = parse("bus=0x1,unit=010").unwrap();
+        assert_eq!((d.bus, d.unit), (Some(1), Some(8)));
+        assert_eq!(parse("index=-1").unwrap().index, None);
+        assert_eq!(
+            parse("bus=x").unwrap_err(),
+            "Parameter 'bus' expects a number"
+        );
+        assert_eq!(
+            parse("unit=99999999999999999999").unwrap_err(),
+            "Value '99999999999999999999' is too large for parameter 'unit'"
+        );
+        // stats-intervals: parse_uint_full in base 10.
+        assert_eq!(parse("stats-intervals.0= 5").unwrap().intervals, vec![5]);
+        assert_eq!(
+            parse("stats-intervals.0=0x5").unwrap_err(),
+            "Invalid interval length: 0x5"
+        );
+        assert_eq!(
+            parse("read-only=maybe").unwrap_err(),
+            "Parameter 'read-only' expects 'on' or 'off'"
+        );
     }
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use blockd_core::{BlockBackend, BlockGraph, BlockNode, Perm};
 use blockd_qmp::QmpError;
-use serde_json::json;
 
 use super::{Inner, Machine};
+use crate::events::DeviceTrayMoved;
 
 /// Why a tray could not be opened (QEMU's `do_open_tray` return codes).
 pub enum TrayError {
@@ -42,10 +42,11 @@ fn shown<'a>(device: Option<&'a str>, id: Option<&'a str>) -> &'a str {
 impl Machine {
     fn tray_event(&self, ev: Option<blockd_core::backend::TrayMoved>) {
         if let Some(ev) = ev {
-            self.events.emit(
-                "DEVICE_TRAY_MOVED",
-                Some(json!({"device": ev.device, "id": ev.id, "tray-open": ev.tray_open})),
-            );
+            self.events.send(&DeviceTrayMoved {
+                device: ev.device,
+                id: ev.id,
+                tray_open: ev.tray_open,
+            });
         }
     }
 

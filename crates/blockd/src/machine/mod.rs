@@ -33,8 +33,9 @@ use blockd_core::backend::{ErrorAction, IoErrorHook, IoErrorInfo};
 use blockd_core::runstate::{RunState, RunStatus};
 use blockd_core::{BlockBackend, BlockGraph, BlockNode};
 use blockd_qmp::{EventBus, QmpError};
-use serde_json::{json, Map, Value};
 
+use crate::events::{BlockIoError, DeviceDeleted, Stop};
+use blockd_core::qapi::IoOperationType;
 use devices::Device;
 
 /// How a `--drive` was connected (QEMU's `DriveInfo`).
@@ -96,25 +97,22 @@ pub struct ErrorEvents {
 
 impl IoErrorHook for ErrorEvents {
     fn io_error(&self, blk: &BlockBackend, info: IoErrorInfo) {
-        let path = blk.dev().map(|d| d.path).unwrap_or_default();
-        let mut data = Map::new();
-        data.insert("qom-path".into(), path.into());
-        data.insert("device".into(), blk.name().into());
-        if let Some(n) = &info.node_name {
-            data.insert("node-name".into(), n.clone().into());
-        }
-        let op = if info.is_read { "read" } else { "write" };
-        data.insert("operation".into(), op.into());
-        data.insert("action".into(), info.action.as_str().into());
-        if info.iostatus_enabled {
-            data.insert("nospace".into(), (info.errno == libc::ENOSPC).into());
-        }
         let reason = blockd_core::error::strerror(&std::io::Error::from_raw_os_error(info.errno));
-        data.insert("reason".into(), reason.into());
-        self.events
-            .emit("BLOCK_IO_ERROR", Some(Value::Object(data)));
+        self.events.send(&BlockIoError {
+            qom_path: blk.dev().map(|d| d.path).unwrap_or_default(),
+            device: blk.name().to_string(),
+            node_name: info.node_name.clone(),
+            operation: if info.is_read {
+                IoOperationType::Read
+            } else {
+                IoOperationType::Write
+            },
+            action: info.action,
+            nospace: info.iostatus_enabled.then_some(info.errno == libc::ENOSPC),
+            reason: reason.to_string(),
+        });
         if info.action == ErrorAction::Stop && self.run.stop(RunStatus::IoError) {
-            self.events.emit("STOP", None);
+            self.events.send(&Stop);
         }
     }
 }
@@ -296,9 +294,9 @@ pub fn release_medium(graph: &BlockGraph, blk: &BlockBackend) -> Vec<Arc<BlockNo
 }
 
 /// `{"device": ..., "path": ...}` of `DEVICE_DELETED`.
-pub fn device_deleted(id: Option<&str>, path: &str) -> Value {
-    match id {
-        Some(id) => json!({"device": id, "path": path}),
-        None => json!({"path": path}),
+pub fn device_deleted(id: Option<&str>, path: &str) -> DeviceDeleted {
+    DeviceDeleted {
+        device: id.map(str::to_string),
+        path: path.to_string(),
     }
 }

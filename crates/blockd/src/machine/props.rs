@@ -5,8 +5,12 @@
 //! `device_add` hands QEMU every property as a string (numbers are printed,
 //! booleans become `on`/`off`, lists and objects are dropped), and each
 //! property parses the string with its own type; blockd does the same, so
-//! `"scsi-id": 1` and `"scsi-id": "1"` are one thing.
+//! `"scsi-id": 1` and `"scsi-id": "1"` are one thing. The strings are read
+//! as QEMU's keyval visitor reads them ([`blockd_optval::keyval`]):
+//! integers in C's base-0 syntax, sizes by `qemu_strtosz`, QEMU's boolean
+//! spellings.
 
+use blockd_optval::keyval;
 use serde_json::Value;
 
 use super::devices::Model;
@@ -222,50 +226,6 @@ fn expects(name: &str, what: &str) -> String {
     format!("Parameter '{name}' expects {what}")
 }
 
-/// QEMU's boolean spellings.
-pub fn parse_bool(name: &str, s: &str) -> Result<bool, String> {
-    match s {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(expects(name, "'on' or 'off'")),
-    }
-}
-
-/// A number in C's `strtoll` base-0 syntax (decimal, `0x` hex, `0` octal).
-fn parse_int(s: &str) -> Option<i128> {
-    let (neg, body) = match s.strip_prefix('-') {
-        Some(b) => (true, b),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
-        i128::from_str_radix(h, 16).ok()?
-    } else if body.len() > 1 && body.starts_with('0') {
-        i128::from_str_radix(&body[1..], 8).ok()?
-    } else {
-        body.parse::<i128>().ok()?
-    };
-    Some(if neg { -v } else { v })
-}
-
-/// A byte count with an optional `k`/`M`/`G`/`T` suffix.
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return None,
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// Parses the value `raw` of property `name` (of type `kind`) of a device
 /// of type `typename`.
 pub fn parse(typename: &str, name: &str, kind: Kind, raw: &Value) -> Result<PropValue, String> {
@@ -277,8 +237,8 @@ pub fn parse(typename: &str, name: &str, kind: Kind, raw: &Value) -> Result<Prop
         let mut out = Vec::new();
         for it in items {
             let s = scalar_string(&it).unwrap_or_default();
-            match parse_int(&s) {
-                Some(n) if n > 0 && n <= i128::from(u32::MAX) => out.push(n as u32),
+            match blockd_optval::strtoi64(&s) {
+                Ok(n) if n > 0 && n <= i64::from(u32::MAX) => out.push(n as u32),
                 _ => return Err(format!("Invalid interval length: {s}")),
             }
         }
@@ -287,26 +247,24 @@ pub fn parse(typename: &str, name: &str, kind: Kind, raw: &Value) -> Result<Prop
     let s = scalar_string(raw).unwrap_or_default();
     Ok(match kind {
         Kind::Str | Kind::Drive | Kind::Link => PropValue::Str(s),
-        Kind::Bool => PropValue::Bool(parse_bool(name, &s)?),
+        Kind::Bool => PropValue::Bool(keyval::boolean(name, &s)?),
         Kind::U32 => {
-            let n = parse_int(&s).ok_or_else(|| expects(name, "integer"))?;
-            if !(0..=i128::from(u32::MAX)).contains(&n) {
+            let n = keyval::uint(name, &s)?;
+            if n > u64::from(u32::MAX) {
                 return Err(expects(name, "uint32_t"));
             }
             PropValue::Num(n as i64)
         }
         Kind::I32 => {
-            let n = parse_int(&s).ok_or_else(|| expects(name, "integer"))?;
-            if !(i128::from(i32::MIN)..=i128::from(i32::MAX)).contains(&n) {
+            let n = keyval::int(name, &s)?;
+            if i32::try_from(n).is_err() {
                 return Err(expects(name, "int32_t"));
             }
-            PropValue::Num(n as i64)
+            PropValue::Num(n)
         }
-        Kind::Size => {
-            PropValue::Num(parse_size(&s).ok_or_else(|| expects(name, "a size value"))? as i64)
-        }
+        Kind::Size => PropValue::Num(keyval::size(name, &s)? as i64),
         Kind::BlockSize => {
-            let n = parse_size(&s).ok_or_else(|| expects(name, "a size value"))?;
+            let n = keyval::size(name, &s)?;
             if !n.is_power_of_two() || !(512..=2 << 20).contains(&n) {
                 return Err(format!(
                     "Property {typename}.{name} doesn't take value {n} (must be a power of 2 between 512 and 2097152)"
@@ -372,6 +330,24 @@ mod tests {
         );
         assert!(p(Kind::Intervals, json!([0])).is_err());
         assert_eq!(p(Kind::BlockSize, json!("4k")), Ok(PropValue::Num(4096)));
+        assert_eq!(p(Kind::Size, json!("1.5k")), Ok(PropValue::Num(1536)));
+        assert_eq!(p(Kind::Size, json!("0x10")), Ok(PropValue::Num(16)));
+        assert_eq!(
+            p(Kind::Size, json!("1e3")),
+            Err("Parameter 'x' expects size".into())
+        );
+        // Too large for 64 bits: not a number at all, as QEMU says.
+        assert_eq!(
+            p(Kind::U32, json!("18446744073709551616")),
+            Err("Parameter 'x' expects integer".into())
+        );
+        assert_eq!(p(Kind::U32, json!(" 7")), Ok(PropValue::Num(7)));
+        assert_eq!(p(Kind::I32, json!("-0x10")), Ok(PropValue::Num(-16)));
+        assert_eq!(
+            p(Kind::I32, json!("2147483648")),
+            Err("Parameter 'x' expects int32_t".into())
+        );
+        assert_eq!(p(Kind::Bool, json!("y")), Ok(PropValue::Bool(true)));
         assert!(p(Kind::BlockSize, json!(1000)).is_err());
     }
 

@@ -1,10 +1,11 @@
 //! Protocol and server control: versions, introspection, run state, quit.
 
 use blockd_core::runstate::RunStatus;
-use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
+use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError, ShutdownCause};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::events::{Resume, Stop};
 use crate::state::State;
 
 type R<T> = Result<T, QmpError>;
@@ -37,7 +38,7 @@ pub fn register(d: &mut Dispatcher<State>) {
         // Only a running server stops (and sends STOP); a stopped one keeps
         // its state, io-error included (QEMU's vm_stop).
         if cx.state.run.stop(RunStatus::Paused) {
-            cx.state.events.emit("STOP", None);
+            cx.state.events.send(&Stop);
         }
         R::Ok(Empty {})
     });
@@ -45,12 +46,12 @@ pub fn register(d: &mut Dispatcher<State>) {
         // As QEMU: cont clears every backend's io-status first.
         cx.state.machine.iostatus_reset_all();
         if cx.state.run.set(RunStatus::Running) {
-            cx.state.events.emit("RESUME", None);
+            cx.state.events.send(&Resume);
         }
         R::Ok(Empty {})
     });
     d.register("quit", |cx: Ctx<State>, _: NoArgs| async move {
-        cx.state.request_shutdown("host-qmp-quit");
+        cx.state.request_shutdown(ShutdownCause::HostQmpQuit);
         R::Ok(Empty {})
     });
 }

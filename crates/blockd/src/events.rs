@@ -1,0 +1,338 @@
+//! The events the server itself emits, one type each (see
+//! [`blockd_qmp::Event`]): sent with [`blockd_qmp::EventBus::send`], so
+//! their names and members are spelled once, here. `SHUTDOWN` belongs to
+//! the QMP server (`blockd_qmp::Shutdown`) and the job events to the job
+//! layer (`blockd_jobs::JobStatusChange`, ...), which the server forwards.
+//!
+//! | event | emitted by |
+//! | --- | --- |
+//! | [`Stop`], [`Resume`] | `stop`, `cont`, a `stop` error policy ([`crate::machine`]) |
+//! | [`BlockIoError`] | a backend's error policy ([`crate::machine::ErrorEvents`]) |
+//! | [`DeviceTrayMoved`] | tray commands and media changes ([`crate::machine`]) |
+//! | [`DeviceDeleted`] | `device_del` ([`crate::machine`]) |
+//! | [`BlockExportDeleted`] | `block-export-del`, `nbd-server-remove` ([`crate::exports`]) |
+
+use blockd_core::qapi::{BlockErrorAction, IoOperationType};
+use blockd_qmp::Event;
+use serde::Serialize;
+
+/// `STOP`: the server paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Stop;
+
+/// `RESUME`: the server resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Resume;
+
+/// `BLOCK_IO_ERROR`: a request through a backend failed and its error
+/// policy acted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockIoError {
+    /// The device's QOM path (empty without a device).
+    #[serde(rename = "qom-path")]
+    pub qom_path: String,
+    /// The backend's name.
+    pub device: String,
+    /// The node the request failed on, if known.
+    #[serde(rename = "node-name", skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The failed request.
+    pub operation: IoOperationType,
+    /// What the policy did.
+    pub action: BlockErrorAction,
+    /// Whether it was ENOSPC (only for backends with an I/O status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nospace: Option<bool>,
+    /// The error's text.
+    pub reason: String,
+}
+
+/// `DEVICE_TRAY_MOVED`: a device's tray opened or closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceTrayMoved {
+    /// The backend's name (empty if anonymous).
+    pub device: String,
+    /// The device's id or QOM path.
+    pub id: String,
+    /// Whether the tray is now open.
+    #[serde(rename = "tray-open")]
+    pub tray_open: bool,
+}
+
+/// `DEVICE_DELETED`: a device is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceDeleted {
+    /// Its id, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Its QOM path.
+    pub path: String,
+}
+
+/// `BLOCK_EXPORT_DELETED`: an export is gone and its id free again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockExportDeleted {
+    /// The export's id.
+    pub id: String,
+}
+
+impl Event for Stop {
+    const NAME: &'static str = "STOP";
+}
+impl Event for Resume {
+    const NAME: &'static str = "RESUME";
+}
+impl Event for BlockIoError {
+    const NAME: &'static str = "BLOCK_IO_ERROR";
+}
+impl Event for DeviceTrayMoved {
+    const NAME: &'static str = "DEVICE_TRAY_MOVED";
+}
+impl Event for DeviceDeleted {
+    const NAME: &'static str = "DEVICE_DELETED";
+}
+impl Event for BlockExportDeleted {
+    const NAME: &'static str = "BLOCK_EXPORT_DELETED";
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use blockd_jobs::{
+        BlockJobCancelled, BlockJobCompleted, BlockJobError, BlockJobPending, BlockJobProgress,
+        BlockJobReady, JobEvent, JobStatus, JobStatusChange, JobType,
+    };
+    use blockd_qmp::schema::{Schema, TypeDef};
+    use blockd_qmp::{Shutdown, ShutdownCause};
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// QEMU 10's definitions of the legacy block-job events
+    /// (`qapi/block-core.json`, as qemu-storage-daemon 10.0.2 introspects
+    /// them). blockd's schema leaves them out, as no blockd job is a block
+    /// job; the job layer has their types all the same.
+    const QEMU_BLOCK_JOB_EVENTS: &str = r#"[
+      {"enum": "QemuJobType", "doc": "QEMU's JobType (blockd's lists only 'create').",
+       "data": ["commit", "stream", "mirror", "backup", "create", "amend",
+                "snapshot-load", "snapshot-save", "snapshot-delete"]},
+      {"event": "BLOCK_JOB_COMPLETED", "doc": "QEMU's.",
+       "data": {"type": "QemuJobType", "device": "str", "len": "int", "offset": "int",
+                "speed": "int", "*error": "str"}},
+      {"event": "BLOCK_JOB_CANCELLED", "doc": "QEMU's.",
+       "data": {"type": "QemuJobType", "device": "str", "len": "int", "offset": "int",
+                "speed": "int"}},
+      {"event": "BLOCK_JOB_READY", "doc": "QEMU's.",
+       "data": {"type": "QemuJobType", "device": "str", "len": "int", "offset": "int",
+                "speed": "int"}},
+      {"event": "BLOCK_JOB_PENDING", "doc": "QEMU's.",
+       "data": {"type": "QemuJobType", "id": "str"}},
+      {"event": "BLOCK_JOB_ERROR", "doc": "QEMU's.",
+       "data": {"device": "str", "operation": "IoOperationType",
+                "action": "BlockErrorAction"}}
+    ]"#;
+
+    /// An event type's name and its data with every optional member set
+    /// (`full`) and with none (`minimal`).
+    struct Example {
+        name: &'static str,
+        full: Value,
+        minimal: Value,
+    }
+
+    fn data(v: Value) -> Value {
+        // Events without data serialise as null; their data type is empty.
+        if v.is_null() {
+            json!({})
+        } else {
+            v
+        }
+    }
+
+    fn server<E: Event>(full: E, minimal: E) -> Example {
+        Example {
+            name: E::NAME,
+            full: data(serde_json::to_value(full).unwrap()),
+            minimal: data(serde_json::to_value(minimal).unwrap()),
+        }
+    }
+
+    fn job<E: JobEvent>(full: E, minimal: E) -> Example {
+        Example {
+            name: E::NAME,
+            full: serde_json::to_value(full).unwrap(),
+            minimal: serde_json::to_value(minimal).unwrap(),
+        }
+    }
+
+    fn io_error(optional: bool) -> BlockIoError {
+        BlockIoError {
+            qom_path: "/machine/peripheral/d0/virtio-backend".into(),
+            device: "drive0".into(),
+            node_name: optional.then(|| "#block123".into()),
+            operation: IoOperationType::Write,
+            action: BlockErrorAction::Stop,
+            nospace: optional.then_some(true),
+            reason: "No space left on device".into(),
+        }
+    }
+
+    fn progress() -> BlockJobProgress {
+        BlockJobProgress {
+            job_type: JobType::Mirror,
+            device: "job0".into(),
+            len: 1 << 20,
+            offset: 4096,
+            speed: 0,
+        }
+    }
+
+    /// One example of every event type blockd has, in every crate.
+    fn examples() -> Vec<Example> {
+        let deleted = |device: Option<&str>| DeviceDeleted {
+            device: device.map(str::to_string),
+            path: "/machine/peripheral/d0".into(),
+        };
+        let tray = DeviceTrayMoved {
+            device: "cd0".into(),
+            id: "ide0-cd0".into(),
+            tray_open: true,
+        };
+        let shutdown = Shutdown {
+            guest: false,
+            reason: ShutdownCause::HostQmpQuit,
+        };
+        let completed = |error: Option<&str>| BlockJobCompleted {
+            progress: progress(),
+            error: error.map(str::to_string),
+        };
+        let status = JobStatusChange {
+            id: "job0".into(),
+            status: JobStatus::Concluded,
+        };
+        let pending = BlockJobPending {
+            job_type: JobType::Commit,
+            id: "job0".into(),
+        };
+        let job_error = BlockJobError {
+            device: "job0".into(),
+            operation: IoOperationType::Read,
+            action: BlockErrorAction::Report,
+        };
+        vec![
+            server(Stop, Stop),
+            server(Resume, Resume),
+            server(io_error(true), io_error(false)),
+            server(tray.clone(), tray),
+            server(deleted(Some("d0")), deleted(None)),
+            server(
+                BlockExportDeleted { id: "e0".into() },
+                BlockExportDeleted { id: "e0".into() },
+            ),
+            server(shutdown.clone(), shutdown),
+            job(status.clone(), status),
+            job(BlockJobReady(progress()), BlockJobReady(progress())),
+            job(BlockJobCancelled(progress()), BlockJobCancelled(progress())),
+            job(completed(Some("Input/output error")), completed(None)),
+            job(pending.clone(), pending),
+            job(job_error.clone(), job_error),
+        ]
+    }
+
+    fn schema_with_qemu_job_events() -> Schema {
+        let mut files = crate::schema::FILES.to_vec();
+        files.push(("qemu-block-job-events.json", QEMU_BLOCK_JOB_EVENTS));
+        Schema::load(&files).unwrap()
+    }
+
+    /// Every event type serialises to data its definition accepts: member
+    /// names and types (the check refuses unknown members and mistyped
+    /// ones), optionality (the minimal example leaves out exactly the
+    /// optional members, and still passes), and completeness (the full
+    /// example has every member the definition has).
+    #[test]
+    fn every_event_type_matches_its_definition() {
+        let schema = schema_with_qemu_job_events();
+        for ex in examples() {
+            let def = schema
+                .event(ex.name)
+                .unwrap_or_else(|| panic!("{} has no definition", ex.name));
+            for v in [&ex.full, &ex.minimal] {
+                if let Err(e) = schema.check_value(&def.data, v) {
+                    panic!("{} {v}: {}", ex.name, e.desc);
+                }
+            }
+            let members = match schema.type_def(&def.data) {
+                Some(TypeDef::Struct(s)) => s.members.clone(),
+                other => panic!("{}: data type {other:?}", ex.name),
+            };
+            for m in &members {
+                assert!(
+                    ex.full.get(&m.name).is_some(),
+                    "{}: the type has no member '{}'",
+                    ex.name,
+                    m.name
+                );
+                assert_eq!(
+                    ex.minimal.get(&m.name).is_some(),
+                    !m.optional,
+                    "{}: member '{}' is {} in the definition",
+                    ex.name,
+                    m.name,
+                    if m.optional { "optional" } else { "required" }
+                );
+            }
+        }
+    }
+
+    /// Every event of blockd's schema has a type; every type's event is in
+    /// blockd's schema, except the block-job events no blockd job emits.
+    #[test]
+    fn every_schema_event_has_a_type() {
+        let schema = crate::schema::load();
+        let typed: HashSet<&str> = examples().iter().map(|e| e.name).collect();
+        for ev in schema.events() {
+            assert!(typed.contains(ev.name.as_str()), "{} has no type", ev.name);
+        }
+        let qemu_only: HashSet<&str> = typed
+            .iter()
+            .copied()
+            .filter(|n| schema.event(n).is_none())
+            .collect();
+        let block_job: HashSet<&str> = [
+            BlockJobCompleted::NAME,
+            BlockJobCancelled::NAME,
+            BlockJobReady::NAME,
+            BlockJobPending::NAME,
+            BlockJobError::NAME,
+        ]
+        .into();
+        assert_eq!(qemu_only, block_job);
+        // ... which is why blockd's schema can leave them out.
+        assert!(!JobType::Create.is_block_job());
+    }
+
+    /// The wire text is what the hand-built JSON was: members in the
+    /// definition's order, optional ones left out when absent.
+    #[test]
+    fn wire_order() {
+        assert_eq!(
+            serde_json::to_string(&io_error(true)).unwrap(),
+            r##"{"qom-path":"/machine/peripheral/d0/virtio-backend","device":"drive0","node-name":"#block123","operation":"write","action":"stop","nospace":true,"reason":"No space left on device"}"##
+        );
+        assert_eq!(
+            serde_json::to_string(&io_error(false)).unwrap(),
+            r#"{"qom-path":"/machine/peripheral/d0/virtio-backend","device":"drive0","operation":"write","action":"stop","reason":"No space left on device"}"#
+        );
+        assert_eq!(serde_json::to_value(Stop).unwrap(), Value::Null);
+        assert_eq!(
+            serde_json::to_string(&DeviceDeleted {
+                device: None,
+                path: "/p".into()
+            })
+            .unwrap(),
+            r#"{"path":"/p"}"#
+        );
+    }
+}
