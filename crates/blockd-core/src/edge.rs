@@ -30,8 +30,6 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
-use arc_swap::ArcSwap;
-
 use crate::node::BlockNode;
 use crate::perm::{ChildRole, PermPair};
 use crate::root::Root;
@@ -89,7 +87,7 @@ impl Parent {
 pub struct Child {
     name: String,
     role: ChildRole,
-    node: ArcSwap<BlockNode>,
+    node: RwLock<Arc<BlockNode>>,
     perm: Mutex<PermPair>,
     parent: OnceLock<Parent>,
     /// The child node was opened for this edge and takes its options from
@@ -122,7 +120,7 @@ impl Child {
         Arc::new(Child {
             name,
             role,
-            node: ArcSwap::new(node),
+            node: RwLock::new(node),
             perm: Mutex::new(PermPair::FREE),
             parent: OnceLock::new(),
             inherits,
@@ -141,12 +139,15 @@ impl Child {
 
     /// The node the edge points at now.
     pub fn node(&self) -> Arc<BlockNode> {
-        self.node.load_full()
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether the edge points at `node`.
     pub fn points_at(&self, node: &BlockNode) -> bool {
-        std::ptr::eq(Arc::as_ptr(&self.node.load()), node)
+        std::ptr::eq(
+            Arc::as_ptr(&self.node.read().unwrap_or_else(|e| e.into_inner())),
+            node,
+        )
     }
 
     /// The permissions the parent holds on the child through this edge.
@@ -180,7 +181,10 @@ impl Child {
     /// Points the edge at another node; returns the old one. Only the
     /// graph does this, with the back-edges and permissions.
     pub(crate) fn retarget(&self, node: Arc<BlockNode>) -> Arc<BlockNode> {
-        self.node.swap(node)
+        std::mem::replace(
+            &mut *self.node.write().unwrap_or_else(|e| e.into_inner()),
+            node,
+        )
     }
 
     /// How permission errors name the user of the child node:

@@ -59,30 +59,45 @@ pub struct NodeOptions {
     pub force_share: bool,
 }
 
+/// Bits of the packed [`NodeOptions`] that the request path tests
+/// directly (one load, no unpacking).
+mod bits {
+    pub const READ_ONLY: u16 = 1;
+    pub const AUTO_READ_ONLY: u16 = 1 << 1;
+    pub const DZ_SHIFT: u16 = 2;
+    pub const DZ_MASK: u16 = 3 << DZ_SHIFT;
+    pub const DZ_UNMAP: u16 = 2 << DZ_SHIFT;
+    pub const DISCARD_UNMAP: u16 = 1 << 4;
+    pub const CACHE_DIRECT: u16 = 1 << 5;
+    pub const NO_FLUSH: u16 = 1 << 6;
+    pub const FORCE_SHARE: u16 = 1 << 7;
+}
+
 impl NodeOptions {
     fn pack(self) -> u16 {
-        u16::from(self.read_only)
-            | u16::from(self.auto_read_only) << 1
-            | (self.detect_zeroes as u16) << 2
-            | u16::from(self.discard_unmap) << 4
-            | u16::from(self.cache_direct) << 5
-            | u16::from(self.cache_no_flush) << 6
-            | u16::from(self.force_share) << 7
+        let flag = |on: bool, b: u16| if on { b } else { 0 };
+        flag(self.read_only, bits::READ_ONLY)
+            | flag(self.auto_read_only, bits::AUTO_READ_ONLY)
+            | (self.detect_zeroes as u16) << bits::DZ_SHIFT
+            | flag(self.discard_unmap, bits::DISCARD_UNMAP)
+            | flag(self.cache_direct, bits::CACHE_DIRECT)
+            | flag(self.cache_no_flush, bits::NO_FLUSH)
+            | flag(self.force_share, bits::FORCE_SHARE)
     }
 
     fn unpack(b: u16) -> NodeOptions {
         NodeOptions {
-            read_only: b & 1 != 0,
-            auto_read_only: b & 2 != 0,
-            detect_zeroes: match (b >> 2) & 3 {
+            read_only: b & bits::READ_ONLY != 0,
+            auto_read_only: b & bits::AUTO_READ_ONLY != 0,
+            detect_zeroes: match (b & bits::DZ_MASK) >> bits::DZ_SHIFT {
                 0 => DetectZeroes::Off,
                 1 => DetectZeroes::On,
                 _ => DetectZeroes::Unmap,
             },
-            discard_unmap: b & 1 << 4 != 0,
-            cache_direct: b & 1 << 5 != 0,
-            cache_no_flush: b & 1 << 6 != 0,
-            force_share: b & 1 << 7 != 0,
+            discard_unmap: b & bits::DISCARD_UNMAP != 0,
+            cache_direct: b & bits::CACHE_DIRECT != 0,
+            cache_no_flush: b & bits::NO_FLUSH != 0,
+            force_share: b & bits::FORCE_SHARE != 0,
         }
     }
 }
@@ -297,8 +312,15 @@ impl BlockNode {
     }
 
     /// Whether writes are refused.
+    #[inline]
     pub fn read_only(&self) -> bool {
-        self.opts.load(Ordering::Acquire) & 1 != 0
+        self.bits() & bits::READ_ONLY != 0
+    }
+
+    /// The packed options, for the request path's tests.
+    #[inline]
+    fn bits(&self) -> u16 {
+        self.opts.load(Ordering::Acquire)
     }
 
     /// The driver.
@@ -524,9 +546,9 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
-        let o = self.options();
-        let r = if o.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
-            let unmap = o.detect_zeroes == DetectZeroes::Unmap && o.discard_unmap;
+        let b = self.bits();
+        let r = if b & bits::DZ_MASK != 0 && is_zero(&data) {
+            let unmap = b & bits::DZ_MASK == bits::DZ_UNMAP && b & bits::DISCARD_UNMAP != 0;
             let zflags = ReqFlags {
                 may_unmap: unmap,
                 ..flags
@@ -620,7 +642,7 @@ impl BlockNode {
             return Ok(());
         }
         let flags = ReqFlags {
-            may_unmap: flags.may_unmap && self.options().discard_unmap,
+            may_unmap: flags.may_unmap && self.bits() & bits::DISCARD_UNMAP != 0,
             ..flags
         };
         let r = self.zeroes_inner(offset, len, flags).await;
@@ -667,7 +689,7 @@ impl BlockNode {
     /// Discards a range (ignored unless `discard=unmap`).
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_write(offset, len)?;
-        if !self.options().discard_unmap || len == 0 {
+        if self.bits() & bits::DISCARD_UNMAP == 0 || len == 0 {
             return Ok(());
         }
         // Only whole aligned blocks can be discarded; the rest is left alone.
@@ -697,7 +719,7 @@ impl BlockNode {
 
     /// Flushes completed writes to stable storage (no-op with `cache.no-flush`).
     pub async fn flush(&self) -> io::Result<()> {
-        let r = if self.options().cache_no_flush {
+        let r = if self.bits() & bits::NO_FLUSH != 0 {
             Ok(())
         } else {
             self.driver.flush().await

@@ -52,8 +52,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
-
 use blockd_core::driver::PrepareFuture;
 use blockd_core::error::strerror;
 use blockd_core::{
@@ -108,7 +106,7 @@ impl Handle {
 
 /// State shared with the blocking tasks.
 struct Inner {
-    handle: ArcSwap<Handle>,
+    handle: std::sync::RwLock<Arc<Handle>>,
     /// `filename` as given (shown in queries).
     filename: String,
     /// Descriptor sets, to open `/dev/fdset/N` again.
@@ -155,7 +153,7 @@ impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
             .field("filename", &self.filename)
-            .field("handle", &self.handle.load())
+            .field("handle", &self.h())
             .finish()
     }
 }
@@ -369,12 +367,12 @@ fn open_blocking(
     };
 
     let inner = Inner {
-        handle: ArcSwap::from_pointee(Handle {
+        handle: std::sync::RwLock::new(Arc::new(Handle {
             fd,
             writable: !read_only,
             direct,
             align,
-        }),
+        })),
         filename: o.filename.clone(),
         fdsets,
         blkdev,
@@ -438,8 +436,19 @@ where
 impl Inner {
     /// The current handle; a request keeps the one it loaded until it is
     /// done, so its descriptor stays open even if a reopen swaps it.
-    fn h(&self) -> arc_swap::Guard<Arc<Handle>> {
-        self.handle.load()
+    fn h(&self) -> Arc<Handle> {
+        self.handle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the handle (reopen, auto-read-only); returns the old one.
+    fn swap_handle(&self, new: Arc<Handle>) -> Arc<Handle> {
+        std::mem::replace(
+            &mut *self.handle.write().unwrap_or_else(|e| e.into_inner()),
+            new,
+        )
     }
 
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
@@ -806,9 +815,10 @@ impl Drop for Inner {
         // lives on elsewhere (a descriptor set keeps the original): release
         // them explicitly.
         if let Some(cmds) = self.lock_cmds {
+            let fd = self.h().raw();
             let st = self.locks.get_mut().unwrap_or_else(|e| e.into_inner());
             if st.locked_perm != Perm::NONE || st.locked_unshared != Perm::NONE {
-                lock::release_all(self.handle.load().raw(), cmds, st);
+                lock::release_all(fd, cmds, st);
             }
         }
     }

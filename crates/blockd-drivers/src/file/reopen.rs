@@ -50,13 +50,13 @@ impl Inner {
 
     /// Makes `new` the handle, moving the image locks to it.
     fn install(&self, new: Handle) -> Result<(), BlockError> {
-        let old = self.handle.load_full();
+        let old = self.h();
         if let Some(cmds) = self.lock_cmds {
             let st = self.locks.lock().unwrap_or_else(|e| e.into_inner());
             let same = sys::same_description(old.raw(), new.raw());
             lock::transfer(old.raw(), new.raw(), cmds, &st, same)?;
         }
-        self.handle.store(Arc::new(new));
+        self.swap_handle(Arc::new(new));
         Ok(())
     }
 

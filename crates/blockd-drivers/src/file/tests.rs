@@ -861,7 +861,7 @@ fn write_without_resize_needs_an_aligned_length() {
     // Simulate a 4096-byte O_DIRECT alignment on this node.
     let h = d.inner.h();
     let fd = h.fd.try_clone().unwrap();
-    d.inner.handle.store(Arc::new(super::Handle {
+    d.inner.swap_handle(Arc::new(super::Handle {
         fd,
         writable: h.writable,
         direct: h.direct,
