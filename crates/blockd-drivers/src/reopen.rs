@@ -270,14 +270,7 @@ fn plan_entry(
                 }
                 Some(BlockdevRefOrNull::Null(())) => {}
                 Some(BlockdevRefOrNull::Reference(r)) => {
-                    let t = lookup(graph, r)?;
-                    if would_cycle(&t, node) {
-                        return Err(BlockError::invalid(format!(
-                            "Making '{}' a backing child of '{}' would create a cycle",
-                            t.name(),
-                            node.name()
-                        )));
-                    }
+                    let t = target(graph, node, "backing", r)?;
                     if !node.child("backing").is_some_and(|c| c.points_at(&t)) {
                         children.push(("backing".to_string(), ChildRole::COW, Some(t)));
                     }
@@ -312,6 +305,25 @@ fn lookup(graph: &BlockGraph, name: &str) -> Result<Arc<BlockNode>, BlockError> 
     })
 }
 
+/// The node a child option names, which must exist and must not make a
+/// cycle when it becomes `node`'s child `name`.
+fn target(
+    graph: &BlockGraph,
+    node: &BlockNode,
+    name: &str,
+    r: &str,
+) -> Result<Arc<BlockNode>, BlockError> {
+    let t = lookup(graph, r)?;
+    if would_cycle(&t, node) {
+        return Err(BlockError::invalid(format!(
+            "Making '{}' a {name} child of '{}' would create a cycle",
+            t.name(),
+            node.name()
+        )));
+    }
+    Ok(t)
+}
+
 /// Whether making `target` a child of `node` would make a cycle: `node`
 /// is `target` or lies below it.
 fn would_cycle(target: &Arc<BlockNode>, node: &BlockNode) -> bool {
@@ -342,15 +354,8 @@ fn child_ref(
     inline: &mut Inline,
 ) -> Result<(), BlockError> {
     match r {
-        BlockdevRef::Reference(target) => {
-            let t = lookup(graph, target)?;
-            if would_cycle(&t, node) {
-                return Err(BlockError::invalid(format!(
-                    "Making '{}' a {name} child of '{}' would create a cycle",
-                    t.name(),
-                    node.name()
-                )));
-            }
+        BlockdevRef::Reference(r) => {
+            let t = target(graph, node, name, r)?;
             match node.child(name) {
                 Some(c) if c.points_at(&t) => {}
                 Some(c) => changes.push((name.to_string(), c.role(), Some(t))),

@@ -9,28 +9,15 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{have, Server};
 use serde_json::{json, Value};
 
 const SIZE: u64 = 16 << 20;
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipping: {tool} not installed");
-    }
-    ok
-}
 
 fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();

@@ -11,6 +11,8 @@
 //! The data is checked afterwards with `qemu-io read -P` over the whole
 //! image. Skipped (with a message) without QEMU's tools.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -19,22 +21,10 @@ use std::time::{Duration, Instant};
 
 use blockd::{Server, StartOptions};
 use blockd_core::BlockNode;
+use common::have;
 use serde_json::{json, Value};
 
 const SIZE: u64 = 32 << 20;
-
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
 
 struct Scratch(PathBuf);
 

@@ -171,3 +171,18 @@ pub fn alive_check(c: &mut QmpClient, srv: &mut Server, tag: &str) -> Vec<Value>
     srv.assert_alive(tag);
     before
 }
+
+/// Whether a tool (`qemu-img`, ...) runs here; says so when it does not,
+/// so that a test skipped for lack of it is visible in the output.
+pub fn have(tool: &str) -> bool {
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("skipping: {tool} not installed");
+    }
+    found
+}
