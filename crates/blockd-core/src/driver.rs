@@ -223,6 +223,19 @@ pub trait BlockDriver: Send + Sync + 'static {
         self.flush()
     }
 
+    /// Rewrites the backing file name (and format) recorded in the image
+    /// header (QEMU's `bdrv_change_backing_file`): `None` records none.
+    /// Only the header changes; the graph's backing child is the caller's
+    /// business. Formats without backing files refuse with `ENOTSUP`.
+    fn change_backing_file<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> IoFuture<'a, ()> {
+        let _ = (name, format);
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// Checks a reopen of the node and stages it (QEMU's
     /// `bdrv_reopen_prepare`). The default accepts any change of the
     /// common options and stages nothing; a driver with options of its
