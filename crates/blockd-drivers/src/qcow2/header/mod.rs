@@ -6,9 +6,16 @@
 //! length before anyone allocates memory for it, so a hostile header can
 //! never make blockd allocate more than the file could hold.
 //!
-//! blockd never rewrites the header as a whole once an image exists: it
+//! Writing is pure too: [`build_header_cluster`] lays out a whole first
+//! cluster as QEMU's `qcow2_update_header` does (fixed fields, backing
+//! format extension, the other extensions, end marker, backing file
+//! name) and round-trips with [`parse`]. `blockdev-create` uses it for
+//! new images, and changing the backing file (QEMU's
+//! `qcow2_change_backing_file`) rewrites the header with it, carrying
+//! over every extension and unknown header field as parsed
+//! ([`Extensions::kept`], [`Header::unknown_fields`]). Otherwise blockd
 //! patches the few fields it changes (feature bits, refcount table
-//! location) in place, so unknown header extensions survive untouched.
+//! location) in place.
 
 use blockd_core::BlockError;
 
@@ -31,8 +38,13 @@ pub const SNAPSHOT_HEADER_SIZE: u64 = 40;
 pub const V2_HEADER_LEN: usize = 72;
 /// Smallest version 3 header.
 pub const V3_MIN_HEADER_LEN: usize = 104;
-/// Version 3 header with the compression type field, as QEMU writes it.
+/// Version 3 header with the compression type field, as QEMU writes it
+/// (`sizeof(QCowHeader)`); longer headers have fields QEMU does not know.
 pub const V3_HEADER_LEN: usize = 112;
+/// Longest backing file name QEMU reads or writes (bytes).
+pub const MAX_BACKING_NAME: usize = 1023;
+/// Longest backing format name QEMU reads (bytes; it keeps 16 with the NUL).
+pub const MAX_BACKING_FORMAT: usize = 15;
 
 /// Offset of the L1/refcount-table fields patched in place.
 pub const OFF_REFTABLE: u64 = 48;
@@ -118,6 +130,20 @@ pub struct Header {
     pub header_length: u32,
     /// 0: zlib, 1: zstd.
     pub compression_type: u8,
+    /// The header's bytes past the fields QEMU knows (`header_length` over
+    /// 112, v3): kept as they are when the header is rewritten, as QEMU
+    /// keeps them.
+    pub unknown_fields: Vec<u8>,
+}
+
+/// One header extension as stored: its type and its data (without the
+/// padding to 8 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawExtension {
+    /// The extension type (magic).
+    pub ty: u32,
+    /// Its data.
+    pub data: Vec<u8>,
 }
 
 /// What the header extensions say.
@@ -131,6 +157,10 @@ pub struct Extensions {
     pub data_file: Option<String>,
     /// A crypto header extension is present.
     pub crypto: bool,
+    /// Every extension but the backing format and the end marker, in file
+    /// order and as stored (feature table, bitmaps, unknown ones...): what
+    /// a header rewrite carries over. The fields above are read from it.
+    pub kept: Vec<RawExtension>,
 }
 
 /// A parsed and checked image header.
@@ -158,7 +188,8 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// Serialises the fixed fields (72 bytes for v2, `header_length` for v3).
+    /// Serialises the fixed fields (72 bytes for v2, `header_length` for v3,
+    /// ending with the unknown fields).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(V3_HEADER_LEN);
         b.extend_from_slice(&MAGIC.to_be_bytes());
@@ -180,10 +211,15 @@ impl Header {
             b.extend_from_slice(&self.autoclear_features.to_be_bytes());
             b.extend_from_slice(&self.refcount_order.to_be_bytes());
             b.extend_from_slice(&self.header_length.to_be_bytes());
-            if self.header_length as usize > V3_MIN_HEADER_LEN {
+            let len = self.header_length as usize;
+            if len > V3_MIN_HEADER_LEN {
                 b.push(self.compression_type);
             }
-            b.resize(self.header_length as usize, 0);
+            b.resize(len.min(V3_HEADER_LEN), 0);
+            if len > V3_HEADER_LEN {
+                b.extend_from_slice(&self.unknown_fields);
+            }
+            b.resize(len, 0);
         }
         b
     }
@@ -246,6 +282,11 @@ pub fn parse_fixed(buf: &[u8], file_len: u64) -> Result<Header, BlockError> {
                 return Err(invalid("qcow2 header is truncated"));
             }
             h.compression_type = buf[V3_MIN_HEADER_LEN];
+        }
+        // (Bounded by what was read: the length is checked below.)
+        let end = (h.header_length as usize).min(buf.len());
+        if end > V3_HEADER_LEN {
+            h.unknown_fields = buf[V3_HEADER_LEN..end].to_vec();
         }
     }
     if u64::from(h.header_length) > h.cluster_size() {
@@ -387,7 +428,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<ImageHeader, BlockEr
     let ext = parse_extensions(first_cluster, h.header_length as u64, ext_end)?;
     let backing_file = if h.backing_file_offset != 0 {
         let len = u64::from(h.backing_file_size);
-        if len > 1023.min(cs - h.backing_file_offset) {
+        if len > (MAX_BACKING_NAME as u64).min(cs - h.backing_file_offset) {
             return Err(invalid("Backing file name too long"));
         }
         let start = h.backing_file_offset as usize;
@@ -442,10 +483,16 @@ pub fn parse_extensions(buf: &[u8], start: u64, end: u64) -> Result<Extensions, 
             return Err(invalid("Header extension too large"));
         }
         let data = &buf[off as usize..(off + len) as usize];
+        if ty != EXT_END && ty != EXT_BACKING_FORMAT {
+            ext.kept.push(RawExtension {
+                ty,
+                data: data.to_vec(),
+            });
+        }
         match ty {
             EXT_END => return Ok(ext),
             EXT_BACKING_FORMAT => {
-                if len >= 16 {
+                if len > MAX_BACKING_FORMAT as u64 {
                     return Err(invalid(format!(
                         "ERROR: ext_backing_format: len={len} too large (>=16)"
                     )));
@@ -489,68 +536,122 @@ pub fn feature_table() -> Vec<(u8, u8, &'static str)> {
     ]
 }
 
-/// Builds the first cluster of a new image: the header, the extensions
-/// (backing format, feature table) and the backing file name. Like QEMU,
-/// the feature table is left out when it does not fit (small clusters).
-pub fn build_first_cluster(
-    h: &Header,
-    backing_file: Option<&str>,
-    backing_format: Option<&str>,
-) -> Result<Vec<u8>, BlockError> {
-    match build(h, backing_file, backing_format, h.version >= 3) {
-        Err(_) if h.version >= 3 => build(h, backing_file, backing_format, false),
-        r => r,
+/// The feature name table extension, as QEMU writes it.
+pub fn feature_table_extension() -> RawExtension {
+    let mut data = Vec::new();
+    for (ty, bit, name) in feature_table() {
+        let mut e = [0u8; 48];
+        e[0] = ty;
+        e[1] = bit;
+        e[2..2 + name.len()].copy_from_slice(name.as_bytes());
+        data.extend_from_slice(&e);
+    }
+    RawExtension {
+        ty: EXT_FEATURE_TABLE,
+        data,
     }
 }
 
-fn build(
+/// Why a header cannot be written; QEMU's errors for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfit {
+    /// The backing file name is longer than [`MAX_BACKING_NAME`] (QEMU's
+    /// `qcow2_change_backing_file`: `EINVAL`).
+    NameTooLong,
+    /// The backing format is longer than [`MAX_BACKING_FORMAT`]: QEMU would
+    /// truncate it, and no reader accepts it whole (`EINVAL`).
+    FormatTooLong,
+    /// The header does not fit in the first cluster (QEMU's
+    /// `qcow2_update_header`: `ENOSPC`).
+    NoSpace,
+}
+
+impl Unfit {
+    /// The errno QEMU returns.
+    pub fn errno(self) -> i32 {
+        match self {
+            Unfit::NameTooLong | Unfit::FormatTooLong => libc::EINVAL,
+            Unfit::NoSpace => libc::ENOSPC,
+        }
+    }
+}
+
+/// Lays out the first cluster as QEMU's `qcow2_update_header` does: the
+/// fixed fields of `h` (its backing file offset and size are set here),
+/// the backing format extension, the `kept` extensions in order, the end
+/// marker, then the backing file name, padded with zeroes to a cluster.
+/// [`parse`] reads back `h`, the names and `kept`.
+pub fn build_header_cluster(
     h: &Header,
     backing_file: Option<&str>,
     backing_format: Option<&str>,
-    with_table: bool,
-) -> Result<Vec<u8>, BlockError> {
+    kept: &[RawExtension],
+) -> Result<Vec<u8>, Unfit> {
+    if backing_file.is_some_and(|n| n.len() > MAX_BACKING_NAME) {
+        return Err(Unfit::NameTooLong);
+    }
+    if backing_format.is_some_and(|f| f.len() > MAX_BACKING_FORMAT) {
+        return Err(Unfit::FormatTooLong);
+    }
     let cs = h.cluster_size() as usize;
-    let mut b = h.to_bytes();
-    let push_ext = |b: &mut Vec<u8>, ty: u32, data: &[u8]| {
+    let mut hdr = Header {
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        ..h.clone()
+    };
+    let mut b = hdr.to_bytes();
+    let mut push_ext = |ty: u32, data: &[u8]| {
         b.extend_from_slice(&ty.to_be_bytes());
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
         b.extend_from_slice(data);
         b.resize(b.len().div_ceil(8) * 8, 0);
     };
     if let Some(f) = backing_format {
-        if f.len() >= 16 {
-            return Err(invalid(format!("Backing format '{f}' is too long")));
-        }
-        push_ext(&mut b, EXT_BACKING_FORMAT, f.as_bytes());
+        push_ext(EXT_BACKING_FORMAT, f.as_bytes());
     }
-    if with_table {
-        let mut t = Vec::new();
-        for (ty, bit, name) in feature_table() {
-            let mut e = [0u8; 48];
-            e[0] = ty;
-            e[1] = bit;
-            e[2..2 + name.len()].copy_from_slice(name.as_bytes());
-            t.extend_from_slice(&e);
+    for e in kept {
+        if e.ty != EXT_END && e.ty != EXT_BACKING_FORMAT {
+            push_ext(e.ty, &e.data);
         }
-        push_ext(&mut b, EXT_FEATURE_TABLE, &t);
     }
-    push_ext(&mut b, EXT_END, &[]);
-    let mut hdr = h.clone();
+    push_ext(EXT_END, &[]);
     if let Some(name) = backing_file {
-        if name.len() > 1023 || b.len() + name.len() > cs {
-            return Err(invalid("Backing file name too long"));
-        }
         hdr.backing_file_offset = b.len() as u64;
         hdr.backing_file_size = name.len() as u32;
         b.extend_from_slice(name.as_bytes());
     }
+    if b.len() > cs {
+        return Err(Unfit::NoSpace);
+    }
     let fixed = hdr.to_bytes();
     b[..fixed.len()].copy_from_slice(&fixed);
-    if b.len() > cs {
-        return Err(invalid("qcow2 header exceeds cluster size"));
-    }
     b.resize(cs, 0);
     Ok(b)
+}
+
+/// Builds the first cluster of a new image: the header, the backing
+/// format, the feature table (v3, where it fits) and the backing file
+/// name.
+pub fn build_first_cluster(
+    h: &Header,
+    backing_file: Option<&str>,
+    backing_format: Option<&str>,
+) -> Result<Vec<u8>, BlockError> {
+    let table = [feature_table_extension()];
+    let kept = if h.version >= 3 { &table[..] } else { &[] };
+    match build_header_cluster(h, backing_file, backing_format, kept) {
+        Err(Unfit::NoSpace) if h.version >= 3 => {
+            build_header_cluster(h, backing_file, backing_format, &[])
+        }
+        r => r,
+    }
+    .map_err(|e| match e {
+        Unfit::FormatTooLong => invalid(format!(
+            "Backing format '{}' is too long",
+            backing_format.unwrap_or_default()
+        )),
+        Unfit::NameTooLong | Unfit::NoSpace => invalid("Backing file name too long"),
+    })
 }
 
 /// One internal snapshot's active tables (all blockd needs of snapshots:
@@ -591,100 +692,4 @@ pub fn parse_snapshots(buf: &[u8], nb: u32) -> Result<(Vec<SnapshotL1>, u64), Bl
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn sample() -> Header {
-        Header {
-            version: 3,
-            cluster_bits: 16,
-            size: 1 << 20,
-            l1_size: 1,
-            l1_table_offset: 3 << 16,
-            refcount_table_offset: 1 << 16,
-            refcount_table_clusters: 1,
-            refcount_order: 4,
-            header_length: V3_HEADER_LEN as u32,
-            ..Header::default()
-        }
-    }
-
-    #[test]
-    fn round_trip() {
-        let h = sample();
-        let c = build_first_cluster(&h, Some("base.qcow2"), Some("qcow2")).unwrap();
-        let p = parse(&c, 4 << 16).unwrap();
-        assert_eq!(p.backing_file.as_deref(), Some("base.qcow2"));
-        assert_eq!(p.ext.backing_format.as_deref(), Some("qcow2"));
-        assert_eq!(p.header.size, 1 << 20);
-        assert_eq!(p.ext.feature_names.len(), 8);
-        let mut v2 = sample();
-        v2.version = 2;
-        v2.header_length = 72;
-        let c = build_first_cluster(&v2, None, None).unwrap();
-        let p = parse(&c, 4 << 16).unwrap();
-        assert_eq!(p.header.refcount_order, 4);
-        assert_eq!(p.backing_file, None);
-    }
-
-    #[test]
-    fn hostile_headers_are_refused() {
-        let h = sample();
-        let good = build_first_cluster(&h, None, None).unwrap();
-        let err = |c: &[u8], len: u64| parse(c, len).unwrap_err().msg;
-        assert_eq!(
-            err(&good[..50], 50),
-            "qcow2 header is truncated: the image file is only 50 bytes long"
-        );
-        assert!(err(&good, 2 << 16).contains("Active L1 table lies beyond"));
-        let mut c = good.clone();
-        c[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes());
-        assert_eq!(
-            err(&c, 4 << 16),
-            "Unsupported qcow2 feature(s): Unknown incompatible feature: 10000000000"
-        );
-        let mut c = good.clone();
-        c[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert_eq!(err(&c, 4 << 16), "Active L1 table too large");
-        let mut c = good.clone();
-        c[40..48].copy_from_slice(&((3u64 << 16) + 8).to_be_bytes());
-        assert_eq!(err(&c, 4 << 16), "Active L1 table offset invalid");
-        let mut c = good.clone();
-        c[24..32].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert_eq!(err(&c, 4 << 16), "Image is too big");
-        let mut c = good.clone();
-        c[20..24].copy_from_slice(&30u32.to_be_bytes());
-        assert_eq!(err(&c, 4 << 16), "Unsupported cluster size: 2^30");
-        let mut c = good;
-        c[56..60].copy_from_slice(&0u32.to_be_bytes());
-        assert_eq!(
-            err(&c, 4 << 16),
-            "Image does not contain a reference count table"
-        );
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
-        #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024), len in 0u64..1 << 40) {
-            let _ = parse(&bytes, len);
-            let _ = parse_snapshots(&bytes, 100);
-        }
-
-        #[test]
-        fn mutated_headers_never_panic_and_tables_fit_the_file(
-            muts in proptest::collection::vec((0usize..512, any::<u8>()), 1..16),
-            file_len in 0u64..1 << 22,
-        ) {
-            let mut c = build_first_cluster(&sample(), Some("b"), Some("raw")).unwrap();
-            c.truncate(4096);
-            for (at, v) in muts { c[at] = v; }
-            if let Ok(p) = parse(&c, file_len) {
-                let h = p.header;
-                prop_assert!(u64::from(h.l1_size) * 8 <= file_len || h.l1_size == 0);
-                prop_assert!(u64::from(h.refcount_table_clusters) * h.cluster_size() <= file_len);
-            }
-        }
-    }
-}
+mod tests;
