@@ -630,22 +630,19 @@ pub fn build_header_cluster(
 }
 
 /// Builds the first cluster of a new image: the header, the backing
-/// format, the feature table (v3, where it fits) and the backing file
-/// name.
+/// format, the feature table and the backing file name. QEMU writes the
+/// feature table only in v3 images with clusters over 4 KiB (in smaller
+/// ones it would leave little room for a backing file name).
 pub fn build_first_cluster(
     h: &Header,
     backing_file: Option<&str>,
     backing_format: Option<&str>,
 ) -> Result<Vec<u8>, BlockError> {
-    let table = [feature_table_extension()];
-    let kept = if h.version >= 3 { &table[..] } else { &[] };
-    match build_header_cluster(h, backing_file, backing_format, kept) {
-        Err(Unfit::NoSpace) if h.version >= 3 => {
-            build_header_cluster(h, backing_file, backing_format, &[])
-        }
-        r => r,
+    let mut kept = Vec::new();
+    if h.version >= 3 && h.cluster_size() > 4096 {
+        kept.push(feature_table_extension());
     }
-    .map_err(|e| match e {
+    build_header_cluster(h, backing_file, backing_format, &kept).map_err(|e| match e {
         Unfit::FormatTooLong => invalid(format!(
             "Backing format '{}' is too long",
             backing_format.unwrap_or_default()

@@ -34,6 +34,22 @@ fn round_trip() {
     let p = parse(&c, 4 << 16).unwrap();
     assert_eq!(p.header.refcount_order, 4);
     assert_eq!(p.backing_file, None);
+    // The feature table only where QEMU writes it: v3, clusters over 4 KiB.
+    for (bits, version, table) in [(12, 3, false), (13, 3, true), (16, 2, false)] {
+        let mut h = sample();
+        h.cluster_bits = bits;
+        h.version = version;
+        h.header_length = if version == 2 { 72 } else { 112 };
+        h.l1_table_offset = 3 << bits;
+        h.refcount_table_offset = 1 << bits;
+        let c = build_first_cluster(&h, Some("b"), None).unwrap();
+        let p = parse(&c, 1 << 30).unwrap();
+        assert_eq!(
+            !p.ext.feature_names.is_empty(),
+            table,
+            "2^{bits} v{version}"
+        );
+    }
 }
 
 #[test]
