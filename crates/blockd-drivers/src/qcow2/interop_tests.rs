@@ -14,7 +14,7 @@ use super::testutil::{add, del, qcow2_of, Rng};
 
 const MIB: u64 = 1 << 20;
 
-fn have_qemu() -> bool {
+pub(super) fn have_qemu() -> bool {
     let ok = Command::new("qemu-img")
         .arg("--version")
         .output()
@@ -25,18 +25,18 @@ fn have_qemu() -> bool {
     ok
 }
 
-fn tmpdir(name: &str) -> PathBuf {
+pub(super) fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("blockd-qcow2-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+pub(super) fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     Command::new(cmd).args(args).output().expect("runs")
 }
 
-fn ok(cmd: &str, args: &[&str]) -> String {
+pub(super) fn ok(cmd: &str, args: &[&str]) -> String {
     let o = run(cmd, args);
     assert!(
         o.status.success(),
@@ -47,12 +47,12 @@ fn ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn s(p: &Path) -> &str {
+pub(super) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
 /// `qemu-img check` finds no corruption (leaks allowed with `leaks_ok`).
-fn assert_check(p: &Path, leaks_ok: bool) {
+pub(super) fn assert_check(p: &Path, leaks_ok: bool) {
     let o = run("qemu-img", &["check", s(p)]);
     let code = o.status.code().unwrap_or(-1);
     assert!(
@@ -64,7 +64,7 @@ fn assert_check(p: &Path, leaks_ok: bool) {
     );
 }
 
-async fn open(g: &BlockGraph, path: &Path, extra: serde_json::Value) -> Arc<BlockNode> {
+pub(super) async fn open(g: &BlockGraph, path: &Path, extra: serde_json::Value) -> Arc<BlockNode> {
     let mut v = json!({"driver": "qcow2", "node-name": "q", "discard": "unmap",
                        "file": {"driver": "file", "filename": s(path)}});
     if let serde_json::Value::Object(e) = extra {

@@ -1,7 +1,11 @@
 //! `qcow2`: QEMU's copy-on-write image format, versions 2 and 3
 //! (compat 0.10 and 1.1), interchangeable with `qemu-img`/`qemu-io`.
 //!
-//! * [`header`] — the header and its extensions (pure parsing).
+//! * [`header`] — the header and its extensions (pure parsing, and
+//!   writing them back as QEMU lays them out).
+//! * `backing` — changing the backing file the header records
+//!   (`change_backing_file`: the header rewritten in one write, then a
+//!   flush; see its docs).
 //! * `cache` — the bounded write-back cache of L2 tables and refcount blocks.
 //! * `refcount` — refcounts and the cluster allocator.
 //! * `meta` — L1/L2 lookups and updates, and the order in which metadata
@@ -30,12 +34,15 @@ pub mod check;
 pub mod create;
 pub mod header;
 
+mod backing;
 mod cache;
 mod meta;
 mod refcount;
 mod reopen;
 mod rw;
 
+#[cfg(test)]
+mod backing_tests;
 #[cfg(test)]
 mod interop_tests;
 #[cfg(test)]
@@ -135,11 +142,18 @@ impl Geo {
     }
 }
 
-/// What queries show, fixed at open.
-#[derive(Debug, Clone)]
+/// The backing file name and format the header records.
+#[derive(Debug, Clone, Default)]
+struct Recorded {
+    file: Option<String>,
+    format: Option<String>,
+}
+
+/// What queries show: fixed at open, but for the backing file names,
+/// which [`BlockDriver::change_backing_file`] changes.
+#[derive(Debug)]
 struct Shown {
-    backing_file: Option<String>,
-    backing_format: Option<String>,
+    backing: Mutex<Recorded>,
     version: u32,
     lazy_bit: bool,
     corrupt: bool,
@@ -432,8 +446,10 @@ pub async fn open(
         }
     }
     let shown = Shown {
-        backing_file,
-        backing_format: ext.backing_format,
+        backing: Mutex::new(Recorded {
+            file: backing_file,
+            format: ext.backing_format,
+        }),
         version: h.version,
         lazy_bit: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
@@ -462,6 +478,12 @@ impl Qcow2Driver {
         m.write_back(false).await.ok();
         check::check(&mut m).await
     }
+
+    fn file_io(&self) -> FileIo {
+        FileIo {
+            file: self.file.clone(),
+        }
+    }
 }
 
 impl BlockDriver for Qcow2Driver {
@@ -484,6 +506,7 @@ impl BlockDriver for Qcow2Driver {
 
     fn info(&self) -> DriverInfo {
         let s = &self.shown;
+        let backing = s.backing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let data = if s.version >= 3 {
             serde_json::json!({
                 "compat": "1.1",
@@ -504,8 +527,8 @@ impl BlockDriver for Qcow2Driver {
             cluster_size: Some(self.geo.cs),
             dirty: Some(self.dirty.load(Ordering::Acquire)),
             format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
-            backing_filename: s.backing_file.clone(),
-            backing_format: s.backing_format.clone(),
+            backing_filename: backing.file,
+            backing_format: backing.format,
         }
     }
 
@@ -535,6 +558,14 @@ impl BlockDriver for Qcow2Driver {
 
     fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {
         default_perms(child.role(), parent, writable)
+    }
+
+    fn change_backing_file<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(self.do_change_backing_file(name, format))
     }
 
     fn reopen_prepare<'a>(&'a self, req: &'a ReopenRequest<'a>) -> PrepareFuture<'a> {

@@ -192,10 +192,4 @@ impl Qcow2Driver {
         }
         Ok(())
     }
-
-    fn file_io(&self) -> super::FileIo {
-        super::FileIo {
-            file: self.file.clone(),
-        }
-    }
 }
