@@ -355,6 +355,38 @@ impl BlockGraph {
     }
 }
 
+impl BlockGraph {
+    /// QEMU's `bdrv_append`: puts `filter` (opened with `top` as its
+    /// child, not yet in the graph) above `top`: it joins the graph, then
+    /// every parent of `top` moves to it. All-or-nothing.
+    pub async fn append(
+        &self,
+        control: &ControlGuard,
+        filter: &Arc<BlockNode>,
+        top: &Arc<BlockNode>,
+    ) -> Result<(), BlockError> {
+        self.insert(std::slice::from_ref(filter), filter, false)?;
+        if let Err(e) = self.replace_node(control, top, filter).await {
+            self.release(filter);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes a filter out again: its parents move to the node below it,
+    /// and it leaves the graph (returned, to be closed).
+    pub async fn remove_filter(
+        &self,
+        control: &ControlGuard,
+        filter: &Arc<BlockNode>,
+    ) -> Result<Vec<Arc<BlockNode>>, BlockError> {
+        if let Some(below) = filter.child_list().first().map(|c| c.node()) {
+            self.replace_node(control, filter, &below).await?;
+        }
+        Ok(self.release(filter))
+    }
+}
+
 /// Points edge `e` from `from` at `to`, moving its back-edge. The moved
 /// edge goes first among `to`'s parents, as in QEMU (whose permission
 /// messages name the newest user first).

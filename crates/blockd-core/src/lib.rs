@@ -18,12 +18,16 @@
 //!   request tracking.
 //! * [`backend`] — block backends: the device front end on a root, with
 //!   removable media, error policy and accounting ([`accounting`]).
+//! * [`chain`] — walking backing chains; [`bitmap`] — dirty bitmaps;
+//!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
 //! * [`probe`] — image format signatures.
 //! * [`qapi`] — QAPI enums shared by devices and jobs; `id_wellformed`.
 
 pub mod accounting;
 pub mod backend;
+pub mod bitmap;
+pub mod chain;
 pub mod control;
 pub mod drain;
 pub mod driver;
@@ -38,6 +42,7 @@ pub mod qapi;
 pub mod reopen;
 pub mod root;
 pub mod runstate;
+pub mod throttle;
 pub mod tracked;
 
 pub use backend::BlockBackend;

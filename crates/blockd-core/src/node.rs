@@ -780,6 +780,46 @@ impl BlockNode {
         })
     }
 
+    /// Copy-on-read of `[offset, offset + len)` (QEMU's
+    /// `bdrv_co_do_copy_on_readv`): the parts this node does not hold
+    /// itself are read through it (from its backing chain) and written
+    /// into it, as one serialising request over the range widened to
+    /// whole clusters, so no other request can change the range between
+    /// the read and the write. Already allocated parts are left alone.
+    /// Returns the bytes copied.
+    pub async fn copy_on_read(&self, offset: u64, len: u64) -> io::Result<u64> {
+        let size = self.length();
+        if len == 0 || offset >= size {
+            return Ok(0);
+        }
+        if self.read_only() {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let l = self.driver.limits();
+        let a = self
+            .alignment()
+            .max(u64::from(l.pwrite_zeroes_alignment.max(1)));
+        let start = align_down(offset, a);
+        let end = align_up(offset.saturating_add(len).min(size), a).min(size);
+        let _t = self.tracker.begin(start, end, true).await;
+        let mut pos = start;
+        let mut copied = 0;
+        while pos < end {
+            let st = self.driver.block_status(pos, end - pos).await?;
+            let n = st.len.clamp(1, end - pos);
+            if !st.allocated {
+                let data = self.driver_read_split(pos, n).await?;
+                // Bypasses the tracker: this request already serialises
+                // the range.
+                self.driver_write_split(pos, data, ReqFlags::default())
+                    .await?;
+                copied += n;
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
     /// Changes the length. A serialising request over everything from the
     /// shorter of the old and new lengths to the end (QEMU's
     /// `bdrv_co_truncate` with its `BDRV_TRACKED_TRUNCATE` request): it

@@ -57,6 +57,8 @@ pub enum RootKind {
 struct Desc {
     name: String,
     dev_id: Option<String>,
+    /// A fixed description (a job's: `commit job 'c0'`).
+    fixed: Option<String>,
 }
 
 static NEXT_ROOT_ID: AtomicU64 = AtomicU64::new(1);
@@ -66,6 +68,9 @@ pub struct Root {
     id: u64,
     kind: RootKind,
     desc: Mutex<Desc>,
+    /// The name of the root's edge (`root`; a job's: `main node`,
+    /// `intermediate node`, `base`, ...).
+    edge_name: String,
     edge: RwLock<Option<ChildRef>>,
     /// The permissions wanted on the root node (also kept without one).
     perm: Mutex<PermPair>,
@@ -91,8 +96,9 @@ impl Root {
             kind,
             desc: Mutex::new(Desc {
                 name: name.to_string(),
-                dev_id: None,
+                ..Desc::default()
             }),
+            edge_name: "root".to_string(),
             edge: RwLock::new(None),
             perm: Mutex::new(perm),
             write_cache: AtomicBool::new(true),
@@ -100,9 +106,26 @@ impl Root {
         })
     }
 
+    /// A job's use of a node (QEMU's `block_job_add_bdrv`): permission
+    /// errors name it `desc` (`commit job 'c0'`), and its edge `edge_name`
+    /// (`intermediate node`, `base`).
+    pub fn for_job(desc: &str, edge_name: &str, perm: PermPair) -> Arc<Root> {
+        let r = Root::new(RootKind::Job, "", perm);
+        // Freshly made: nobody else holds it yet.
+        let mut r = Arc::try_unwrap(r).unwrap_or_else(|_| unreachable!("fresh root"));
+        r.edge_name = edge_name.to_string();
+        r.desc.get_mut().unwrap_or_else(|e| e.into_inner()).fixed = Some(desc.to_string());
+        Arc::new(r)
+    }
+
     /// Unique id within the process.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The name of the root's edge (`root` unless a job's).
+    pub fn edge_name(&self) -> &str {
+        &self.edge_name
     }
 
     /// What the root serves.
@@ -129,6 +152,9 @@ impl Root {
     /// `blk_root_get_parent_desc`).
     pub fn describe(&self) -> String {
         let d = self.desc_lock();
+        if let Some(f) = &d.fixed {
+            return f.clone();
+        }
         if !d.name.is_empty() {
             return format!("block device '{}'", d.name);
         }

@@ -411,3 +411,45 @@ fn reopen_node_options(node: &BlockNode, e: &BlockdevOptions) -> Result<NodeOpti
     }
     Ok(o)
 }
+
+/// QEMU's `bdrv_reopen_set_read_only`: reopens `node` read-only or
+/// read-write, keeping its other options; children that take their
+/// options from it follow. Returns the nodes to close (none in practice).
+pub async fn set_read_only(
+    graph: &BlockGraph,
+    control: &ControlGuard,
+    node: &Arc<BlockNode>,
+    read_only: bool,
+) -> Result<Vec<Arc<BlockNode>>, BlockError> {
+    let options = NodeOptions {
+        read_only,
+        ..node.options()
+    };
+    let mut specs = vec![ReopenSpec {
+        node: node.clone(),
+        options,
+        children: Vec::new(),
+        driver_opts: None,
+    }];
+    let mut i = 0;
+    while i < specs.len() {
+        let (parent, popts) = (specs[i].node.clone(), specs[i].options);
+        for c in parent.children() {
+            let child = c.node();
+            if !c.inherits() || specs.iter().any(|s| s.node.id() == child.id()) {
+                continue;
+            }
+            let new = inherited_options(&child, &popts, c.role());
+            if new != child.options() {
+                specs.push(ReopenSpec {
+                    node: child,
+                    options: new,
+                    children: Vec::new(),
+                    driver_opts: None,
+                });
+            }
+        }
+        i += 1;
+    }
+    graph.reopen(control, specs).await
+}
