@@ -1,0 +1,161 @@
+//! What every block job shares (QEMU's `blockjob.c`): the nodes it holds
+//! through edges of its own, its pace (`speed`), its error policy, and
+//! the final clean-up.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use blockd_core::qapi::{BlockErrorAction, BlockdevOnError, IoOperationType};
+use blockd_core::throttle::LeakyBucket;
+use blockd_core::{BlockError, BlockGraph, BlockNode, Perm, PermPair, Root};
+use blockd_jobs::JobCtx;
+
+/// The nodes a job holds (QEMU's `block_job_add_bdrv`): each through a
+/// root of its own, which permission errors name after the job (`commit
+/// job 'c0'`) and whose edge is named for its role (`intermediate node`,
+/// `base`, `main node`).
+pub struct JobNodes {
+    desc: String,
+    roots: Mutex<Vec<Arc<Root>>>,
+}
+
+impl JobNodes {
+    /// No nodes yet, for the job described as `desc`.
+    pub fn new(desc: String) -> JobNodes {
+        JobNodes {
+            desc,
+            roots: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Root>>> {
+        self.roots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds `node` as `role` with `perm`, sharing `shared`; returns the
+    /// root (the job may do I/O through it).
+    pub fn add(
+        &self,
+        graph: &BlockGraph,
+        role: &str,
+        node: &Arc<BlockNode>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Arc<Root>, BlockError> {
+        let r = Root::for_job(&self.desc, role, PermPair { perm, shared });
+        graph.attach_root(&r, node)?;
+        self.lock().push(r.clone());
+        Ok(r)
+    }
+
+    /// Lets go of one root.
+    pub fn remove(&self, graph: &BlockGraph, root: &Root) {
+        let mut v = self.lock();
+        if let Some(i) = v.iter().position(|r| r.id() == root.id()) {
+            let r = v.remove(i);
+            drop(v);
+            graph.detach_root(&r);
+        }
+    }
+
+    /// Lets go of every node (QEMU's `block_job_remove_all_bdrv`).
+    pub fn remove_all(&self, graph: &BlockGraph) {
+        let all = std::mem::take(&mut *self.lock());
+        for r in all.iter().rev() {
+            graph.detach_root(r);
+        }
+    }
+}
+
+/// A job's pace: at most `speed` bytes per second of copied data (QEMU's
+/// `block_job_ratelimit_*`), measured by a leaky bucket without burst, so
+/// the average over any stretch of the job is the configured rate.
+pub struct Pace {
+    bucket: Mutex<LeakyBucket>,
+    epoch: Instant,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            bucket: Mutex::new(LeakyBucket::new(0, 0)),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Pace {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn bucket(&self) -> MutexGuard<'_, LeakyBucket> {
+        self.bucket.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits as long as the rate asks (a pause point either way; returns
+    /// early if the job is cancelled, paused or its speed raised, and
+    /// then waits again for what is left).
+    pub async fn wait(&self, ctx: &JobCtx) {
+        loop {
+            let speed = ctx.speed().max(0) as u64;
+            let now = self.now();
+            let wait = {
+                let mut b = self.bucket();
+                if b.avg() != speed {
+                    b.set_avg(speed, now);
+                }
+                b.wait_ns(now)
+            };
+            if wait == 0 || ctx.is_cancelled() {
+                ctx.pause_point().await;
+                return;
+            }
+            ctx.sleep(Duration::from_nanos(wait)).await;
+        }
+    }
+
+    /// Records `bytes` copied.
+    pub fn account(&self, bytes: u64) {
+        let now = self.now();
+        self.bucket().account(bytes, now);
+    }
+}
+
+/// What an I/O error of a job's copy loop leads to (QEMU's
+/// `block_job_error_action`, then the job's reaction).
+pub enum OnIoError {
+    /// Fail the job with this message.
+    Fail(String),
+    /// Try the same range again after the pause (`stop`).
+    Retry,
+    /// Skip it (`ignore`).
+    Skip,
+}
+
+/// Applies `policy` to an error of a read (`source`) or write.
+pub fn io_error(
+    ctx: &JobCtx,
+    policy: BlockdevOnError,
+    read: bool,
+    e: &std::io::Error,
+) -> OnIoError {
+    let op = if read {
+        IoOperationType::Read
+    } else {
+        IoOperationType::Write
+    };
+    let enospc = e.raw_os_error() == Some(libc::ENOSPC);
+    match ctx.error_action(policy, op, enospc) {
+        BlockErrorAction::Report => Fail(blockd_core::error::strerror(e)),
+        BlockErrorAction::Stop => OnIoError::Retry,
+        BlockErrorAction::Ignore => OnIoError::Skip,
+    }
+}
+
+use OnIoError::Fail;
+
+/// Job names as QEMU's `child_job_get_parent_desc` words them.
+pub fn job_desc(kind: &str, id: &str) -> String {
+    format!("{kind} job '{id}'")
+}

@@ -1,0 +1,556 @@
+//! Mirror and active commit (QEMU's `block/mirror.c`): the source's data is
+//! copied to the target while clients keep writing the source; once the
+//! two are in sync the job is READY and stays in sync until
+//! `job-complete` pivots every user of the source (or of `replaces`) to
+//! the target, or a cancel ends it without pivoting.
+//!
+//! ```text
+//!   users ──► mirror_top ──backing──► source        target
+//!               │ writes: to the source, then marked      ▲
+//!               │ dirty (background) or also written to ──┘ (write-blocking)
+//!   job: copies dirty chunks source ──────────────────────► target
+//! ```
+//!
+//! Active commit is a mirror whose target is the base of the source's own
+//! chain (job type `commit`): only what lies above the base is copied,
+//! and the pivot leaves the users on the base.
+//!
+//! Copying and write-blocking writes serialise per chunk (a tracker of
+//! their own), so a chunk is never copied from an older state of the
+//! source over a newer write on the target. Completion switches the filter
+//! to write-blocking, lets the writes that started before finish (a brief
+//! drained section), copies what is still dirty and flushes the target:
+//! from then on every write reaches both, so the job can wait in `pending`
+//! for `job-finalize` without holding clients up.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockd_core::qapi::BlockdevOnError;
+use blockd_core::{
+    chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm, PermPair, ReqFlags, Root,
+    RootKind,
+};
+use blockd_jobs::{
+    FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus, JobType,
+};
+use serde_json::{Map, Value};
+
+use crate::common::{io_error, job_desc, JobNodes, OnIoError, Pace};
+use crate::filters::{filter_node, MirrorShared, MirrorTop};
+use crate::{close, StartError, Started};
+
+/// What to copy at first (`MirrorSyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Everything the source reads.
+    Full,
+    /// What the source holds itself (not its backing chain).
+    Top,
+    /// Nothing: only what is written from now on.
+    None,
+}
+
+/// How writes during the job reach the target (`MirrorCopyMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Marked dirty; the job copies them.
+    Background,
+    /// Written to the target too before they complete.
+    WriteBlocking,
+}
+
+/// What a mirror (or active commit) needs, resolved by the caller.
+pub struct MirrorParams {
+    /// The job id.
+    pub job_id: String,
+    /// `mirror` or `commit` (active commit).
+    pub job_type: JobType,
+    /// The node whose users move.
+    pub source: Arc<BlockNode>,
+    /// Where the data goes.
+    pub target: Arc<BlockNode>,
+    /// The node replaced by the target at completion (default: source).
+    pub replaces: Option<Arc<BlockNode>>,
+    /// For active commit: the base (= target); only what lies above it
+    /// is copied.
+    pub base: Option<Arc<BlockNode>>,
+    /// What to copy at first.
+    pub sync: Sync,
+    /// Bytes per second (0: unlimited).
+    pub speed: i64,
+    /// Bytes per dirty bit.
+    pub granularity: u64,
+    /// Bytes copied at a time.
+    pub buf_size: u64,
+    /// Error policy for reads of the source.
+    pub on_source_error: BlockdevOnError,
+    /// Error policy for writes to the target.
+    pub on_target_error: BlockdevOnError,
+    /// The name of the `mirror_top` node.
+    pub filter_node_name: Option<String>,
+    /// How writes during the job reach the target.
+    pub copy_mode: CopyMode,
+    /// auto-finalize / auto-dismiss.
+    pub options: JobOptions,
+}
+
+struct MirrorJob {
+    graph: Arc<BlockGraph>,
+    nodes: JobNodes,
+    source: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    replaces: Option<Arc<BlockNode>>,
+    base: Option<Arc<BlockNode>>,
+    base_read_only: bool,
+    sync: Sync,
+    mirror_top: Arc<BlockNode>,
+    shared: Arc<MirrorShared>,
+    main: Arc<Root>,
+    target_root: Arc<Root>,
+    buf_size: u64,
+    on_source_error: BlockdevOnError,
+    on_target_error: BlockdevOnError,
+    pace: Pace,
+    /// The run ended for a pivot (`job-complete`).
+    pivot: AtomicBool,
+    /// In sync and write-blocking since completion.
+    actively_synced: AtomicBool,
+    copy_mode: Mutex<CopyMode>,
+}
+
+/// Starts a mirror or an active commit (QEMU's `mirror_start_job`).
+pub async fn start(
+    jobs: &JobManager,
+    graph: &Arc<BlockGraph>,
+    control: &ControlGuard,
+    p: MirrorParams,
+) -> Result<(), StartError> {
+    let kind = p.job_type.as_str();
+    let desc = job_desc(kind, &p.job_id);
+    let len = p.source.length();
+    let granularity = p.granularity.max(512).next_power_of_two();
+    let shared = MirrorShared::new(len, granularity);
+    let mut started = Started::new(graph.clone());
+    let base_read_only = p.target.read_only() && p.base.is_some();
+    if p.target.read_only() {
+        if p.base.is_none() {
+            return Err(BlockError::invalid("Block node is read-only").into());
+        }
+        blockd_drivers::reopen::set_read_only(graph, control, &p.target, false).await?;
+        started.base_was_read_only(p.target.clone());
+    }
+    let (name, auto) = match crate::filter_name(graph, p.filter_node_name) {
+        Ok(n) => n,
+        Err(e) => {
+            started.undo(control).await;
+            return Err(e.into());
+        }
+    };
+    let mirror_top = {
+        let shared = shared.clone();
+        filter_node(name, auto, &p.source, "backing", move |child| {
+            Box::new(MirrorTop { child, shared })
+        })
+    };
+    // The target first, so write-blocking writes have somewhere to go.
+    let mut target_perm = Perm::WRITE;
+    if p.target.length() < len {
+        target_perm = target_perm | Perm::RESIZE;
+    }
+    let target_root = Root::new(
+        RootKind::Job,
+        "",
+        PermPair {
+            perm: target_perm,
+            shared: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE,
+        },
+    );
+    if let Err(e) = graph.attach_root(&target_root, &p.target) {
+        started.undo(control).await;
+        return Err(e.into());
+    }
+    *shared.target.write().unwrap_or_else(|e| e.into_inner()) = Some(target_root.clone());
+    if p.copy_mode == CopyMode::WriteBlocking {
+        shared.write_blocking.store(true, Ordering::Release);
+    }
+    if let Err(e) = graph.append(control, &mirror_top, &p.source).await {
+        graph.detach_root(&target_root);
+        started.undo(control).await;
+        return Err(e.into());
+    }
+    started.filter(mirror_top.clone());
+    let nodes = JobNodes::new(desc);
+    let r = (|| {
+        let main = nodes.add(
+            graph,
+            "main node",
+            &mirror_top,
+            Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE,
+        )?;
+        if let Some(base) = &p.base {
+            // Active commit: the nodes between the top and the base
+            // disappear from the chain afterwards.
+            for n in chain::nodes(&p.source).into_iter().skip(1) {
+                if n.id() == base.id() {
+                    break;
+                }
+                nodes.add(
+                    graph,
+                    "intermediate node",
+                    &n,
+                    Perm::NONE,
+                    Perm::WRITE_UNCHANGED | Perm::WRITE,
+                )?;
+            }
+        }
+        Ok::<_, BlockError>(main)
+    })();
+    let main = match r {
+        Ok(m) => m,
+        Err(e) => {
+            nodes.remove_all(graph);
+            graph.detach_root(&target_root);
+            started.undo(control).await;
+            return Err(e.into());
+        }
+    };
+    let job = MirrorJob {
+        graph: graph.clone(),
+        nodes,
+        source: p.source.clone(),
+        target: p.target.clone(),
+        replaces: p.replaces,
+        base: p.base,
+        base_read_only,
+        sync: p.sync,
+        mirror_top,
+        shared,
+        main,
+        target_root,
+        buf_size: p.buf_size.max(granularity),
+        on_source_error: p.on_source_error,
+        on_target_error: p.on_target_error,
+        pace: Pace::default(),
+        pivot: AtomicBool::new(false),
+        actively_synced: AtomicBool::new(false),
+        copy_mode: Mutex::new(p.copy_mode),
+    };
+    let handle = match crate::create_job(jobs, &p.job_id, p.job_type, p.options, p.speed, job) {
+        Ok(h) => h,
+        Err((e, job)) => {
+            job.release_all();
+            started.undo(control).await;
+            return Err(e);
+        }
+    };
+    started.keep();
+    handle.start();
+    Ok(())
+}
+
+/// What one copy step did.
+enum Step {
+    Copied(u64),
+    Retry,
+    Failed(String),
+}
+
+impl MirrorJob {
+    fn release_all(&self) {
+        self.nodes.remove_all(&self.graph);
+        *self
+            .shared
+            .target
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.graph.detach_root(&self.target_root);
+    }
+
+    /// Marks what the sync mode copies at first.
+    async fn dirty_init(&self, ctx: &JobCtx) -> Result<(), String> {
+        let len = self.source.length();
+        let b = &self.shared.bitmap;
+        let below: Option<Arc<BlockNode>> = match (self.sync, &self.base) {
+            (_, Some(base)) => Some(base.clone()),
+            (Sync::Top, None) => chain::next(&self.source),
+            (Sync::Full, None) => {
+                b.set_all();
+                return Ok(());
+            }
+            (Sync::None, None) => return Ok(()),
+        };
+        let mut off = 0;
+        while off < len {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            let want = (len - off).min(1 << 30);
+            let (alloc, n) =
+                chain::is_allocated_above(&self.source, below.as_deref(), false, off, want)
+                    .await
+                    .map_err(|e| blockd_core::error::strerror(&e))?;
+            let n = n.clamp(1, want);
+            if alloc {
+                b.set(off, n);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `[off, off + n)`: zeroes where the source reads zeroes (the
+    /// target stays sparse), data elsewhere.
+    async fn copy(&self, ctx: &JobCtx, off: u64, n: u64) -> Step {
+        let _t = self.shared.inflight.begin(off, off + n, true).await;
+        self.shared.bitmap.reset(off, n);
+        let fail = |read: bool, e: std::io::Error| {
+            self.shared.bitmap.set(off, n);
+            let policy = if read {
+                self.on_source_error
+            } else {
+                self.on_target_error
+            };
+            match io_error(ctx, policy, read, &e) {
+                OnIoError::Fail(m) => Step::Failed(m),
+                OnIoError::Retry => Step::Retry,
+                OnIoError::Skip => {
+                    self.shared.bitmap.reset(off, n);
+                    Step::Copied(n)
+                }
+            }
+        };
+        let zero = match self.main.block_status(off, n).await {
+            Ok(st) => st.zero && st.len >= n && !st.data,
+            Err(e) => return fail(true, e),
+        };
+        let r = if zero {
+            let flags = ReqFlags {
+                may_unmap: true,
+                ..ReqFlags::default()
+            };
+            self.target_root.write_zeroes(off, n, flags).await
+        } else {
+            match self.main.read(off, n as usize).await {
+                Ok(data) => self.target_root.write(off, data, ReqFlags::default()).await,
+                Err(e) => return fail(true, e),
+            }
+        };
+        match r {
+            Ok(()) => Step::Copied(n),
+            Err(e) => fail(false, e),
+        }
+    }
+
+    /// Copies every dirty chunk once around; returns the bytes copied, or
+    /// the job's error.
+    async fn copy_dirty(&self, ctx: &JobCtx) -> Result<(), String> {
+        let mut cursor = 0;
+        while let Some((off, n)) = self.shared.bitmap.next_dirty_run(cursor, self.buf_size) {
+            self.pace.wait(ctx).await;
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            match self.copy(ctx, off, n).await {
+                Step::Copied(n) => {
+                    ctx.add_progress(n);
+                    self.pace.account(n);
+                    cursor = off + n;
+                }
+                Step::Retry => cursor = off,
+                Step::Failed(m) => return Err(m),
+            }
+            // New dirt may appear behind the cursor; the caller loops.
+        }
+        Ok(())
+    }
+
+    async fn body(&self, ctx: &JobCtx) -> Result<(), String> {
+        let len = self.source.length();
+        if self.target_root.length() < len {
+            let t = self.target_root.node().ok_or("the target is gone")?;
+            t.truncate(len)
+                .await
+                .map_err(|e| blockd_core::error::strerror(&e))?;
+        }
+        self.dirty_init(ctx).await?;
+        ctx.set_remaining(self.shared.bitmap.dirty_bytes());
+        loop {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            ctx.pause_point().await;
+            self.copy_dirty(ctx).await?;
+            let after = self.shared.bitmap.dirty_bytes();
+            if after > 0 {
+                // Written meanwhile: more to do.
+                ctx.set_remaining(after);
+                continue;
+            }
+            if !ctx.is_ready() {
+                ctx.ready();
+            }
+            let complete = ctx.completion_requested();
+            let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
+            if complete || soft_cancel {
+                self.converge(ctx).await?;
+                self.pivot.store(complete, Ordering::Release);
+                return Ok(());
+            }
+            // In sync: wait for new writes, or a command.
+            tokio::select! {
+                () = self.shared.dirty.notified() => {}
+                () = ctx.sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// From background to write-blocking for good, then the last copies.
+    async fn converge(&self, ctx: &JobCtx) -> Result<(), String> {
+        self.shared.write_blocking.store(true, Ordering::Release);
+        // Writes that began before the switch finish (and mark dirty).
+        drop(
+            self.graph
+                .drained_begin(std::slice::from_ref(&self.mirror_top))
+                .await,
+        );
+        while self.shared.bitmap.dirty_bytes() > 0 {
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
+            self.copy_dirty(ctx).await?;
+        }
+        self.target_root
+            .flush()
+            .await
+            .map_err(|e| blockd_core::error::strerror(&e))?;
+        self.actively_synced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// QEMU's `mirror_exit_common` for a completed job: the pivot.
+    async fn finish(&self, control: &ControlGuard) -> Result<(), String> {
+        if !self.pivot.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.nodes.remove_all(&self.graph);
+        self.shared.stopped.store(true, Ordering::Release);
+        let to_replace = self.replaces.clone().unwrap_or_else(|| self.source.clone());
+        self.graph
+            .replace_node(control, &to_replace, &self.target)
+            .await
+            .map_err(|e| e.msg)?;
+        Ok(())
+    }
+
+    /// Takes `mirror_top` out (its users go back to what is below it).
+    async fn remove_filter(&self, control: &ControlGuard) {
+        self.nodes.remove_all(&self.graph);
+        *self
+            .shared
+            .target
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.graph.detach_root(&self.target_root);
+        if self.graph.holds(&self.mirror_top) {
+            match self.graph.remove_filter(control, &self.mirror_top).await {
+                Ok(nodes) => close(nodes).await,
+                Err(e) => tracing::error!(error = %e, "mirror: removing mirror_top"),
+            }
+        }
+    }
+}
+
+impl JobDriver for MirrorJob {
+    fn run(&self, ctx: JobCtx) -> JobFuture<'_> {
+        Box::pin(async move { self.body(&ctx).await })
+    }
+
+    fn can_complete(&self) -> bool {
+        true
+    }
+
+    fn cancel(&self, force: bool, status: JobStatus) -> bool {
+        // A soft cancel of a ready job ends it without pivoting.
+        force || !status.is_ready()
+    }
+
+    fn prepare<'a>(&'a self, control: &'a ControlGuard) -> FinalizeFuture<'a, Result<(), String>> {
+        Box::pin(self.finish(control))
+    }
+
+    fn commit<'a>(&'a self, control: &'a ControlGuard) -> FinalizeFuture<'a> {
+        Box::pin(self.remove_filter(control))
+    }
+
+    fn abort<'a>(&'a self, control: &'a ControlGuard) -> FinalizeFuture<'a> {
+        Box::pin(async move {
+            self.remove_filter(control).await;
+            if self.base_read_only && !self.pivot.load(Ordering::Acquire) {
+                if let Err(e) =
+                    blockd_drivers::reopen::set_read_only(&self.graph, control, &self.target, true)
+                        .await
+                {
+                    tracing::warn!(error = %e, "commit: base back to read-only");
+                }
+            }
+        })
+    }
+
+    fn clean<'a>(&'a self, control: &'a ControlGuard) -> FinalizeFuture<'a> {
+        Box::pin(async move {
+            self.release_all();
+            // Without a pivot (a soft cancel), the base of an active
+            // commit goes back to read-only.
+            if self.base_read_only
+                && !self.pivot.load(Ordering::Acquire)
+                && !self.target.read_only()
+            {
+                if let Err(e) =
+                    blockd_drivers::reopen::set_read_only(&self.graph, control, &self.target, true)
+                        .await
+                {
+                    tracing::warn!(error = %e, "commit: base back to read-only");
+                }
+            }
+        })
+    }
+
+    fn change(&self, options: &Value) -> Result<(), String> {
+        // QEMU's mirror_change: only background -> write-blocking.
+        let Some(mode) = options.get("copy-mode").and_then(Value::as_str) else {
+            return Ok(());
+        };
+        let mut cur = self.copy_mode.lock().unwrap_or_else(|e| e.into_inner());
+        match (mode, *cur) {
+            ("write-blocking", CopyMode::Background) => {
+                *cur = CopyMode::WriteBlocking;
+                self.shared.write_blocking.store(true, Ordering::Release);
+                Ok(())
+            }
+            ("write-blocking", CopyMode::WriteBlocking) | ("background", CopyMode::Background) => {
+                Ok(())
+            }
+            _ => Err(format!(
+                "Change of copy mode from '{}' to '{mode}' is not supported",
+                match *cur {
+                    CopyMode::Background => "background",
+                    CopyMode::WriteBlocking => "write-blocking",
+                }
+            )),
+        }
+    }
+
+    fn query_block_job(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        if self.base.is_none() {
+            m.insert(
+                "actively-synced".into(),
+                self.actively_synced.load(Ordering::Acquire).into(),
+            );
+        }
+        m
+    }
+}
