@@ -25,7 +25,7 @@ use blockd_core::{
 };
 use blockd_jobs::{FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType};
 
-use crate::common::{io_error, job_desc, JobNodes, OnIoError, Pace};
+use crate::common::{io_error, JobNodes, OnIoError, Pace};
 use crate::filters::{filter_node, CommitTop};
 use crate::{close, StartError, Started};
 
@@ -82,11 +82,11 @@ pub async fn start(
             BlockError::invalid("Invalid files for merge: top and base are the same").into(),
         );
     }
-    let overlay = chain::overlay(&p.bs, &p.top)
-        .ok_or_else(|| BlockError::invalid("Could not find overlay"))?;
-    let _ = overlay;
+    chain::overlay(&p.bs, &p.top).ok_or_else(|| BlockError::invalid("Could not find overlay"))?;
+    // QEMU creates the job before it changes the graph: a bad ID fails
+    // first.
+    jobs.check_new_id(&p.job_id)?;
     let (top_len, base_len) = (p.top.length(), p.base.length());
-    let desc = job_desc("commit", &p.job_id);
     let mut started = Started::new(graph.clone());
     // The filter goes in first: it needs nothing below, so the job's own
     // edges can then keep everybody else from the intermediate nodes.
@@ -101,7 +101,7 @@ pub async fn start(
     }
     graph.append(control, &commit_top, &p.top).await?;
     started.filter(commit_top.clone());
-    let nodes = JobNodes::new(desc);
+    let nodes = JobNodes::new("commit", &p.job_id);
     let r = (|| {
         nodes.add(graph, "main node", &p.bs, Perm::NONE, Perm::ALL)?;
         let mut shared = Perm::WRITE_UNCHANGED | Perm::WRITE;

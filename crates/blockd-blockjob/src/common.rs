@@ -15,15 +15,17 @@ use blockd_jobs::JobCtx;
 /// job 'c0'`) and whose edge is named for its role (`intermediate node`,
 /// `base`, `main node`).
 pub struct JobNodes {
-    desc: String,
+    job_type: &'static str,
+    job_id: String,
     roots: Mutex<Vec<Arc<Root>>>,
 }
 
 impl JobNodes {
-    /// No nodes yet, for the job described as `desc`.
-    pub fn new(desc: String) -> JobNodes {
+    /// No nodes yet, for the job `job_id` of `job_type`.
+    pub fn new(job_type: &'static str, job_id: &str) -> JobNodes {
         JobNodes {
-            desc,
+            job_type,
+            job_id: job_id.to_string(),
             roots: Mutex::new(Vec::new()),
         }
     }
@@ -42,7 +44,7 @@ impl JobNodes {
         perm: Perm,
         shared: Perm,
     ) -> Result<Arc<Root>, BlockError> {
-        let r = Root::for_job(&self.desc, role, PermPair { perm, shared });
+        let r = Root::for_job(self.job_type, &self.job_id, role, PermPair { perm, shared });
         graph.attach_root(&r, node)?;
         self.lock().push(r.clone());
         Ok(r)
@@ -154,8 +156,3 @@ pub fn io_error(
 }
 
 use OnIoError::Fail;
-
-/// Job names as QEMU's `child_job_get_parent_desc` words them.
-pub fn job_desc(kind: &str, id: &str) -> String {
-    format!("{kind} job '{id}'")
-}

@@ -24,8 +24,8 @@ use blockd_core::bitmap::DirtyBitmap;
 use blockd_core::perm::default_perms;
 use blockd_core::tracked::Tracker;
 use blockd_core::{
-    BlockDriver, BlockNode, BlockStatus, Child, ChildRef, ChildRole, Children, ExplicitOptions,
-    IoFuture, NodeOptions, Perm, PermPair, ReqFlags, Root,
+    BlockDriver, BlockNode, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
+    ExplicitOptions, IoFuture, NodeOptions, Perm, PermPair, ReqFlags, Root,
 };
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -60,12 +60,27 @@ pub fn filter_node(
     )
 }
 
+/// What queries show of a filter's image: its child's cluster size and
+/// dirty flag (QEMU's `bdrv_co_get_info` falls through filters); no
+/// backing file and no format-specific data of its own.
+fn filtered_info(child: &ChildRef) -> DriverInfo {
+    let i = child.node().driver().info();
+    DriverInfo {
+        cluster_size: i.cluster_size,
+        dirty: i.dirty,
+        ..DriverInfo::default()
+    }
+}
+
 /// `commit_top`: reads through, takes nothing on its child.
 pub struct CommitTop {
     pub(crate) child: ChildRef,
 }
 
 impl BlockDriver for CommitTop {
+    fn info(&self) -> DriverInfo {
+        filtered_info(&self.child)
+    }
     fn format_name(&self) -> &'static str {
         "commit_top"
     }
@@ -181,6 +196,9 @@ pub struct MirrorTop {
 }
 
 impl BlockDriver for MirrorTop {
+    fn info(&self) -> DriverInfo {
+        filtered_info(&self.child)
+    }
     fn format_name(&self) -> &'static str {
         "mirror_top"
     }
@@ -266,6 +284,9 @@ pub struct CopyOnRead {
 }
 
 impl BlockDriver for CopyOnRead {
+    fn info(&self) -> DriverInfo {
+        filtered_info(&self.child)
+    }
     fn format_name(&self) -> &'static str {
         "copy-on-read"
     }

@@ -37,7 +37,7 @@ use blockd_jobs::{
 };
 use serde_json::{Map, Value};
 
-use crate::common::{io_error, job_desc, JobNodes, OnIoError, Pace};
+use crate::common::{io_error, JobNodes, OnIoError, Pace};
 use crate::filters::{filter_node, MirrorShared, MirrorTop};
 use crate::{close, StartError, Started};
 
@@ -128,7 +128,6 @@ pub async fn start(
     p: MirrorParams,
 ) -> Result<(), StartError> {
     let kind = p.job_type.as_str();
-    let desc = job_desc(kind, &p.job_id);
     let len = p.source.length();
     let granularity = p.granularity.max(512).next_power_of_two();
     let shared = MirrorShared::new(len, granularity);
@@ -156,7 +155,7 @@ pub async fn start(
     };
     // The target first, so write-blocking writes have somewhere to go.
     let mut target_perm = Perm::WRITE;
-    if p.target.length() < len {
+    if p.base.is_some() && p.target.length() < len {
         target_perm = target_perm | Perm::RESIZE;
     }
     let target_root = Root::new(
@@ -181,7 +180,7 @@ pub async fn start(
         return Err(e.into());
     }
     started.filter(mirror_top.clone());
-    let nodes = JobNodes::new(desc);
+    let nodes = JobNodes::new(kind, &p.job_id);
     let r = (|| {
         let main = nodes.add(
             graph,
@@ -190,6 +189,16 @@ pub async fn start(
             Perm::CONSISTENT_READ,
             Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE,
         )?;
+        // The source and target are the job's too (QEMU's "source" and
+        // "target" job children): their users see them as busy.
+        nodes.add(
+            graph,
+            "source",
+            &p.source,
+            Perm::NONE,
+            Perm::WRITE_UNCHANGED | Perm::WRITE | Perm::CONSISTENT_READ,
+        )?;
+        nodes.add(graph, "target", &p.target, Perm::NONE, Perm::ALL)?;
         if let Some(base) = &p.base {
             // Active commit: the nodes between the top and the base
             // disappear from the chain afterwards.
@@ -322,26 +331,34 @@ impl MirrorJob {
                 }
             }
         };
-        let zero = match self.main.block_status(off, n).await {
-            Ok(st) => st.zero && st.len >= n && !st.data,
-            Err(e) => return fail(true, e),
-        };
-        let r = if zero {
-            let flags = ReqFlags {
-                may_unmap: true,
-                ..ReqFlags::default()
-            };
-            self.target_root.write_zeroes(off, n, flags).await
-        } else {
-            match self.main.read(off, n as usize).await {
-                Ok(data) => self.target_root.write(off, data, ReqFlags::default()).await,
+        // Extent by extent: what reads as zeroes is written as zeroes
+        // (with unmap), so the target stays sparse where the source is.
+        let end = off + n;
+        let mut pos = off;
+        while pos < end {
+            let st = match self.main.block_status(pos, end - pos).await {
+                Ok(st) => st,
                 Err(e) => return fail(true, e),
+            };
+            let len = st.len.clamp(1, end - pos);
+            let r = if st.zero && !st.data {
+                let flags = ReqFlags {
+                    may_unmap: true,
+                    ..ReqFlags::default()
+                };
+                self.target_root.write_zeroes(pos, len, flags).await
+            } else {
+                match self.main.read(pos, len as usize).await {
+                    Ok(data) => self.target_root.write(pos, data, ReqFlags::default()).await,
+                    Err(e) => return fail(true, e),
+                }
+            };
+            if let Err(e) = r {
+                return fail(false, e);
             }
-        };
-        match r {
-            Ok(()) => Step::Copied(n),
-            Err(e) => fail(false, e),
+            pos += len;
         }
+        Step::Copied(n)
     }
 
     /// Copies every dirty chunk once around; returns the bytes copied, or
@@ -369,11 +386,17 @@ impl MirrorJob {
 
     async fn body(&self, ctx: &JobCtx) -> Result<(), String> {
         let len = self.source.length();
-        if self.target_root.length() < len {
-            let t = self.target_root.node().ok_or("the target is gone")?;
-            t.truncate(len)
-                .await
-                .map_err(|e| blockd_core::error::strerror(&e))?;
+        let target_len = self.target_root.length();
+        if self.base.is_some() {
+            // Active commit: the base grows to the top's size.
+            if target_len < len {
+                let t = self.target_root.node().ok_or("the target is gone")?;
+                t.truncate(len)
+                    .await
+                    .map_err(|e| blockd_core::error::strerror(&e))?;
+            }
+        } else if target_len != len {
+            return Err("Source and target image have different sizes".into());
         }
         self.dirty_init(ctx).await?;
         ctx.set_remaining(self.shared.bitmap.dirty_bytes());
@@ -519,28 +542,26 @@ impl JobDriver for MirrorJob {
     }
 
     fn change(&self, options: &Value) -> Result<(), String> {
-        // QEMU's mirror_change: only background -> write-blocking.
+        // QEMU's mirror_change: background -> write-blocking only. Options
+        // of another job type change nothing.
+        if options.get("type").and_then(Value::as_str) != Some("mirror") {
+            return Ok(());
+        }
         let Some(mode) = options.get("copy-mode").and_then(Value::as_str) else {
             return Ok(());
         };
-        let mut cur = self.copy_mode.lock().unwrap_or_else(|e| e.into_inner());
-        match (mode, *cur) {
-            ("write-blocking", CopyMode::Background) => {
-                *cur = CopyMode::WriteBlocking;
-                self.shared.write_blocking.store(true, Ordering::Release);
-                Ok(())
-            }
-            ("write-blocking", CopyMode::WriteBlocking) | ("background", CopyMode::Background) => {
-                Ok(())
-            }
-            _ => Err(format!(
-                "Change of copy mode from '{}' to '{mode}' is not supported",
-                match *cur {
-                    CopyMode::Background => "background",
-                    CopyMode::WriteBlocking => "write-blocking",
-                }
-            )),
+        if mode != "write-blocking" {
+            return Err(format!("Change to copy mode '{mode}' is not implemented"));
         }
+        let mut cur = self.copy_mode.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur == CopyMode::WriteBlocking {
+            return Err(
+                "Expected current copy mode 'background', got 'write-blocking'".to_string(),
+            );
+        }
+        *cur = CopyMode::WriteBlocking;
+        self.shared.write_blocking.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn query_block_job(&self) -> Map<String, Value> {

@@ -17,7 +17,7 @@ use blockd_core::{
 };
 use blockd_jobs::{FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType};
 
-use crate::common::{io_error, job_desc, JobNodes, OnIoError, Pace};
+use crate::common::{io_error, JobNodes, OnIoError, Pace};
 use crate::filters::{filter_node, CopyOnRead};
 use crate::{close, StartError, Started};
 
@@ -65,7 +65,6 @@ pub async fn start(
     control: &ControlGuard,
     p: StreamParams,
 ) -> Result<(), StartError> {
-    let desc = job_desc("stream", &p.job_id);
     let mut started = Started::new(graph.clone());
     let bs_read_only = p.bs.read_only();
     if bs_read_only {
@@ -87,7 +86,7 @@ pub async fn start(
         return Err(e.into());
     }
     started.filter(cor.clone());
-    let nodes = JobNodes::new(desc);
+    let nodes = JobNodes::new("stream", &p.job_id);
     let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
     let r = (|| {
         let main = nodes.add(graph, "main node", &cor, basic, basic | Perm::WRITE)?;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use crate::edge::Parent;
 use crate::node::BlockNode;
-use crate::root::RootKind;
 
 /// The next node down the chain: a filter's filtered child, else the
 /// backing child (QEMU's `bdrv_filter_or_cow_bs`).
@@ -34,6 +33,19 @@ pub fn nodes(top: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
         v.push(n);
     }
     v
+}
+
+/// The first node at or below `n` that is not a filter (QEMU's
+/// `bdrv_skip_filters`).
+pub fn skip_filters(n: &Arc<BlockNode>) -> Arc<BlockNode> {
+    let mut cur = n.clone();
+    while cur.driver().is_filter() {
+        match next(&cur) {
+            Some(c) => cur = c,
+            None => break,
+        }
+    }
+    cur
 }
 
 /// Whether `node` is `top` or below it in `top`'s chain.
@@ -59,8 +71,42 @@ pub fn base(top: &Arc<BlockNode>) -> Arc<BlockNode> {
 pub fn is_root_node(n: &BlockNode) -> bool {
     n.parents().iter().all(|e| {
         matches!(e.parent(), Some(Parent::Root(r))
-            if r.upgrade().is_some_and(|r| *r.kind() != RootKind::Job))
+            if r.upgrade().is_some_and(|r| r.job_type().is_none()))
     })
+}
+
+/// QEMU's `bdrv_find_backing_image`: the node below `top` whose overlay
+/// records `name` as its backing file, or whose file name is `name`, or
+/// (for names that are not URLs) whose file is the one `name` means
+/// relative to the overlay's directory.
+pub fn find_backing_image(top: &Arc<BlockNode>, name: &str) -> Option<Arc<BlockNode>> {
+    let is_protocol = name.split_once(':').is_some_and(|(p, _)| !p.contains('/'));
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let mut cur = top.clone();
+    while let Some(child) = cur.backing() {
+        let recorded = cur.driver().info().backing_filename;
+        if recorded.as_deref() == Some(name) || child.filename() == name {
+            return Some(child);
+        }
+        if !is_protocol {
+            let path = std::path::Path::new(name);
+            let full = if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                let overlay = cur.filename();
+                let dir = std::path::Path::new(&overlay)
+                    .parent()
+                    .unwrap_or(std::path::Path::new(""));
+                dir.join(path)
+            };
+            let want = canon(&full);
+            if want.is_some() && want == canon(std::path::Path::new(&child.filename())) {
+                return Some(child);
+            }
+        }
+        cur = child;
+    }
+    None
 }
 
 /// QEMU's `bdrv_is_allocated_above`: whether any layer from `top` down to

@@ -180,24 +180,17 @@ impl BlockGraph {
             BlockError::not_found(format!("Failed to find node with node-name='{name}'"))
         })?;
         let parents = node.parents();
-        // Backends, exports and jobs hold the node through a root, which
-        // makes it "in use" (QEMU's bdrv_has_blk).
-        if parents
+        let roots: Vec<Arc<Root>> = parents
             .iter()
-            .any(|e| matches!(e.parent(), Some(Parent::Root(_))))
-        {
+            .filter_map(|e| e.parent().and_then(Parent::root))
+            .collect();
+        // Backends, exports and the block backends jobs do I/O through
+        // make it "in use" (QEMU's bdrv_has_blk); the nodes a job holds
+        // otherwise are busy (below).
+        if roots.iter().any(|r| r.job_type().is_none()) {
             return Err(BlockError::in_use(format!("Node {name} is in use")));
         }
-        if let Some(p) = parents
-            .iter()
-            .filter(|e| e.name() == "backing")
-            .find_map(|e| e.parent().and_then(Parent::node))
-        {
-            return Err(BlockError::in_use(format!(
-                "Node '{name}' is busy: node is used as backing hd of '{}'",
-                p.name()
-            )));
-        }
+        crate::blocker::check(&node, crate::blocker::BlockOp::DriveDel)?;
         if !g.monitor_owned.contains(name) {
             return Err(BlockError::in_use(format!(
                 "Node {name} is not owned by the monitor"

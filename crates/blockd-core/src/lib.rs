@@ -18,7 +18,8 @@
 //!   request tracking.
 //! * [`backend`] — block backends: the device front end on a root, with
 //!   removable media, error policy and accounting ([`accounting`]).
-//! * [`chain`] — walking backing chains; [`bitmap`] — dirty bitmaps;
+//! * [`chain`] — walking backing chains; [`blocker`] — operation blockers;
+//!   [`bitmap`] — dirty bitmaps;
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
 //! * [`probe`] — image format signatures.
@@ -27,6 +28,7 @@
 pub mod accounting;
 pub mod backend;
 pub mod bitmap;
+pub mod blocker;
 pub mod chain;
 pub mod control;
 pub mod drain;

@@ -161,13 +161,17 @@ pub fn storage_default(parent: PermPair, role: ChildRole, node_writable: bool) -
 }
 
 /// QEMU's default permissions of a node on its backing child
-/// (`bdrv_default_perms_for_cow`): read only, and others may write
-/// unchanged data or resize.
+/// (`bdrv_default_perms_for_cow`): consistent reads if the parents read,
+/// nothing else; others may always read and write unchanged data, and may
+/// write and resize if the parents put up with changing data.
 pub fn cow_default(parent: PermPair) -> PermPair {
-    let p = filter_default(parent);
+    let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+    if parent.shared.contains(Perm::WRITE) {
+        shared = shared | Perm::WRITE | Perm::RESIZE;
+    }
     PermPair {
-        perm: p.perm & Perm::CONSISTENT_READ,
-        shared: p.shared | Perm::WRITE | Perm::RESIZE,
+        perm: parent.perm & Perm::CONSISTENT_READ,
+        shared,
     }
 }
 

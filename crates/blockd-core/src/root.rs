@@ -61,6 +61,13 @@ struct Desc {
     fixed: Option<String>,
 }
 
+/// The job a root belongs to, for the op-blocker message of nodes it holds.
+#[derive(Debug, Clone)]
+struct JobUse {
+    job_type: String,
+    job_id: String,
+}
+
 static NEXT_ROOT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A root of the graph. See the [module docs](self).
@@ -71,6 +78,7 @@ pub struct Root {
     /// The name of the root's edge (`root`; a job's: `main node`,
     /// `intermediate node`, `base`, ...).
     edge_name: String,
+    job: Option<JobUse>,
     edge: RwLock<Option<ChildRef>>,
     /// The permissions wanted on the root node (also kept without one).
     perm: Mutex<PermPair>,
@@ -99,6 +107,7 @@ impl Root {
                 ..Desc::default()
             }),
             edge_name: "root".to_string(),
+            job: None,
             edge: RwLock::new(None),
             perm: Mutex::new(perm),
             write_cache: AtomicBool::new(true),
@@ -107,15 +116,33 @@ impl Root {
     }
 
     /// A job's use of a node (QEMU's `block_job_add_bdrv`): permission
-    /// errors name it `desc` (`commit job 'c0'`), and its edge `edge_name`
-    /// (`intermediate node`, `base`).
-    pub fn for_job(desc: &str, edge_name: &str, perm: PermPair) -> Arc<Root> {
+    /// errors name it after the job (`commit job 'c0'`), its edge is named
+    /// `edge_name` (`main node`, `intermediate node`, `base`), and
+    /// `blockdev-del` of the node is refused as busy with a job of
+    /// `job_type`.
+    pub fn for_job(job_type: &str, job_id: &str, edge_name: &str, perm: PermPair) -> Arc<Root> {
         let r = Root::new(RootKind::Job, "", perm);
         // Freshly made: nobody else holds it yet.
         let mut r = Arc::try_unwrap(r).unwrap_or_else(|_| unreachable!("fresh root"));
         r.edge_name = edge_name.to_string();
-        r.desc.get_mut().unwrap_or_else(|e| e.into_inner()).fixed = Some(desc.to_string());
+        r.job = Some(JobUse {
+            job_type: job_type.to_string(),
+            job_id: job_id.to_string(),
+        });
+        r.desc.get_mut().unwrap_or_else(|e| e.into_inner()).fixed =
+            Some(format!("{job_type} job '{job_id}'"));
         Arc::new(r)
+    }
+
+    /// The type of the block job holding a node through this root (`None`
+    /// for backends, exports and job-like users such as image creation).
+    pub fn job_type(&self) -> Option<&str> {
+        self.job.as_ref().map(|j| j.job_type.as_str())
+    }
+
+    /// The id of the block job holding a node through this root.
+    pub fn job_id(&self) -> Option<&str> {
+        self.job.as_ref().map(|j| j.job_id.as_str())
     }
 
     /// Unique id within the process.

@@ -224,6 +224,16 @@ impl Inner {
 
     // ---- creation and start -------------------------------------------
 
+    pub(crate) fn check_new_id(&self, id: &str) -> Result<(), JobError> {
+        if !id_wellformed(id) {
+            return Err(JobError::invalid_id(id));
+        }
+        if self.state().jobs.iter().any(|r| r.id == id) {
+            return Err(JobError::id_in_use(id));
+        }
+        Ok(())
+    }
+
     pub(crate) fn create(
         &self,
         id: &str,
@@ -231,9 +241,7 @@ impl Inner {
         options: JobOptions,
         driver: Arc<dyn JobDriver>,
     ) -> Result<(JobKey, Arc<JobShared>), JobError> {
-        if !id_wellformed(id) {
-            return Err(JobError::invalid_id(id));
-        }
+        self.check_new_id(id)?;
         let mut state = self.state();
         if state.jobs.iter().any(|r| r.id == id) {
             return Err(JobError::id_in_use(id));

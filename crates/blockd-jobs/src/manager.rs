@@ -286,6 +286,12 @@ impl JobManager {
         Ok(JobHandle::new(self.clone(), key, id, shared))
     }
 
+    /// The checks [`create`](Self::create) makes of a new job's ID, for
+    /// callers that must refuse a bad ID before they change anything.
+    pub fn check_new_id(&self, id: &str) -> Result<(), JobError> {
+        self.inner.check_new_id(id)
+    }
+
     /// `query-jobs`: every job, newest first (QEMU's list order).
     pub fn query(&self) -> Vec<JobInfo> {
         self.inner

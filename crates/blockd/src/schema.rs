@@ -14,6 +14,10 @@ pub const FILES: &[(&str, &str)] = &[
     ("misc.json", include_str!("../../../schema/misc.json")),
     ("job.json", include_str!("../../../schema/job.json")),
     (
+        "block-job.json",
+        include_str!("../../../schema/block-job.json"),
+    ),
+    (
         "block-export.json",
         include_str!("../../../schema/block-export.json"),
     ),

@@ -22,7 +22,7 @@ pub struct State {
     /// Backends, devices and buses.
     pub machine: crate::machine::Machine,
     /// The block graph.
-    pub graph: BlockGraph,
+    pub graph: Arc<BlockGraph>,
     /// What drivers need from outside the graph (descriptor sets).
     pub env: Env,
     /// Descriptor sets (`add-fd`), also reachable through `env`.
@@ -69,7 +69,7 @@ impl State {
             exports: tokio::sync::Mutex::new(Exports::default()),
             events,
             run,
-            graph: BlockGraph::new(),
+            graph: Arc::new(BlockGraph::new()),
             env: Env {
                 fdsets: Some(fdsets.clone()),
                 no_inline_writes,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use blockd_core::{BlockError, BlockNode, Parent};
+use blockd_core::{BlockError, BlockNode, ChildRole, Parent};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
 use serde::Deserialize;
@@ -82,9 +82,14 @@ pub fn register(d: &mut Dispatcher<State>) {
         "query-named-block-nodes",
         |cx: Ctx<State>, a: QueryNodes| async move {
             let flat = a.flat.unwrap_or(false);
+            // Newest first, as QEMU's bdrv_named_nodes_list builds it.
             let nodes = cx.state.graph.nodes();
             R::Ok(Value::Array(
-                nodes.iter().map(|n| block_device_info(n, flat)).collect(),
+                nodes
+                    .iter()
+                    .rev()
+                    .map(|n| block_device_info(n, flat))
+                    .collect(),
             ))
         },
     );
@@ -103,8 +108,12 @@ pub async fn close_nodes(nodes: Vec<Arc<BlockNode>>) {
     }
 }
 
+/// The backing node proper (QEMU's `bdrv_cow_bs`): a filter's
+/// `backing` child is its filtered child, not a backing file.
 fn backing(n: &BlockNode) -> Option<Arc<BlockNode>> {
-    n.child("backing").map(|c| c.node())
+    n.child("backing")
+        .filter(|c| c.role().has(ChildRole::COW))
+        .map(|c| c.node())
 }
 
 fn backing_depth(n: &BlockNode) -> u64 {
@@ -189,7 +198,7 @@ fn perm_names(p: blockd_core::Perm) -> Vec<&'static str> {
 fn debug_graph(st: &State) -> Value {
     let nodes = st.graph.nodes();
     let mut ids: HashMap<u64, u64> = HashMap::new();
-    let mut root_ids: HashMap<u64, u64> = HashMap::new();
+    let mut root_ids: HashMap<String, u64> = HashMap::new();
     let mut out_nodes = Vec::new();
     let mut edges = Vec::new();
     let mut next = 1u64;
@@ -209,11 +218,16 @@ fn debug_graph(st: &State) -> Value {
                 }
                 Some(Parent::Root(r)) => {
                     let Some(r) = r.upgrade() else { continue };
-                    *root_ids.entry(r.id()).or_insert_with(|| {
+                    // A block job is one vertex with an edge per node it
+                    // holds; every other root is a block backend.
+                    let (key, ty, name) = match r.job_id() {
+                        Some(job) => (format!("job {job}"), "block-job", job.to_string()),
+                        None => (format!("root {}", r.id()), "block-backend", r.name()),
+                    };
+                    *root_ids.entry(key).or_insert_with(|| {
                         let id = next;
                         next += 1;
-                        out_nodes
-                            .push(json!({"id": id, "type": "block-backend", "name": r.name()}));
+                        out_nodes.push(json!({"id": id, "type": ty, "name": name}));
                         id
                     })
                 }
@@ -229,5 +243,8 @@ fn debug_graph(st: &State) -> Value {
             }));
         }
     }
+    // Newest first, as QEMU's list-prepending builder leaves them.
+    out_nodes.reverse();
+    edges.reverse();
     json!({"nodes": out_nodes, "edges": edges})
 }

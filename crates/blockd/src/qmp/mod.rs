@@ -8,6 +8,7 @@ use crate::state::State;
 
 mod backend;
 mod block;
+mod blockjob;
 mod control;
 mod device;
 mod export;
@@ -25,6 +26,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     block::register(&mut d);
     misc::register(&mut d);
     job::register(&mut d);
+    blockjob::register(&mut d);
     export::register(&mut d);
     device::register(&mut d);
     backend::register(&mut d);
