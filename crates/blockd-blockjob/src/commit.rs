@@ -15,7 +15,10 @@
 //! the job may hold every intermediate node without letting others write
 //! it and write into `base` (reopened read-write if needed, and back to
 //! read-only afterwards). Only what some layer above `base` allocates is
-//! copied: holes and zero clusters stay as they are in `base`.
+//! copied (QEMU's `commit_iteration`): ranges allocated as zeroes become
+//! zero writes (with unmap) so the base stays sparse, and what nothing
+//! above the base allocates is left alone. A few chunks are in flight at
+//! once.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +34,21 @@ use crate::{close, StartError, Started};
 
 /// Bytes copied per step (QEMU's `COMMIT_BUFFER_SIZE`).
 pub const CHUNK: u64 = 512 * 1024;
+
+/// Chunks copied at once. QEMU copies one at a time; a few in flight keep
+/// both the reading and the writing side busy.
+const IN_FLIGHT: usize = 4;
+
+/// What a chunk of the committed range needs.
+#[derive(Debug, Clone, Copy)]
+enum Chunk {
+    /// Nothing above the base allocates it.
+    Skip,
+    /// Allocated as zeroes above the base.
+    Zero,
+    /// Data.
+    Data,
+}
 
 /// What an intermediate commit needs, resolved by the caller.
 pub struct CommitParams {
@@ -221,41 +239,117 @@ impl CommitJob {
             if ctx.is_cancelled() {
                 break;
             }
-            let want = CHUNK.min(len - offset);
-            let (copy, mut n) =
-                match chain::is_allocated_above(&self.top, Some(&self.base), false, offset, want)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => match io_error(ctx, self.on_error, true, &e) {
-                        OnIoError::Fail(m) => return Err(m),
-                        OnIoError::Retry => continue,
-                        OnIoError::Skip => (false, want),
-                    },
-                };
-            n = n.clamp(1, want);
-            if copy {
-                let r = match self.top_root.read(offset, n as usize).await {
-                    Ok(data) => base
-                        .write(offset, data, Default::default())
-                        .await
-                        .map_err(|e| (false, e)),
-                    Err(e) => Err((true, e)),
-                };
-                if let Err((read, e)) = r {
-                    match io_error(ctx, self.on_error, read, &e) {
-                        OnIoError::Fail(m) => return Err(m),
-                        OnIoError::Retry => continue,
-                        OnIoError::Skip => {}
+            // Plan a few chunks ahead, then copy them concurrently.
+            let mut plan = Vec::with_capacity(IN_FLIGHT);
+            let mut o = offset;
+            let mut planned = Ok(());
+            while plan.len() < IN_FLIGHT && o < len {
+                match self.plan_chunk(o, CHUNK.min(len - o)).await {
+                    Ok(seg) => {
+                        o += seg.1;
+                        plan.push(seg);
                     }
-                } else {
-                    self.pace.account(n);
+                    Err(e) => {
+                        planned = Err(e);
+                        break;
+                    }
                 }
             }
-            ctx.add_progress(n);
-            offset += n;
+            let results =
+                futures::future::join_all(plan.iter().map(|&seg| self.copy_chunk(&base, seg)))
+                    .await;
+            let mut retry = false;
+            for (&(off, n, _), r) in plan.iter().zip(results) {
+                match r {
+                    Ok(copied) => {
+                        if copied {
+                            self.pace.account(n);
+                        }
+                        ctx.add_progress(n);
+                    }
+                    Err((read, e)) => match io_error(ctx, self.on_error, read, &e) {
+                        OnIoError::Fail(m) => return Err(m),
+                        OnIoError::Retry => {
+                            offset = off;
+                            retry = true;
+                            break;
+                        }
+                        OnIoError::Skip => ctx.add_progress(n),
+                    },
+                }
+                offset = off + n;
+            }
+            if retry {
+                continue;
+            }
+            if let Err(e) = planned {
+                // The allocation query itself failed at `offset`.
+                match io_error(ctx, self.on_error, true, &e) {
+                    OnIoError::Fail(m) => return Err(m),
+                    OnIoError::Retry => {}
+                    OnIoError::Skip => {
+                        let n = CHUNK.min(len - offset);
+                        ctx.add_progress(n);
+                        offset += n;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// What to do with the chunk at `offset` (at most `want` bytes): skip
+    /// it (not allocated above the base), write zeroes (allocated as
+    /// zeroes: the base stays sparse, QEMU's `commit_iteration`), or copy
+    /// data. Returns the chunk's offset, length and kind.
+    async fn plan_chunk(&self, offset: u64, want: u64) -> std::io::Result<(u64, u64, Chunk)> {
+        let (alloc, n) =
+            chain::is_allocated_above(&self.top, Some(&self.base), false, offset, want).await?;
+        let n = n.clamp(1, want);
+        if !alloc {
+            return Ok((offset, n, Chunk::Skip));
+        }
+        let st = self.top_root.block_status(offset, n).await?;
+        let n = st.len.clamp(1, n);
+        let kind = if st.zero && !st.data {
+            Chunk::Zero
+        } else {
+            Chunk::Data
+        };
+        Ok((offset, n, kind))
+    }
+
+    /// Copies one planned chunk; `Ok(true)` if it moved data, the error
+    /// with whether it came from reading otherwise.
+    async fn copy_chunk(
+        &self,
+        base: &Root,
+        (offset, n, kind): (u64, u64, Chunk),
+    ) -> Result<bool, (bool, std::io::Error)> {
+        match kind {
+            Chunk::Skip => Ok(false),
+            Chunk::Zero => {
+                let flags = blockd_core::ReqFlags {
+                    may_unmap: true,
+                    ..Default::default()
+                };
+                base.write_zeroes(offset, n, flags)
+                    .await
+                    .map(|()| true)
+                    .map_err(|e| (false, e))
+            }
+            Chunk::Data => {
+                let data = self
+                    .top_root
+                    .read(offset, n as usize)
+                    .await
+                    .map_err(|e| (true, e))?;
+                base.write(offset, data, Default::default())
+                    .await
+                    .map(|()| true)
+                    .map_err(|e| (false, e))
+            }
+        }
     }
 
     /// QEMU's `commit_prepare`: `bdrv_drop_intermediate`.

@@ -41,6 +41,12 @@ use crate::common::{io_error, JobNodes, OnIoError, Pace};
 use crate::filters::{filter_node, MirrorShared, MirrorTop};
 use crate::{close, StartError, Started};
 
+/// The most one copy request moves (QEMU's `MAX_IO_BYTES`).
+const MAX_IO_BYTES: u64 = 1 << 20;
+
+/// Copy requests in flight at most (QEMU's `MAX_IN_FLIGHT`).
+const MAX_IN_FLIGHT: usize = 16;
+
 /// What to copy at first (`MirrorSyncMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
@@ -361,27 +367,51 @@ impl MirrorJob {
         Step::Copied(n)
     }
 
-    /// Copies every dirty chunk once around; returns the bytes copied, or
-    /// the job's error.
+    /// Copies every dirty chunk once around (QEMU's `mirror_iteration`):
+    /// up to [`MAX_IN_FLIGHT`] chunks of at most [`MAX_IO_BYTES`] at a
+    /// time, no more than `buf_size` bytes in flight. Returns the job's
+    /// error, if any.
     async fn copy_dirty(&self, ctx: &JobCtx) -> Result<(), String> {
         let mut cursor = 0;
-        while let Some((off, n)) = self.shared.bitmap.next_dirty_run(cursor, self.buf_size) {
+        loop {
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
                 return Ok(());
             }
-            match self.copy(ctx, off, n).await {
-                Step::Copied(n) => {
-                    ctx.add_progress(n);
-                    self.pace.account(n);
-                    cursor = off + n;
-                }
-                Step::Retry => cursor = off,
-                Step::Failed(m) => return Err(m),
+            let mut batch = Vec::with_capacity(MAX_IN_FLIGHT);
+            let mut budget = self.buf_size;
+            let mut c = cursor;
+            while batch.len() < MAX_IN_FLIGHT && budget > 0 {
+                let max = MAX_IO_BYTES
+                    .min(budget)
+                    .max(self.shared.bitmap.granularity());
+                let Some((off, n)) = self.shared.bitmap.next_dirty_run(c, max) else {
+                    break;
+                };
+                batch.push((off, n));
+                budget = budget.saturating_sub(n);
+                c = off + n;
             }
-            // New dirt may appear behind the cursor; the caller loops.
+            if batch.is_empty() {
+                // New dirt may have appeared behind the cursor; the caller
+                // loops.
+                return Ok(());
+            }
+            let results =
+                futures::future::join_all(batch.iter().map(|&(off, n)| self.copy(ctx, off, n)))
+                    .await;
+            cursor = c;
+            for (&(off, _), r) in batch.iter().zip(results) {
+                match r {
+                    Step::Copied(n) => {
+                        ctx.add_progress(n);
+                        self.pace.account(n);
+                    }
+                    Step::Retry => cursor = cursor.min(off),
+                    Step::Failed(m) => return Err(m),
+                }
+            }
         }
-        Ok(())
     }
 
     async fn body(&self, ctx: &JobCtx) -> Result<(), String> {
