@@ -310,8 +310,18 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
 
     /// Stops the server: no new connections or input; commands already
     /// received are answered (up to the drain timeout); `SHUTDOWN` is sent
-    /// with `reason`; queues are flushed; connections closed.
+    /// with `reason`; queues are flushed; connections closed. The same as
+    /// [`stop_input`](Self::stop_input) then [`close`](Self::close).
     pub async fn shutdown(&self, reason: ShutdownCause) {
+        self.stop_input().await;
+        self.close(reason).await;
+    }
+
+    /// The first half of [`shutdown`](Self::shutdown): no new connections
+    /// or input, commands already received answered (up to the drain
+    /// timeout). Events still reach the clients, so the server can report
+    /// what it does while it winds down (jobs cancelled).
+    pub async fn stop_input(&self) {
         self.stop.cancel();
         self.executors.close();
         if tokio::time::timeout(self.config.drain_timeout, self.executors.wait())
@@ -320,6 +330,11 @@ impl<S: Send + Sync + 'static> QmpServer<S> {
         {
             tracing::warn!("commands still running at shutdown; not waiting for them");
         }
+    }
+
+    /// The second half of [`shutdown`](Self::shutdown): `SHUTDOWN` with
+    /// `reason`, queues flushed, connections closed.
+    pub async fn close(&self, reason: ShutdownCause) {
         self.events.send(&Shutdown {
             guest: false,
             reason,

@@ -223,14 +223,16 @@ impl Server {
         self.shutdown(reason).await;
     }
 
-    /// Shuts down: answers received commands, sends `SHUTDOWN`, closes
-    /// clients, removes the sockets.
+    /// Shuts down: answers received commands, cancels the jobs (their
+    /// events still reach the clients, as qemu-storage-daemon's do), sends
+    /// `SHUTDOWN`, closes clients, removes the sockets.
     pub async fn shutdown(self, reason: ShutdownCause) {
-        self.qmp.shutdown(reason).await;
+        self.qmp.stop_input().await;
         // Takes the control-plane lock around each cancel only: cancelled
         // jobs finalize under it on their own tasks, so it must not be held
         // here while they do.
         self.state.jobs.cancel_sync_all().await;
+        self.qmp.close(reason).await;
         exports::stop_server(&self.state).await;
         self.state.machine.clear(&self.state.graph);
         // Flush and close every image: parents (created later) first.
