@@ -255,18 +255,21 @@ impl CommitJob {
                     }
                 }
             }
+            // Counted before it is copied: the bucket drains while the copy
+            // runs, so the rate is the configured one.
+            self.pace.account(
+                plan.iter()
+                    .filter(|s| !matches!(s.2, Chunk::Skip))
+                    .map(|s| s.1)
+                    .sum(),
+            );
             let results =
                 futures::future::join_all(plan.iter().map(|&seg| self.copy_chunk(&base, seg)))
                     .await;
             let mut retry = false;
             for (&(off, n, _), r) in plan.iter().zip(results) {
                 match r {
-                    Ok(copied) => {
-                        if copied {
-                            self.pace.account(n);
-                        }
-                        ctx.add_progress(n);
-                    }
+                    Ok(_) => ctx.add_progress(n),
                     Err((read, e)) => match io_error(ctx, self.on_error, read, &e) {
                         OnIoError::Fail(m) => return Err(m),
                         OnIoError::Retry => {

@@ -70,8 +70,9 @@ impl JobNodes {
 }
 
 /// A job's pace: at most `speed` bytes per second of copied data (QEMU's
-/// `block_job_ratelimit_*`), measured by a leaky bucket without burst, so
-/// the average over any stretch of the job is the configured rate.
+/// `block_job_ratelimit_*`), measured by a leaky bucket with a tenth of a
+/// second of burst, so the average over any stretch of the job is the
+/// configured rate (within that burst).
 pub struct Pace {
     bucket: Mutex<LeakyBucket>,
     epoch: Instant,
@@ -105,7 +106,10 @@ impl Pace {
             let wait = {
                 let mut b = self.bucket();
                 if b.avg() != speed {
-                    b.set_avg(speed, now);
+                    // A tenth of a second of burst: a late wake-up (a busy
+                    // machine) is made up for, so the rate holds on
+                    // average; the bucket never lets more through.
+                    *b = LeakyBucket::new(speed, speed / 10);
                 }
                 b.wait_ns(now)
             };

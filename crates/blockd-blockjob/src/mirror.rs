@@ -380,6 +380,12 @@ impl MirrorJob {
             }
             let mut batch = Vec::with_capacity(MAX_IN_FLIGHT);
             let mut budget = self.buf_size;
+            // Rate-limited: about a tenth of a second's worth at a time, so
+            // progress moves smoothly and the rate holds over short spans.
+            let speed = ctx.speed().max(0) as u64;
+            if speed > 0 {
+                budget = budget.min((speed / 10).max(self.shared.bitmap.granularity()));
+            }
             let mut c = cursor;
             while batch.len() < MAX_IN_FLIGHT && budget > 0 {
                 let max = MAX_IO_BYTES
@@ -397,16 +403,16 @@ impl MirrorJob {
                 // loops.
                 return Ok(());
             }
+            // Counted before it is copied: the bucket drains while the copy
+            // runs, so the rate is the configured one.
+            self.pace.account(batch.iter().map(|&(_, n)| n).sum());
             let results =
                 futures::future::join_all(batch.iter().map(|&(off, n)| self.copy(ctx, off, n)))
                     .await;
             cursor = c;
             for (&(off, _), r) in batch.iter().zip(results) {
                 match r {
-                    Step::Copied(n) => {
-                        ctx.add_progress(n);
-                        self.pace.account(n);
-                    }
+                    Step::Copied(n) => ctx.add_progress(n),
                     Step::Retry => cursor = cursor.min(off),
                     Step::Failed(m) => return Err(m),
                 }

@@ -170,12 +170,15 @@ impl StreamJob {
                 },
             };
             if copy {
+                // Counted before it is copied: the bucket drains while the
+                // copy runs, so the rate is the configured one.
+                self.pace.account(n);
                 // Through the job's root: drained sections hold the job too.
                 let gate = self.main.gate().enter().await;
                 let r = self.bs.copy_on_read(offset, n).await;
                 drop(gate);
                 match r {
-                    Ok(_) => self.pace.account(n),
+                    Ok(_) => {}
                     Err(e) => match io_error(ctx, self.on_error, true, &e) {
                         OnIoError::Fail(m) => {
                             first_error.get_or_insert(m);

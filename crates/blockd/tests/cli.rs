@@ -214,9 +214,10 @@ fn blockdev_options_at_start_up() {
         .iter()
         .map(|n| n["node-name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["n0", "r0"]);
-    assert_eq!(nodes[0]["image"]["virtual-size"], 4096);
-    assert_eq!(nodes[1]["ro"], true);
+    // Newest first, as qemu-storage-daemon lists them.
+    assert_eq!(names, ["r0", "n0"]);
+    assert_eq!(nodes[1]["image"]["virtual-size"], 4096);
+    assert_eq!(nodes[0]["ro"], true);
 }
 
 /// qemu-storage-daemon's implied first keys: `--blockdev DRIVER,...`,
