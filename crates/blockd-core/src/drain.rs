@@ -63,8 +63,11 @@ impl DrainedSection {
 
 impl Drop for DrainedSection {
     fn drop(&mut self) {
+        for n in &self.nodes {
+            n.driver().drained_end();
+        }
         for r in &self.roots {
-            r.gate().quiesce_end();
+            r.drained_end();
         }
     }
 }
@@ -109,7 +112,10 @@ impl BlockGraph {
     pub async fn drained_begin(&self, nodes: &[Arc<BlockNode>]) -> DrainedSection {
         let (nodes, roots) = above(nodes);
         for r in &roots {
-            r.gate().quiesce_begin();
+            r.drained_begin();
+        }
+        for n in &nodes {
+            n.driver().drained_begin();
         }
         let section = DrainedSection { roots, nodes };
         for r in &section.roots {

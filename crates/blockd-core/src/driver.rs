@@ -261,4 +261,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn reopen_finish(&self) -> FinishFuture<'_> {
         Box::pin(async { Ok(()) })
     }
+
+    /// A drained section begins over the node (QEMU's
+    /// `.bdrv_drain_begin`): a driver that holds requests back (the
+    /// `throttle` filter) lets them go, so the section does not wait for
+    /// it. Sections nest.
+    fn drained_begin(&self) {}
+
+    /// A drained section over the node ended (QEMU's `.bdrv_drain_end`).
+    fn drained_end(&self) {}
 }

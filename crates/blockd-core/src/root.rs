@@ -21,6 +21,13 @@
 //! inserting or removing a medium): a request already past the gate keeps
 //! the node it started on, later ones see the new node.
 //!
+//! I/O limits are a property of the root too (QEMU's BlockBackend
+//! throttling, `blk_io_limits_enable`): a root that is a member of a
+//! throttle group ([`crate::throttle::group`]) passes its reads, writes and
+//! write-zeroes through the group after the gate (discards and flushes are
+//! not limited, as in QEMU). A drained section covering the root lifts the
+//! limits while it lasts, so it never waits out the throttle.
+//!
 //! Write caching is a property of the root (QEMU's
 //! `blk_set_enable_write_cache`): with the cache off, every write and
 //! write-zeroes is sent with FUA, which drivers without native FUA turn
@@ -39,6 +46,7 @@ use crate::driver::{BlockStatus, ReqFlags};
 use crate::edge::ChildRef;
 use crate::node::BlockNode;
 use crate::perm::PermPair;
+use crate::throttle::{Direction, ThrottleMember};
 
 /// What kind of user a root serves (queries and `blockdev-del` tell them
 /// apart).
@@ -84,6 +92,9 @@ pub struct Root {
     perm: Mutex<PermPair>,
     write_cache: AtomicBool,
     gate: Gate,
+    /// Whether `throttle` is set (the request path's cheap check).
+    throttled: AtomicBool,
+    throttle: RwLock<Option<Arc<ThrottleMember>>>,
 }
 
 impl std::fmt::Debug for Root {
@@ -112,6 +123,8 @@ impl Root {
             perm: Mutex::new(perm),
             write_cache: AtomicBool::new(true),
             gate: Gate::default(),
+            throttled: AtomicBool::new(false),
+            throttle: RwLock::new(None),
         })
     }
 
@@ -236,6 +249,61 @@ impl Root {
         self.node().map(|n| n.length()).unwrap_or(0)
     }
 
+    /// The root's throttle group membership, if its I/O is limited.
+    pub fn throttle(&self) -> Option<Arc<ThrottleMember>> {
+        if !self.throttled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.throttle
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes the root a member of a throttle group (or of none); returns
+    /// the old membership. Requests queued at the old one are released
+    /// when it is dropped. A drained section already covering the root
+    /// covers the new membership too.
+    pub fn set_throttle(&self, m: Option<ThrottleMember>) -> Option<Arc<ThrottleMember>> {
+        let m = m.map(Arc::new);
+        let mut t = self.throttle.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = &m {
+            for _ in 0..self.gate.quiesce.load(Ordering::SeqCst) {
+                m.disable();
+            }
+        }
+        self.throttled.store(m.is_some(), Ordering::Release);
+        std::mem::replace(&mut *t, m)
+    }
+
+    /// A drained section begins over the root: the gate closes and the
+    /// limits stop applying (QEMU's `blk_root_drained_begin`).
+    pub(crate) fn drained_begin(&self) {
+        let t = self.throttle.read().unwrap_or_else(|e| e.into_inner());
+        self.gate.quiesce_begin();
+        if let Some(m) = &*t {
+            m.disable();
+        }
+    }
+
+    /// A drained section over the root ends: the limits apply again, then
+    /// the requests held at the gate go.
+    pub(crate) fn drained_end(&self) {
+        {
+            let t = self.throttle.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = &*t {
+                m.enable();
+            }
+        }
+        self.gate.quiesce_end();
+    }
+
+    async fn limit(&self, dir: Direction, bytes: u64) {
+        if let Some(m) = self.throttle() {
+            m.intercept(dir, bytes).await;
+        }
+    }
+
     /// The gate every request from this root passes.
     pub fn gate(&self) -> &Gate {
         &self.gate
@@ -261,18 +329,21 @@ impl Root {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let (_g, n) = self.enter().await?;
+        self.limit(Direction::Read, len as u64).await;
         n.read(offset, len).await
     }
 
     /// Writes `data` at `offset` (with FUA if the write cache is off).
     pub async fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
         let (_g, n) = self.enter().await?;
+        self.limit(Direction::Write, data.len() as u64).await;
         n.write(offset, data, self.flags(flags)).await
     }
 
     /// Makes a range read as zeroes (with FUA if the write cache is off).
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
         let (_g, n) = self.enter().await?;
+        self.limit(Direction::Write, len).await;
         n.write_zeroes(offset, len, self.flags(flags)).await
     }
 

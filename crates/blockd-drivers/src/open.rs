@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use blockd_core::graph::check_node_name;
+use blockd_core::throttle::ThrottleGroups;
 use blockd_core::{
     BlockDriver, BlockError, BlockGraph, BlockNode, Child, ChildRef, ChildRole, Children,
     DetectZeroes, ExplicitOptions, NodeOptions,
@@ -53,6 +54,8 @@ pub struct Env {
     /// `--inline-writes off`: the `file` driver never writes on the
     /// calling thread without `RWF_NOWAIT` (see `file/inline.rs`).
     pub no_inline_writes: bool,
+    /// Throttle groups (the `throttle` filter's `throttle-group`).
+    pub throttle_groups: Option<Arc<ThrottleGroups>>,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

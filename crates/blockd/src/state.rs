@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use blockd_core::runstate::RunState;
+use blockd_core::throttle::ThrottleGroups;
 use blockd_core::{BlockGraph, ControlLock};
 use blockd_drivers::Env;
 use blockd_jobs::JobManager;
@@ -27,6 +28,9 @@ pub struct State {
     pub env: Env,
     /// Descriptor sets (`add-fd`), also reachable through `env`.
     pub fdsets: Arc<FdSetStore>,
+    /// Throttle groups by name (`block_set_io_throttle`, `throttle-group`
+    /// objects, `throttle` filter nodes); also reachable through `env`.
+    pub throttle_groups: Arc<ThrottleGroups>,
     /// The control-plane lock (QEMU's BQL): held by commands that change
     /// the graph and by jobs while they finalize.
     pub control: ControlLock,
@@ -62,6 +66,7 @@ impl State {
             control.clone(),
         );
         let run = Arc::new(RunState::default());
+        let throttle_groups = ThrottleGroups::new();
         State {
             machine: crate::machine::Machine::new(events.clone(), run.clone()),
             control,
@@ -73,7 +78,9 @@ impl State {
             env: Env {
                 fdsets: Some(fdsets.clone()),
                 no_inline_writes,
+                throttle_groups: Some(throttle_groups.clone()),
             },
+            throttle_groups,
             fdsets,
             version,
             schema_info: Arc::new(schema_info),

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use blockd_core::throttle::BucketType;
 use blockd_core::{BlockBackend, BlockNode};
 use serde::Serialize;
 use serde_json::Value;
@@ -74,6 +75,8 @@ struct DeviceInfo {
     iops_rd: u64,
     iops_wr: u64,
     image: ImageInfo,
+    #[serde(flatten)]
+    limits: Option<Limits>,
     cache: CacheInfo,
     write_threshold: u64,
 }
@@ -153,6 +156,7 @@ fn device_info(n: &BlockNode, writeback: bool) -> DeviceInfo {
         iops: 0,
         iops_rd: 0,
         iops_wr: 0,
+        limits: None,
         cache: CacheInfo {
             writeback,
             direct: o.cache_direct,
@@ -160,6 +164,79 @@ fn device_info(n: &BlockNode, writeback: bool) -> DeviceInfo {
         },
         write_threshold: 0,
     }
+}
+
+/// The optional I/O limit members of `BlockDeviceInfo` (QEMU's
+/// `bdrv_block_device_info`): a burst rate and its length where set, the
+/// operation size where set, and the group.
+#[derive(Serialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_rd_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_wr_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_rd_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_wr_max: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_rd_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bps_wr_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_rd_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_wr_max_length: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iops_size: Option<u64>,
+    group: String,
+}
+
+/// The limits of a backend, if it has any: the six averages and the
+/// optional members.
+pub fn limits(blk: &BlockBackend) -> Option<([u64; 6], Limits)> {
+    use blockd_core::throttle::BucketType::*;
+    let m = blk.root_handle().throttle()?;
+    let c = m.group().config();
+    let avg = BucketType::ALL.map(|t| c.bucket(t).avg);
+    let max = |t| Some(c.bucket(t).max).filter(|&m| m != 0);
+    let len = |t| max(t).map(|_| c.bucket(t).burst_length);
+    Some((
+        avg,
+        Limits {
+            bps_max: max(BpsTotal),
+            bps_rd_max: max(BpsRead),
+            bps_wr_max: max(BpsWrite),
+            iops_max: max(OpsTotal),
+            iops_rd_max: max(OpsRead),
+            iops_wr_max: max(OpsWrite),
+            bps_max_length: len(BpsTotal),
+            bps_rd_max_length: len(BpsRead),
+            bps_wr_max_length: len(BpsWrite),
+            iops_max_length: len(OpsTotal),
+            iops_rd_max_length: len(OpsRead),
+            iops_wr_max_length: len(OpsWrite),
+            iops_size: Some(c.op_size).filter(|&s| s != 0),
+            group: m.group().name().to_string(),
+        },
+    ))
+}
+
+fn inserted(blk: &BlockBackend, root: &BlockNode, writeback: bool) -> DeviceInfo {
+    let mut d = device_info(root, writeback);
+    if let Some((avg, l)) = limits(blk) {
+        [d.bps, d.bps_rd, d.bps_wr, d.iops, d.iops_rd, d.iops_wr] = avg;
+        d.limits = Some(l);
+    }
+    d
 }
 
 fn block_info(blk: &BlockBackend) -> BlockInfo<'_> {
@@ -170,7 +247,7 @@ fn block_info(blk: &BlockBackend) -> BlockInfo<'_> {
         ty: "unknown",
         removable: s.removable,
         locked: s.locked,
-        inserted: blk.root().map(|r| device_info(&r, s.write_cache)),
+        inserted: blk.root().map(|r| inserted(blk, &r, s.write_cache)),
         tray_open: s.tray,
         io_status: s.iostatus.map(|i| i.as_str()),
     }

@@ -38,6 +38,17 @@ pub fn block_info(blk: &BlockBackend) -> Value {
         if let Some(Value::Object(c)) = info.get_mut("cache") {
             c.insert("writeback".into(), blk.write_cache().into());
         }
+        if let Some((avg, l)) = crate::machine::fast::limits(blk) {
+            let names = ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"];
+            if let (Value::Object(m), Ok(Value::Object(extra))) =
+                (&mut info, serde_json::to_value(l))
+            {
+                for (k, v) in names.iter().zip(avg) {
+                    m.insert((*k).into(), v.into());
+                }
+                m.extend(extra);
+            }
+        }
         m.insert("inserted".into(), info);
     }
     if blk.has_tray() {

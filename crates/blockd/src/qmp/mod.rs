@@ -14,6 +14,7 @@ mod device;
 mod export;
 mod job;
 mod misc;
+mod throttle;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
 pub use job::jerr;
@@ -30,5 +31,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     export::register(&mut d);
     device::register(&mut d);
     backend::register(&mut d);
+    throttle::register(&mut d);
     d
 }
