@@ -261,8 +261,8 @@ impl Root {
     }
 
     /// Makes the root a member of a throttle group (or of none); returns
-    /// the old membership. Requests queued at the old one are released
-    /// when it is dropped. A drained section already covering the root
+    /// the old membership, which has left its group (requests queued there
+    /// go at once). A drained section already covering the root
     /// covers the new membership too.
     pub fn set_throttle(&self, m: Option<ThrottleMember>) -> Option<Arc<ThrottleMember>> {
         let m = m.map(Arc::new);
@@ -273,7 +273,11 @@ impl Root {
             }
         }
         self.throttled.store(m.is_some(), Ordering::Release);
-        std::mem::replace(&mut *t, m)
+        let old = std::mem::replace(&mut *t, m);
+        if let Some(o) = &old {
+            o.leave();
+        }
+        old
     }
 
     /// A drained section begins over the root: the gate closes and the

@@ -18,6 +18,7 @@ pub mod options;
 pub mod qcow2;
 pub mod raw;
 pub mod reopen;
+pub mod throttle;
 
 pub use implicit::{open_image, ImageRequest, OpenedImage};
 pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};

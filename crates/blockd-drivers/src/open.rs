@@ -413,6 +413,7 @@ pub(crate) fn check_tree(
             crate::blkdebug::check(b)
         }
         DriverOptions::Null(n) => crate::null::check(n),
+        DriverOptions::Throttle(t) => check_ref(&t.file),
         DriverOptions::Qcow2(q) => {
             check_ref(&q.file)?;
             match &q.backing {
@@ -551,6 +552,7 @@ pub(crate) fn open_node<'a>(
             }
             DriverOptions::Null(n) => Box::new(crate::null::open(n)?),
             DriverOptions::Raw(r) => Box::new(crate::raw::open(r, &mut ctx).await?),
+            DriverOptions::Throttle(t) => Box::new(crate::throttle::open(t, &mut ctx).await?),
             DriverOptions::Blkdebug(b) => Box::new(crate::blkdebug::open(b, &mut ctx).await?),
             DriverOptions::Qcow2(q) => {
                 let (d, ro) = crate::qcow2::open(q, &mut ctx).await?;

@@ -275,6 +275,9 @@ pub enum DriverOptions {
     /// `raw`.
     #[serde(rename = "raw")]
     Raw(RawOptions),
+    /// `throttle`.
+    #[serde(rename = "throttle")]
+    Throttle(crate::throttle::ThrottleOptions),
 }
 
 impl DriverOptions {
@@ -286,6 +289,7 @@ impl DriverOptions {
             DriverOptions::Null(_) => "null-co",
             DriverOptions::Qcow2(_) => "qcow2",
             DriverOptions::Raw(_) => "raw",
+            DriverOptions::Throttle(_) => "throttle",
         }
     }
 }

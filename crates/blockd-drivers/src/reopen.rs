@@ -44,6 +44,7 @@ pub fn mutable_options(driver: &str) -> &'static [&'static str] {
     match driver {
         "file" => &["drop-cache"],
         "raw" => &["offset", "size"],
+        "throttle" => &["throttle-group"],
         "qcow2" => &[
             "lazy-refcounts",
             "pass-discard-request",
@@ -261,6 +262,9 @@ fn plan_entry(
         }
         DriverOptions::Blkdebug(b) => {
             child_ref(graph, node, "image", &b.image, &mut children, &mut inline)?
+        }
+        DriverOptions::Throttle(t) => {
+            child_ref(graph, node, "file", &t.file, &mut children, &mut inline)?
         }
         DriverOptions::Qcow2(q) => {
             child_ref(graph, node, "file", &q.file, &mut children, &mut inline)?;

@@ -40,6 +40,12 @@ pub struct Args {
     #[arg(long, value_name = "OPTIONS")]
     pub monitor: Vec<String>,
 
+    /// Creates an object at start-up (before any `--blockdev`): the
+    /// arguments of `object-add`, e.g.
+    /// `throttle-group,id=tg0,limits.bps-total=1000000` (repeatable).
+    #[arg(long, value_name = "JSON|OPTIONS")]
+    pub object: Vec<String>,
+
     /// Adds a block node at start-up: the arguments of `blockdev-add`, as
     /// JSON or as `key=value,...` (repeatable). A bad one stops start-up.
     #[arg(long, value_name = "JSON|OPTIONS")]
@@ -243,6 +249,11 @@ pub fn option_arg(s: &str, implied_key: Option<&str>) -> Result<OptionArgs, Stri
         value: Value::Object(crate::keyval::parse(s, implied_key)?),
         keyval: true,
     })
+}
+
+/// An `--object` value: [`option_arg`] with `qom-type` implied.
+pub fn object_arg(s: &str) -> Result<OptionArgs, String> {
+    option_arg(s, Some("qom-type"))
 }
 
 /// A `--blockdev` value: [`option_arg`] with `driver` implied.

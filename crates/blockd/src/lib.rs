@@ -22,6 +22,7 @@ pub mod exports;
 pub mod fds;
 pub mod keyval;
 pub mod machine;
+pub mod objects;
 pub mod qmp;
 pub mod schema;
 pub mod state;
@@ -85,12 +86,14 @@ impl Server {
     }
 
     /// Builds the server and applies the command line, in this order:
-    /// `--blockdev`, `--drive`, `--device`, `--nbd-server`, `--export`.
+    /// `--object`, `--blockdev`, `--drive`, `--device`, `--nbd-server`,
+    /// `--export`.
     pub async fn start_opts(
         sockets: &[PathBuf],
         opts: &StartOptions<'_>,
     ) -> Result<Server, StartError> {
         let StartOptions {
+            objects,
             blockdevs,
             drives,
             devices,
@@ -134,6 +137,16 @@ impl Server {
             state,
             sockets: sockets.to_vec(),
         };
+        for o in objects {
+            let added = match keyval_args(&schema, "object-add", o) {
+                Ok(args) => server.qmp.execute("object-add", args).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = added {
+                server.shutdown(ShutdownCause::HostSignal).await;
+                return Err(StartError(format!("--object: {}", e.desc)));
+            }
+        }
         for b in blockdevs {
             let added = match keyval_args(&schema, "blockdev-add", b) {
                 Ok(args) => server.qmp.execute("blockdev-add", args).await,
@@ -266,6 +279,8 @@ fn keyval_args(
 /// What the command line asks for at start-up (see [`Server::start_opts`]).
 #[derive(Default, Clone, Copy)]
 pub struct StartOptions<'a> {
+    /// `--object`s.
+    pub objects: &'a [cli::OptionArgs],
     /// `--blockdev`s.
     pub blockdevs: &'a [cli::OptionArgs],
     /// `--drive`s, in QEMU's `-drive` syntax.
@@ -422,6 +437,16 @@ where
         sockets.push(p);
         announce = true;
     }
+    let mut objects = Vec::new();
+    for o in &args.object {
+        match cli::object_arg(o) {
+            Ok(v) => objects.push(v),
+            Err(e) => {
+                eprintln!("blockd: --object {o}: {e}");
+                return 1;
+            }
+        }
+    }
     let mut blockdevs = Vec::new();
     for b in &args.blockdev {
         match cli::blockdev_arg(b) {
@@ -486,6 +511,7 @@ where
             }
         }
         let opts = StartOptions {
+            objects: &objects,
             blockdevs: &blockdevs,
             drives: &args.drive,
             devices: &args.device,

@@ -26,6 +26,7 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../../schema/block-backend.json"),
     ),
     ("device.json", include_str!("../../../schema/device.json")),
+    ("qom.json", include_str!("../../../schema/qom.json")),
 ];
 
 /// Loads the compiled-in schema.

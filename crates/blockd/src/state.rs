@@ -31,6 +31,8 @@ pub struct State {
     /// Throttle groups by name (`block_set_io_throttle`, `throttle-group`
     /// objects, `throttle` filter nodes); also reachable through `env`.
     pub throttle_groups: Arc<ThrottleGroups>,
+    /// `/objects`: throttle groups and iothreads (`object-add`).
+    pub objects: crate::objects::Objects,
     /// The control-plane lock (QEMU's BQL): held by commands that change
     /// the graph and by jobs while they finalize.
     pub control: ControlLock,
@@ -81,6 +83,7 @@ impl State {
                 throttle_groups: Some(throttle_groups.clone()),
             },
             throttle_groups,
+            objects: crate::objects::Objects::default(),
             fdsets,
             version,
             schema_info: Arc::new(schema_info),

@@ -466,6 +466,13 @@ impl ThrottleMember {
         self.group.enable(self.id);
     }
 
+    /// Leaves the group now: queued requests go at once, later ones are
+    /// not limited. (Requests still holding the member would otherwise keep
+    /// it in the group until they finish.)
+    pub fn leave(&self) {
+        self.group.leave(self.id);
+    }
+
     /// Requests queued at this member, per direction (reads, writes).
     pub fn queued(&self) -> [usize; 2] {
         let g = self.group.lock();

@@ -311,7 +311,13 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "block-export-add",
         |cx: Ctx<State>, a: ExportAdd| async move {
-            if let Some(t) = &a.iothread {
+            // An iothread must exist; the export then runs on blockd's
+            // multi-threaded executor like any other.
+            if let Some(t) = a
+                .iothread
+                .as_ref()
+                .filter(|t| !cx.state.objects.has_iothread(t))
+            {
                 return Err(gen(format!("iothread \"{t}\" not found")));
             }
             if a.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {

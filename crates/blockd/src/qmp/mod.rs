@@ -14,6 +14,7 @@ mod device;
 mod export;
 mod job;
 mod misc;
+mod object;
 mod throttle;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
@@ -32,5 +33,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     device::register(&mut d);
     backend::register(&mut d);
     throttle::register(&mut d);
+    object::register(&mut d);
     d
 }

@@ -1,0 +1,473 @@
+//! User-creatable objects (QEMU's `qom/object_interfaces.c`, the
+//! `/objects` container): `throttle-group` (`block/throttle-groups.c`)
+//! and `iothread` (`iothread.c`), created with `object-add` or `--object`
+//! and removed with `object-del`.
+//!
+//! An `iothread` object is accepted and keeps its properties, as QEMU
+//! scripts use them: blockd's executor is already multi-threaded, so an
+//! export or node that names one runs as any other.
+//!
+//! Errors are QEMU's messages (strings); the handlers choose the class.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockd_core::throttle::{BucketType, ThrottleConfig, ThrottleGroup, ThrottleGroups};
+use serde_json::{Map, Value};
+
+/// The `x-` properties of a throttle group, in QEMU's schema order: name,
+/// bucket (None: `iops-size`), and which value.
+const X_PROPS: [(&str, Option<BucketType>, Field); 19] = {
+    use BucketType::*;
+    use Field::*;
+    [
+        ("iops-total", Some(OpsTotal), Avg),
+        ("iops-total-max", Some(OpsTotal), Max),
+        ("iops-total-max-length", Some(OpsTotal), Len),
+        ("iops-read", Some(OpsRead), Avg),
+        ("iops-read-max", Some(OpsRead), Max),
+        ("iops-read-max-length", Some(OpsRead), Len),
+        ("iops-write", Some(OpsWrite), Avg),
+        ("iops-write-max", Some(OpsWrite), Max),
+        ("iops-write-max-length", Some(OpsWrite), Len),
+        ("bps-total", Some(BpsTotal), Avg),
+        ("bps-total-max", Some(BpsTotal), Max),
+        ("bps-total-max-length", Some(BpsTotal), Len),
+        ("bps-read", Some(BpsRead), Avg),
+        ("bps-read-max", Some(BpsRead), Max),
+        ("bps-read-max-length", Some(BpsRead), Len),
+        ("bps-write", Some(BpsWrite), Avg),
+        ("bps-write-max", Some(BpsWrite), Max),
+        ("bps-write-max-length", Some(BpsWrite), Len),
+        ("iops-size", None, Size),
+    ]
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Avg,
+    Max,
+    Len,
+    Size,
+}
+
+fn field(c: &ThrottleConfig, b: Option<BucketType>, f: Field) -> u64 {
+    match (b, f) {
+        (Some(b), Field::Avg) => c.bucket(b).avg,
+        (Some(b), Field::Max) => c.bucket(b).max,
+        (Some(b), Field::Len) => c.bucket(b).burst_length,
+        _ => c.op_size,
+    }
+}
+
+fn set_field(c: &mut ThrottleConfig, b: Option<BucketType>, f: Field, v: u64) {
+    match (b, f) {
+        (Some(b), Field::Avg) => c.bucket_mut(b).avg = v,
+        (Some(b), Field::Max) => c.bucket_mut(b).max = v,
+        (Some(b), Field::Len) => c.bucket_mut(b).burst_length = v,
+        _ => c.op_size = v,
+    }
+}
+
+/// `ThrottleLimits` of a configuration (QEMU's `throttle_config_to_limits`):
+/// every member, integers as QEMU prints them.
+pub fn limits_value(c: &ThrottleConfig) -> Value {
+    let mut m = Map::new();
+    for (name, b, f) in X_PROPS {
+        m.insert(name.into(), (field(c, b, f) as i64).into());
+    }
+    Value::Object(m)
+}
+
+/// Applies a `ThrottleLimits` object over `c` (QEMU's
+/// `throttle_limits_to_config`, without the final validation).
+fn apply_limits(c: &mut ThrottleConfig, limits: &Map<String, Value>) -> Result<(), String> {
+    for (name, b, f) in X_PROPS {
+        let Some(v) = limits.get(name).and_then(Value::as_i64) else {
+            continue;
+        };
+        if f == Field::Len && v > i64::from(u32::MAX) {
+            return Err(format!(
+                "{name} value must be in the range [0, {}]",
+                u32::MAX
+            ));
+        }
+        let v = if f == Field::Len {
+            u64::from(v as u32)
+        } else {
+            v as u64
+        };
+        set_field(c, b, f, v);
+    }
+    Ok(())
+}
+
+/// An `iothread`'s properties (QEMU's defaults).
+#[derive(Debug, Clone)]
+pub struct IoThread {
+    props: [(&'static str, i64); 6],
+}
+
+impl Default for IoThread {
+    fn default() -> Self {
+        IoThread {
+            props: [
+                ("poll-max-ns", 32768),
+                ("poll-grow", 0),
+                ("poll-shrink", 0),
+                ("aio-max-batch", 0),
+                ("thread-pool-min", 0),
+                ("thread-pool-max", 64),
+            ],
+        }
+    }
+}
+
+impl IoThread {
+    fn set(&mut self, name: &str, v: &Value) -> Result<(), String> {
+        let Some(slot) = self.props.iter_mut().find(|(n, _)| *n == name) else {
+            return Err(format!("Property 'iothread.{name}' not found"));
+        };
+        let v = v
+            .as_i64()
+            .ok_or_else(|| format!("Invalid parameter type for '{name}', expected: integer"))?;
+        if v < 0 {
+            return Err(format!("{name} value must be in range [0, {}]", i64::MAX));
+        }
+        slot.1 = v;
+        Ok(())
+    }
+
+    /// A property's value.
+    pub fn get(&self, name: &str) -> Option<i64> {
+        self.props.iter().find(|(n, _)| *n == name).map(|p| p.1)
+    }
+}
+
+/// What an object is.
+pub enum ObjectKind {
+    /// A `throttle-group`.
+    ThrottleGroup(Arc<ThrottleGroup>),
+    /// An `iothread`.
+    IoThread(IoThread),
+}
+
+/// One object under `/objects`.
+pub struct Object {
+    /// Its id.
+    pub id: String,
+    /// What it is.
+    pub kind: ObjectKind,
+}
+
+impl Object {
+    /// The QOM type name.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            ObjectKind::ThrottleGroup(_) => "throttle-group",
+            ObjectKind::IoThread(_) => "iothread",
+        }
+    }
+
+    /// The properties `qom-list` shows: name and type.
+    pub fn properties(&self) -> Vec<(String, &'static str)> {
+        let mut v = vec![("type".to_string(), "string")];
+        match &self.kind {
+            ObjectKind::ThrottleGroup(_) => {
+                v.push(("limits".to_string(), "ThrottleLimits"));
+                v.extend(X_PROPS.iter().map(|p| (format!("x-{}", p.0), "int")));
+            }
+            ObjectKind::IoThread(t) => {
+                v.extend(t.props.iter().map(|p| (p.0.to_string(), "int")));
+            }
+        }
+        v
+    }
+
+    /// `qom-get`.
+    pub fn get(&self, prop: &str) -> Result<Value, String> {
+        if prop == "type" {
+            return Ok(self.type_name().into());
+        }
+        let found = match &self.kind {
+            ObjectKind::ThrottleGroup(g) => {
+                let c = g.config();
+                if prop == "limits" {
+                    Some(limits_value(&c))
+                } else {
+                    prop.strip_prefix("x-")
+                        .and_then(|n| X_PROPS.iter().find(|p| p.0 == n))
+                        .map(|&(_, b, f)| (field(&c, b, f) as i64).into())
+                }
+            }
+            ObjectKind::IoThread(t) => t.get(prop).map(Value::from),
+        };
+        found.ok_or_else(|| format!("Property '{}.{prop}' not found", self.type_name()))
+    }
+
+    /// `qom-set`: a throttle group's `limits` (over its current ones; the
+    /// `x-` properties only at creation), an iothread's parameters.
+    pub fn set(&mut self, prop: &str, value: &Value) -> Result<(), String> {
+        match &mut self.kind {
+            ObjectKind::ThrottleGroup(g) => {
+                if prop == "limits" {
+                    let Some(l) = value.as_object() else {
+                        return Err("Invalid parameter type for 'limits', expected: object".into());
+                    };
+                    let mut c = g.config();
+                    apply_limits(&mut c, l)?;
+                    c.validate()?;
+                    g.set_config(c);
+                    return Ok(());
+                }
+                let known = prop
+                    .strip_prefix("x-")
+                    .is_some_and(|n| X_PROPS.iter().any(|p| p.0 == n));
+                if known {
+                    Err("Property cannot be set after initialization".into())
+                } else if prop == "type" {
+                    Err("Insufficient permission to perform this operation".into())
+                } else {
+                    Err(format!("Property 'throttle-group.{prop}' not found"))
+                }
+            }
+            ObjectKind::IoThread(t) => t.set(prop, value),
+        }
+    }
+}
+
+/// The objects of a server, in creation order.
+#[derive(Default)]
+pub struct Objects {
+    list: Mutex<Vec<Object>>,
+}
+
+/// Whether `id` is a well-formed QEMU identifier (`id_wellformed`).
+fn id_wellformed(id: &str) -> bool {
+    blockd_core::qapi::id_wellformed(id)
+}
+
+impl Objects {
+    /// The objects (to read).
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Object>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `object-add` (QEMU's `user_creatable_add_type`): `args` holds
+    /// `qom-type`, `id` and the properties, already checked against the
+    /// schema. Properties first, then the id, then completion.
+    pub fn add(&self, groups: &ThrottleGroups, args: &Map<String, Value>) -> Result<(), String> {
+        let ty = args.get("qom-type").and_then(Value::as_str).unwrap_or("");
+        let id = args.get("id").and_then(Value::as_str).unwrap_or("");
+        if !id_wellformed(id) {
+            return Err("Parameter 'id' expects an identifier".into());
+        }
+        let props = args.iter().filter(|(k, _)| *k != "qom-type" && *k != "id");
+        let kind = match ty {
+            "throttle-group" => {
+                let mut c = ThrottleConfig::default();
+                if let Some(Value::Object(l)) = args.get("limits") {
+                    apply_limits(&mut c, l)?;
+                    c.validate()?;
+                }
+                for (name, b, f) in X_PROPS {
+                    let Some(v) = args.get(&format!("x-{name}")).and_then(Value::as_i64) else {
+                        continue;
+                    };
+                    if v < 0 {
+                        return Err("Property values cannot be negative".into());
+                    }
+                    if f == Field::Len && v > i64::from(u32::MAX) {
+                        // (QEMU's message lacks the space.)
+                        return Err(format!(
+                            "x-{name} value must be in therange [0, {}]",
+                            u32::MAX
+                        ));
+                    }
+                    set_field(&mut c, b, f, v as u64);
+                }
+                self.check_id(id)?;
+                c.validate()?;
+                ObjectKind::ThrottleGroup(groups.create(id, c)?)
+            }
+            "iothread" => {
+                let mut t = IoThread::default();
+                for (k, v) in props {
+                    t.set(k, v)?;
+                }
+                self.check_id(id)?;
+                ObjectKind::IoThread(t)
+            }
+            other => {
+                return Err(format!(
+                    "Parameter 'qom-type' does not accept value '{other}'"
+                ))
+            }
+        };
+        let mut l = self.lock();
+        if l.iter().any(|o| o.id == id) {
+            return Err(duplicate(id));
+        }
+        l.push(Object {
+            id: id.to_string(),
+            kind,
+        });
+        Ok(())
+    }
+
+    fn check_id(&self, id: &str) -> Result<(), String> {
+        if self.lock().iter().any(|o| o.id == id) {
+            return Err(duplicate(id));
+        }
+        Ok(())
+    }
+
+    /// `object-del` (QEMU's `user_creatable_del`): a throttle group with
+    /// members is in use.
+    pub fn del(&self, id: &str) -> Result<(), String> {
+        let mut l = self.lock();
+        let Some(i) = l.iter().position(|o| o.id == id) else {
+            return Err(format!("object '{id}' not found"));
+        };
+        if let ObjectKind::ThrottleGroup(g) = &l[i].kind {
+            if g.member_count() > 0 {
+                return Err(format!("object '{id}' is in use, can not be deleted"));
+            }
+        }
+        l.remove(i);
+        Ok(())
+    }
+
+    /// Whether an iothread called `id` exists.
+    pub fn has_iothread(&self, id: &str) -> bool {
+        self.lock()
+            .iter()
+            .any(|o| o.id == id && matches!(o.kind, ObjectKind::IoThread(_)))
+    }
+}
+
+fn duplicate(id: &str) -> String {
+    format!("attempt to add duplicate property '{id}' to object (type 'container')")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn add(o: &Objects, g: &ThrottleGroups, v: Value) -> Result<(), String> {
+        o.add(g, v.as_object().unwrap())
+    }
+
+    #[test]
+    fn throttle_groups_as_qemu_makes_them() {
+        let (o, g) = (Objects::default(), ThrottleGroups::new());
+        add(
+            &o,
+            &g,
+            json!({"qom-type": "throttle-group", "id": "tg0",
+            "limits": {"bps-total": 1000}, "x-bps-total": 200}),
+        )
+        .unwrap();
+        // The x- properties come after the limits.
+        assert_eq!(o.lock()[0].get("x-bps-total").unwrap(), 200);
+        assert_eq!(
+            o.lock()[0].get("limits").unwrap()["bps-total-max-length"],
+            1
+        );
+        assert_eq!(
+            add(&o, &g, json!({"qom-type": "throttle-group", "id": "tg0"})).unwrap_err(),
+            "attempt to add duplicate property 'tg0' to object (type 'container')"
+        );
+        let bad = |v: Value| add(&o, &g, v).unwrap_err();
+        assert_eq!(
+            bad(json!({"qom-type": "throttle-group", "id": "t", "x-bps-total": -5})),
+            "Property values cannot be negative"
+        );
+        assert_eq!(
+            bad(
+                json!({"qom-type": "throttle-group", "id": "t", "x-bps-total-max-length": 5_000_000_000u64})
+            ),
+            "x-bps-total-max-length value must be in therange [0, 4294967295]"
+        );
+        assert_eq!(
+            bad(
+                json!({"qom-type": "throttle-group", "id": "t", "limits": {"bps-total-max-length": 5_000_000_000u64}})
+            ),
+            "bps-total-max-length value must be in the range [0, 4294967295]"
+        );
+        assert_eq!(
+            bad(
+                json!({"qom-type": "throttle-group", "id": "t", "limits": {"bps-total": 100, "bps-total-max-length": -1}})
+            ),
+            "burst length set without burst rate"
+        );
+        assert_eq!(
+            bad(json!({"qom-type": "throttle-group", "id": "1t"})),
+            "Parameter 'id' expects an identifier"
+        );
+        // In use while it has members.
+        let m = g.get("tg0").unwrap().join();
+        assert_eq!(
+            o.del("tg0").unwrap_err(),
+            "object 'tg0' is in use, can not be deleted"
+        );
+        drop(m);
+        o.del("tg0").unwrap();
+        assert_eq!(o.del("tg0").unwrap_err(), "object 'tg0' not found");
+        assert!(g.get("tg0").is_none());
+    }
+
+    #[test]
+    fn limits_change_over_the_current_ones() {
+        let (o, g) = (Objects::default(), ThrottleGroups::new());
+        add(
+            &o,
+            &g,
+            json!({"qom-type": "throttle-group", "id": "t", "limits": {"bps-total": 200}}),
+        )
+        .unwrap();
+        let mut l = o.lock();
+        assert_eq!(
+            l[0].set("limits", &json!({"bps-read": 3})).unwrap_err(),
+            "bps/iops/max total values and read/write values cannot be used at the same time"
+        );
+        l[0].set("limits", &json!({"iops-total": 5})).unwrap();
+        let v = l[0].get("limits").unwrap();
+        assert_eq!(
+            (v["bps-total"].clone(), v["iops-total"].clone()),
+            (json!(200), json!(5))
+        );
+        assert_eq!(
+            l[0].set("x-bps-total", &json!(1)).unwrap_err(),
+            "Property cannot be set after initialization"
+        );
+        assert_eq!(
+            l[0].get("nope").unwrap_err(),
+            "Property 'throttle-group.nope' not found"
+        );
+    }
+
+    #[test]
+    fn iothreads_keep_their_parameters() {
+        let (o, g) = (Objects::default(), ThrottleGroups::new());
+        assert_eq!(
+            add(
+                &o,
+                &g,
+                json!({"qom-type": "iothread", "id": "io0", "poll-max-ns": -1})
+            )
+            .unwrap_err(),
+            "poll-max-ns value must be in range [0, 9223372036854775807]"
+        );
+        add(
+            &o,
+            &g,
+            json!({"qom-type": "iothread", "id": "io0", "aio-max-batch": 4}),
+        )
+        .unwrap();
+        assert!(o.has_iothread("io0"));
+        let l = o.lock();
+        assert_eq!(l[0].get("poll-max-ns").unwrap(), 32768);
+        assert_eq!(l[0].get("aio-max-batch").unwrap(), 4);
+    }
+}
