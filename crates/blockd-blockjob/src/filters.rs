@@ -120,6 +120,9 @@ pub struct MirrorShared {
     pub dirty: Notify,
     /// The job is done with the source: take no permissions any more.
     pub stopped: AtomicBool,
+    /// In sync with the target while writes are write-blocking (QEMU's
+    /// `actively_synced`); a failed write-blocking write clears it.
+    pub actively_synced: AtomicBool,
     /// The job's copies and write-blocking writes, per chunk: a chunk is
     /// never copied from an older state of the source over a newer
     /// write-blocking write on the target.
@@ -135,6 +138,7 @@ impl MirrorShared {
             target: RwLock::new(None),
             dirty: Notify::new(),
             stopped: AtomicBool::new(false),
+            actively_synced: AtomicBool::new(false),
             inflight: Tracker::default(),
         })
     }
@@ -182,6 +186,7 @@ impl MirrorShared {
         if let Err(e) = target(tgt).await {
             // The target missed it: the job copies it again.
             tracing::debug!(error = %e, "write-blocking mirror write failed; marked dirty");
+            self.actively_synced.store(false, Ordering::Release);
             self.bitmap.set(offset, len);
             self.dirty.notify_one();
         }
@@ -193,6 +198,8 @@ impl MirrorShared {
 pub struct MirrorTop {
     pub(crate) child: ChildRef,
     pub(crate) shared: Arc<MirrorShared>,
+    /// For an active commit (the target is the source's own base).
+    pub(crate) is_commit: bool,
 }
 
 impl BlockDriver for MirrorTop {
@@ -264,7 +271,9 @@ impl BlockDriver for MirrorTop {
     fn child_perm(&self, c: &Child, parent: PermPair, writable: bool) -> PermPair {
         // QEMU's bdrv_mirror_top_child_perm: nothing once the job stopped
         // using the source; else what its parents need, plus consistent
-        // reads for the job.
+        // reads for the job. An active commit takes no consistent reads
+        // (everything above the base unshares them to the job) and shares
+        // writes (or it would block itself at the base).
         if self.shared.stopped.load(Ordering::Acquire) {
             return PermPair {
                 perm: Perm::NONE,
@@ -272,7 +281,12 @@ impl BlockDriver for MirrorTop {
             };
         }
         let mut p = default_perms(c.role(), parent, writable);
-        p.perm = p.perm | Perm::CONSISTENT_READ;
+        if self.is_commit {
+            p.perm = p.perm & !Perm::CONSISTENT_READ;
+            p.shared = p.shared | Perm::WRITE;
+        } else {
+            p.perm = p.perm | Perm::CONSISTENT_READ;
+        }
         p
     }
 }
