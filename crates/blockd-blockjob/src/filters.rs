@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use blockd_core::bitmap::DirtyBitmap;
 use blockd_core::perm::default_perms;
@@ -27,6 +27,7 @@ use blockd_core::{
     BlockDriver, BlockNode, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
     ExplicitOptions, IoFuture, NodeOptions, Perm, PermPair, ReqFlags, Root,
 };
+use blockd_jobs::JobCtx;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -127,6 +128,10 @@ pub struct MirrorShared {
     /// never copied from an older state of the source over a newer
     /// write-blocking write on the target.
     pub inflight: Tracker,
+    /// The running job, whose progress write-blocking writes add to
+    /// (QEMU's do_sync_target_write); cleared when the job lets go of
+    /// its nodes.
+    pub job: Mutex<Option<JobCtx>>,
 }
 
 impl MirrorShared {
@@ -140,7 +145,12 @@ impl MirrorShared {
             stopped: AtomicBool::new(false),
             actively_synced: AtomicBool::new(false),
             inflight: Tracker::default(),
+            job: Mutex::new(None),
         })
+    }
+
+    fn job(&self) -> Option<JobCtx> {
+        self.job.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn target(&self) -> Option<Arc<Root>> {
@@ -183,12 +193,20 @@ impl MirrorShared {
         let end = (offset + len).div_ceil(g) * g;
         let _t = self.inflight.begin(start, end, true).await;
         source().await?;
+        // QEMU's do_sync_target_write: the write is part of the job's
+        // work, counted as remaining before and done after it.
+        let job = self.job();
+        if let Some(j) = &job {
+            j.increase_remaining(len);
+        }
         if let Err(e) = target(tgt).await {
             // The target missed it: the job copies it again.
             tracing::debug!(error = %e, "write-blocking mirror write failed; marked dirty");
             self.actively_synced.store(false, Ordering::Release);
             self.bitmap.set(offset, len);
             self.dirty.notify_one();
+        } else if let Some(j) = &job {
+            j.add_progress(len);
         }
         Ok(())
     }

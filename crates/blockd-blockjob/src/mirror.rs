@@ -303,10 +303,13 @@ enum Step {
 
 impl MirrorJob {
     fn main(&self) -> &Arc<Root> {
-        self.main.get().expect("the job's main node is held before it starts")
+        self.main
+            .get()
+            .expect("the job's main node is held before it starts")
     }
 
     fn release_all(&self) {
+        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.nodes.remove_all(&self.graph);
         *self
             .shared
@@ -457,6 +460,7 @@ impl MirrorJob {
     }
 
     async fn body(&self, ctx: &JobCtx) -> Result<(), String> {
+        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
         let len = self.source.length();
         let target_len = self.target_root.length();
         if self.base.is_some() {
@@ -484,13 +488,15 @@ impl MirrorJob {
                 ctx.set_remaining(after);
                 continue;
             }
-            if !ctx.is_ready() {
-                ctx.ready();
-            }
-            // QEMU's mirror_run: in sync and write-blocking.
+            // QEMU's mirror_run: in sync and write-blocking. Set before
+            // READY goes out, so a client that queries on the event sees it
+            // (QEMU sets it in the same step, before the monitor runs).
             if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner()) == CopyMode::WriteBlocking
             {
                 self.shared.actively_synced.store(true, Ordering::Release);
+            }
+            if !ctx.is_ready() {
+                ctx.ready();
             }
             let complete = ctx.completion_requested();
             let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
@@ -507,7 +513,8 @@ impl MirrorJob {
         }
     }
 
-    /// From background to write-blocking for good, then the last copies.
+    /// From background to write-blocking for good, then the last copies
+    /// (QEMU drains the source instead, until the job is finalized).
     async fn converge(&self, ctx: &JobCtx) -> Result<(), String> {
         self.shared.write_blocking.store(true, Ordering::Release);
         // Writes that began before the switch finish (and mark dirty).
@@ -526,7 +533,8 @@ impl MirrorJob {
             .flush()
             .await
             .map_err(|e| blockd_core::error::strerror(&e))?;
-        self.shared.actively_synced.store(true, Ordering::Release);
+        // Not reported as actively synced: QEMU reports that for the
+        // write-blocking copy mode only.
         Ok(())
     }
 
