@@ -240,13 +240,25 @@ impl CommitJob {
                 break;
             }
             // Plan a few chunks ahead, then copy them concurrently.
+            // Rate-limited, no more than a tenth of a second's worth (at
+            // least one chunk) between two waits: at a low speed one chunk
+            // per wait, as QEMU's commit_run copies.
+            let speed = ctx.speed().max(0) as u64;
+            let mut budget = if speed > 0 {
+                (speed / 10).max(CHUNK)
+            } else {
+                u64::MAX
+            };
             let mut plan = Vec::with_capacity(IN_FLIGHT);
             let mut o = offset;
             let mut planned = Ok(());
-            while plan.len() < IN_FLIGHT && o < len {
+            while plan.len() < IN_FLIGHT && o < len && budget > 0 {
                 match self.plan_chunk(o, CHUNK.min(len - o)).await {
                     Ok(seg) => {
                         o += seg.1;
+                        if !matches!(seg.2, Chunk::Skip) {
+                            budget = budget.saturating_sub(seg.1);
+                        }
                         plan.push(seg);
                     }
                     Err(e) => {

@@ -109,7 +109,16 @@ impl Pace {
                     // A tenth of a second of burst: a late wake-up (a busy
                     // machine) is made up for, so the rate holds on
                     // average; the bucket never lets more through.
-                    *b = LeakyBucket::new(speed, speed / 10);
+                    if b.avg() == 0 || speed == 0 {
+                        *b = LeakyBucket::new(speed, speed / 10);
+                    } else {
+                        // A new rate: what was copied still counts (QEMU's
+                        // ratelimit_set_speed keeps what the slice
+                        // dispatched), so lowering or raising the speed
+                        // does not let a burst through.
+                        b.set_avg(speed, now);
+                        b.set_size(speed / 10);
+                    }
                 }
                 b.wait_ns(now)
             };

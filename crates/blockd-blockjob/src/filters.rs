@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use blockd_core::bitmap::DirtyBitmap;
 use blockd_core::perm::default_perms;
@@ -27,6 +27,7 @@ use blockd_core::{
     BlockDriver, BlockNode, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
     ExplicitOptions, IoFuture, NodeOptions, Perm, PermPair, ReqFlags, Root,
 };
+use blockd_jobs::JobCtx;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
@@ -120,10 +121,17 @@ pub struct MirrorShared {
     pub dirty: Notify,
     /// The job is done with the source: take no permissions any more.
     pub stopped: AtomicBool,
+    /// In sync with the target while writes are write-blocking (QEMU's
+    /// `actively_synced`); a failed write-blocking write clears it.
+    pub actively_synced: AtomicBool,
     /// The job's copies and write-blocking writes, per chunk: a chunk is
     /// never copied from an older state of the source over a newer
     /// write-blocking write on the target.
     pub inflight: Tracker,
+    /// The running job, whose progress write-blocking writes add to
+    /// (QEMU's do_sync_target_write); cleared when the job lets go of
+    /// its nodes.
+    pub job: Mutex<Option<JobCtx>>,
 }
 
 impl MirrorShared {
@@ -135,8 +143,14 @@ impl MirrorShared {
             target: RwLock::new(None),
             dirty: Notify::new(),
             stopped: AtomicBool::new(false),
+            actively_synced: AtomicBool::new(false),
             inflight: Tracker::default(),
+            job: Mutex::new(None),
         })
+    }
+
+    fn job(&self) -> Option<JobCtx> {
+        self.job.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn target(&self) -> Option<Arc<Root>> {
@@ -179,11 +193,20 @@ impl MirrorShared {
         let end = (offset + len).div_ceil(g) * g;
         let _t = self.inflight.begin(start, end, true).await;
         source().await?;
+        // QEMU's do_sync_target_write: the write is part of the job's
+        // work, counted as remaining before and done after it.
+        let job = self.job();
+        if let Some(j) = &job {
+            j.increase_remaining(len);
+        }
         if let Err(e) = target(tgt).await {
             // The target missed it: the job copies it again.
             tracing::debug!(error = %e, "write-blocking mirror write failed; marked dirty");
+            self.actively_synced.store(false, Ordering::Release);
             self.bitmap.set(offset, len);
             self.dirty.notify_one();
+        } else if let Some(j) = &job {
+            j.add_progress(len);
         }
         Ok(())
     }
@@ -193,6 +216,8 @@ impl MirrorShared {
 pub struct MirrorTop {
     pub(crate) child: ChildRef,
     pub(crate) shared: Arc<MirrorShared>,
+    /// For an active commit (the target is the source's own base).
+    pub(crate) is_commit: bool,
 }
 
 impl BlockDriver for MirrorTop {
@@ -264,7 +289,9 @@ impl BlockDriver for MirrorTop {
     fn child_perm(&self, c: &Child, parent: PermPair, writable: bool) -> PermPair {
         // QEMU's bdrv_mirror_top_child_perm: nothing once the job stopped
         // using the source; else what its parents need, plus consistent
-        // reads for the job.
+        // reads for the job. An active commit takes no consistent reads
+        // (everything above the base unshares them to the job) and shares
+        // writes (or it would block itself at the base).
         if self.shared.stopped.load(Ordering::Acquire) {
             return PermPair {
                 perm: Perm::NONE,
@@ -272,7 +299,12 @@ impl BlockDriver for MirrorTop {
             };
         }
         let mut p = default_perms(c.role(), parent, writable);
-        p.perm = p.perm | Perm::CONSISTENT_READ;
+        if self.is_commit {
+            p.perm = p.perm & !Perm::CONSISTENT_READ;
+            p.shared = p.shared | Perm::WRITE;
+        } else {
+            p.perm = p.perm | Perm::CONSISTENT_READ;
+        }
         p
     }
 }

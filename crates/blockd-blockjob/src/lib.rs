@@ -137,6 +137,19 @@ pub(crate) fn create_job<T: JobDriver>(
     speed: i64,
     job: T,
 ) -> Result<JobHandle, (StartError, Arc<T>)> {
+    create_job_shared(jobs, id, ty, options, speed, job).map(|(h, _)| h)
+}
+
+/// [`create_job`], keeping a reference to the job for a caller that still
+/// sets it up before starting it.
+pub(crate) fn create_job_shared<T: JobDriver>(
+    jobs: &JobManager,
+    id: &str,
+    ty: JobType,
+    options: JobOptions,
+    speed: i64,
+    job: T,
+) -> Result<(JobHandle, Arc<T>), (StartError, Arc<T>)> {
     let job = Arc::new(job);
     let handle = jobs
         .create(id, ty, options, Box::new(Shared(job.clone())))
@@ -146,7 +159,7 @@ pub(crate) fn create_job<T: JobDriver>(
         jobs.block_job_set_speed(id, speed)
             .map_err(|e| (StartError::Job(e), job.clone()))?;
     }
-    Ok(handle)
+    Ok((handle, job))
 }
 
 /// What a job start did to the graph before the job existed, undone if the

@@ -24,7 +24,7 @@
 //! for `job-finalize` without holding clients up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use blockd_core::qapi::BlockdevOnError;
@@ -65,6 +65,16 @@ pub enum CopyMode {
     Background,
     /// Written to the target too before they complete.
     WriteBlocking,
+}
+
+impl CopyMode {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::Background => "background",
+            CopyMode::WriteBlocking => "write-blocking",
+        }
+    }
 }
 
 /// What a mirror (or active commit) needs, resolved by the caller.
@@ -113,7 +123,8 @@ struct MirrorJob {
     sync: Sync,
     mirror_top: Arc<BlockNode>,
     shared: Arc<MirrorShared>,
-    main: Arc<Root>,
+    /// The job's own edge on `mirror_top`, set before the job starts.
+    main: OnceLock<Arc<Root>>,
     target_root: Arc<Root>,
     buf_size: u64,
     on_source_error: BlockdevOnError,
@@ -121,19 +132,20 @@ struct MirrorJob {
     pace: Pace,
     /// The run ended for a pivot (`job-complete`).
     pivot: AtomicBool,
-    /// In sync and write-blocking since completion.
-    actively_synced: AtomicBool,
     copy_mode: Mutex<CopyMode>,
 }
 
-/// Starts a mirror or an active commit (QEMU's `mirror_start_job`).
+/// Starts a mirror or an active commit (QEMU's `mirror_start_job`), in
+/// QEMU's order: the `mirror_top` filter goes in, then the job is created
+/// (a bad ID or speed fails here), then the target is taken and the
+/// job's nodes are held; a failure from then on ends the new job
+/// (`created` → `null`) and undoes the filter.
 pub async fn start(
     jobs: &JobManager,
     graph: &Arc<BlockGraph>,
     control: &ControlGuard,
     p: MirrorParams,
 ) -> Result<(), StartError> {
-    let kind = p.job_type.as_str();
     let len = p.source.length();
     let granularity = p.granularity.max(512).next_power_of_two();
     let shared = MirrorShared::new(len, granularity);
@@ -153,41 +165,83 @@ pub async fn start(
             return Err(e.into());
         }
     };
+    // An active commit's target is the source's own base (QEMU's
+    // target_is_backing).
+    let is_commit = chain::contains(&p.source, &p.target);
     let mirror_top = {
         let shared = shared.clone();
         filter_node(name, auto, &p.source, "backing", move |child| {
-            Box::new(MirrorTop { child, shared })
+            Box::new(MirrorTop {
+                child,
+                shared,
+                is_commit,
+            })
         })
     };
-    // The target first, so write-blocking writes have somewhere to go.
-    let mut target_perm = Perm::WRITE;
-    if p.base.is_some() && p.target.length() < len {
-        target_perm = target_perm | Perm::RESIZE;
+    if let Err(e) = graph.append(control, &mirror_top, &p.source).await {
+        started.undo(control).await;
+        return Err(e.into());
+    }
+    started.filter(mirror_top.clone());
+    // The target: written by the job; an active commit's base stays in use
+    // by the chain above it, so it shares everything but resize, while a
+    // mirror's target is the job's alone (QEMU's target_perms).
+    let (mut target_perm, mut target_shared) = (Perm::WRITE, Perm::WRITE_UNCHANGED);
+    if is_commit {
+        if p.target.length() < len {
+            target_perm = target_perm | Perm::RESIZE;
+        }
+        target_shared = target_shared | Perm::CONSISTENT_READ | Perm::WRITE;
     }
     let target_root = Root::new(
         RootKind::Job,
         "",
         PermPair {
             perm: target_perm,
-            shared: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE,
+            shared: target_shared,
         },
     );
-    if let Err(e) = graph.attach_root(&target_root, &p.target) {
-        started.undo(control).await;
-        return Err(e.into());
-    }
-    *shared.target.write().unwrap_or_else(|e| e.into_inner()) = Some(target_root.clone());
-    if p.copy_mode == CopyMode::WriteBlocking {
-        shared.write_blocking.store(true, Ordering::Release);
-    }
-    if let Err(e) = graph.append(control, &mirror_top, &p.source).await {
-        graph.detach_root(&target_root);
-        started.undo(control).await;
-        return Err(e.into());
-    }
-    started.filter(mirror_top.clone());
-    let nodes = JobNodes::new(kind, &p.job_id);
+    let job = MirrorJob {
+        graph: graph.clone(),
+        nodes: JobNodes::new(p.job_type.as_str(), &p.job_id),
+        source: p.source.clone(),
+        target: p.target.clone(),
+        replaces: p.replaces,
+        base: p.base.clone(),
+        base_read_only,
+        sync: p.sync,
+        mirror_top: mirror_top.clone(),
+        shared: shared.clone(),
+        main: OnceLock::new(),
+        target_root: target_root.clone(),
+        buf_size: p.buf_size.max(granularity),
+        on_source_error: p.on_source_error,
+        on_target_error: p.on_target_error,
+        pace: Pace::default(),
+        pivot: AtomicBool::new(false),
+        copy_mode: Mutex::new(p.copy_mode),
+    };
+    let (handle, job) =
+        match crate::create_job_shared(jobs, &p.job_id, p.job_type, p.options, p.speed, job) {
+            Ok(h) => h,
+            Err((e, _)) => {
+                started.undo(control).await;
+                return Err(e);
+            }
+        };
     let r = (|| {
+        if !is_commit && chain::contains(&p.source, &chain::skip_filters(&p.target)) {
+            return Err(BlockError::invalid(
+                "Cannot mirror to a filter on top of a node in the source's backing chain",
+            ));
+        }
+        // The target first, so write-blocking writes have somewhere to go.
+        graph.attach_root(&target_root, &p.target)?;
+        *shared.target.write().unwrap_or_else(|e| e.into_inner()) = Some(target_root.clone());
+        if p.copy_mode == CopyMode::WriteBlocking {
+            shared.write_blocking.store(true, Ordering::Release);
+        }
+        let nodes = &job.nodes;
         let main = nodes.add(
             graph,
             "main node",
@@ -223,44 +277,18 @@ pub async fn start(
         }
         Ok::<_, BlockError>(main)
     })();
-    let main = match r {
-        Ok(m) => m,
+    match r {
+        Ok(main) => {
+            let _ = job.main.set(main);
+        }
         Err(e) => {
-            nodes.remove_all(graph);
-            graph.detach_root(&target_root);
+            job.release_all();
+            // QEMU's job_early_fail: created -> null.
+            drop(handle);
             started.undo(control).await;
             return Err(e.into());
         }
-    };
-    let job = MirrorJob {
-        graph: graph.clone(),
-        nodes,
-        source: p.source.clone(),
-        target: p.target.clone(),
-        replaces: p.replaces,
-        base: p.base,
-        base_read_only,
-        sync: p.sync,
-        mirror_top,
-        shared,
-        main,
-        target_root,
-        buf_size: p.buf_size.max(granularity),
-        on_source_error: p.on_source_error,
-        on_target_error: p.on_target_error,
-        pace: Pace::default(),
-        pivot: AtomicBool::new(false),
-        actively_synced: AtomicBool::new(false),
-        copy_mode: Mutex::new(p.copy_mode),
-    };
-    let handle = match crate::create_job(jobs, &p.job_id, p.job_type, p.options, p.speed, job) {
-        Ok(h) => h,
-        Err((e, job)) => {
-            job.release_all();
-            started.undo(control).await;
-            return Err(e);
-        }
-    };
+    }
     started.keep();
     handle.start();
     Ok(())
@@ -274,7 +302,14 @@ enum Step {
 }
 
 impl MirrorJob {
+    fn main(&self) -> &Arc<Root> {
+        self.main
+            .get()
+            .expect("the job's main node is held before it starts")
+    }
+
     fn release_all(&self) {
+        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.nodes.remove_all(&self.graph);
         *self
             .shared
@@ -342,7 +377,7 @@ impl MirrorJob {
         let end = off + n;
         let mut pos = off;
         while pos < end {
-            let st = match self.main.block_status(pos, end - pos).await {
+            let st = match self.main().block_status(pos, end - pos).await {
                 Ok(st) => st,
                 Err(e) => return fail(true, e),
             };
@@ -354,7 +389,7 @@ impl MirrorJob {
                 };
                 self.target_root.write_zeroes(pos, len, flags).await
             } else {
-                match self.main.read(pos, len as usize).await {
+                match self.main().read(pos, len as usize).await {
                     Ok(data) => self.target_root.write(pos, data, ReqFlags::default()).await,
                     Err(e) => return fail(true, e),
                 }
@@ -374,6 +409,10 @@ impl MirrorJob {
     async fn copy_dirty(&self, ctx: &JobCtx) -> Result<(), String> {
         let mut cursor = 0;
         loop {
+            // QEMU's mirror_run: the total is what is done plus what is
+            // dirty, written meanwhile included (so `len` >= `offset`);
+            // nothing is in flight here.
+            ctx.set_remaining(self.shared.bitmap.dirty_bytes());
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
                 return Ok(());
@@ -421,6 +460,7 @@ impl MirrorJob {
     }
 
     async fn body(&self, ctx: &JobCtx) -> Result<(), String> {
+        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(ctx.clone());
         let len = self.source.length();
         let target_len = self.target_root.length();
         if self.base.is_some() {
@@ -448,6 +488,13 @@ impl MirrorJob {
                 ctx.set_remaining(after);
                 continue;
             }
+            // QEMU's mirror_run: in sync and write-blocking. Set before
+            // READY goes out, so a client that queries on the event sees it
+            // (QEMU sets it in the same step, before the monitor runs).
+            if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner()) == CopyMode::WriteBlocking
+            {
+                self.shared.actively_synced.store(true, Ordering::Release);
+            }
             if !ctx.is_ready() {
                 ctx.ready();
             }
@@ -466,7 +513,8 @@ impl MirrorJob {
         }
     }
 
-    /// From background to write-blocking for good, then the last copies.
+    /// From background to write-blocking for good, then the last copies
+    /// (QEMU drains the source instead, until the job is finalized).
     async fn converge(&self, ctx: &JobCtx) -> Result<(), String> {
         self.shared.write_blocking.store(true, Ordering::Release);
         // Writes that began before the switch finish (and mark dirty).
@@ -485,7 +533,8 @@ impl MirrorJob {
             .flush()
             .await
             .map_err(|e| blockd_core::error::strerror(&e))?;
-        self.actively_synced.store(true, Ordering::Release);
+        // Not reported as actively synced: QEMU reports that for the
+        // write-blocking copy mode only.
         Ok(())
     }
 
@@ -494,14 +543,25 @@ impl MirrorJob {
         if !self.pivot.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.nodes.remove_all(&self.graph);
+        // No client request may slip through between letting go of the
+        // target and the pivot.
+        let drained = self
+            .graph
+            .drained_begin(std::slice::from_ref(&self.mirror_top))
+            .await;
+        // The job's own user of the target goes first: it does not share
+        // the writes the users moving onto the target need (QEMU drops
+        // s->target before bdrv_replace_node).
+        self.release_all();
         self.shared.stopped.store(true, Ordering::Release);
         let to_replace = self.replaces.clone().unwrap_or_else(|| self.source.clone());
-        self.graph
+        let r = self
+            .graph
             .replace_node(control, &to_replace, &self.target)
             .await
-            .map_err(|e| e.msg)?;
-        Ok(())
+            .map_err(|e| e.msg);
+        drop(drained);
+        r
     }
 
     /// Takes `mirror_top` out (its users go back to what is below it).
@@ -578,25 +638,42 @@ impl JobDriver for MirrorJob {
     }
 
     fn change(&self, options: &Value) -> Result<(), String> {
-        // QEMU's mirror_change: background -> write-blocking only. Options
-        // of another job type change nothing.
-        if options.get("type").and_then(Value::as_str) != Some("mirror") {
-            return Ok(());
+        // Active commit has no change callback in QEMU.
+        if self.base.is_some() {
+            return Err("Job type does not support change".to_string());
         }
-        let Some(mode) = options.get("copy-mode").and_then(Value::as_str) else {
-            return Ok(());
+        // QEMU's mirror_change: nothing to do for the current mode;
+        // background -> write-blocking only. QEMU reads the options as
+        // mirror options whatever their 'type' says, so those of another
+        // type ask for the zero value, 'background'.
+        let wanted = match options.get("type").and_then(Value::as_str) {
+            Some("mirror") => match options.get("copy-mode").and_then(Value::as_str) {
+                Some("write-blocking") => CopyMode::WriteBlocking,
+                Some("background") => CopyMode::Background,
+                _ => return Err("Parameter 'copy-mode' is missing".to_string()),
+            },
+            _ => CopyMode::Background,
         };
-        if mode != "write-blocking" {
-            return Err(format!("Change to copy mode '{mode}' is not implemented"));
-        }
         let mut cur = self.copy_mode.lock().unwrap_or_else(|e| e.into_inner());
-        if *cur == CopyMode::WriteBlocking {
-            return Err(
-                "Expected current copy mode 'background', got 'write-blocking'".to_string(),
-            );
+        if *cur == wanted {
+            return Ok(());
+        }
+        if wanted != CopyMode::WriteBlocking {
+            return Err(format!(
+                "Change to copy mode '{}' is not implemented",
+                wanted.as_str()
+            ));
+        }
+        if *cur != CopyMode::Background {
+            return Err(format!(
+                "Expected current copy mode 'background', got '{}'",
+                cur.as_str()
+            ));
         }
         *cur = CopyMode::WriteBlocking;
         self.shared.write_blocking.store(true, Ordering::Release);
+        // The job notices it is actively synced on its next round.
+        self.shared.dirty.notify_one();
         Ok(())
     }
 
@@ -605,7 +682,7 @@ impl JobDriver for MirrorJob {
         if self.base.is_none() {
             m.insert(
                 "actively-synced".into(),
-                self.actively_synced.load(Ordering::Acquire).into(),
+                self.shared.actively_synced.load(Ordering::Acquire).into(),
             );
         }
         m

@@ -90,6 +90,9 @@ pub async fn start(
     let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
     let r = (|| {
         let main = nodes.add(graph, "main node", &cor, basic, basic | Perm::WRITE)?;
+        // No other job may change the graph here, nor anyone resize `bs`
+        // (QEMU's "active node").
+        nodes.add(graph, "active node", &p.bs, Perm::NONE, basic | Perm::WRITE)?;
         for n in chain::nodes(&p.bs).into_iter().skip(1) {
             if p.base.as_ref().is_some_and(|b| b.id() == n.id()) {
                 break;

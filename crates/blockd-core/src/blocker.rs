@@ -10,7 +10,8 @@
 //!   committing into it, streaming, and backing up from or to it
 //!   (`bdrv_backing_attach`): `node is used as backing hd of 'top'`.
 //!
-//! QEMU reports the newest blocker; here the most recently attached user.
+//! QEMU reports the newest blocker; here the most recently attached user
+//! (the first of a node's parents).
 
 use crate::error::BlockError;
 use crate::node::BlockNode;
@@ -54,7 +55,7 @@ impl BlockOp {
 /// Why `op` is blocked on `node`, if it is (the reason without the
 /// `Node 'x' is busy: ` prefix).
 pub fn reason(node: &BlockNode, op: BlockOp) -> Option<String> {
-    node.parents().iter().rev().find_map(|e| {
+    node.parents().iter().find_map(|e| {
         let p = e.parent()?;
         if let Some(r) = p.root() {
             return r

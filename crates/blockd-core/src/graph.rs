@@ -386,7 +386,7 @@ impl BlockGraph {
 pub(crate) fn move_edge(e: &Arc<Child>, from: &BlockNode, to: &Arc<BlockNode>) {
     from.unlink_parent(e);
     e.retarget(to.clone());
-    to.link_parent_first(e);
+    to.link_parent(e);
 }
 
 fn unlink_children(n: &BlockNode) {

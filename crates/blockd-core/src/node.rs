@@ -348,7 +348,9 @@ impl BlockNode {
         self.children.node("backing")
     }
 
-    /// The edges through which this node is used (its parents' edges).
+    /// The edges through which this node is used (its parents' edges),
+    /// newest first, as QEMU's parent list: permission conflicts and
+    /// op blockers name the newest user.
     pub fn parents(&self) -> Vec<ChildRef> {
         self.parents_lock()
             .iter()
@@ -360,15 +362,9 @@ impl BlockNode {
         self.parents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Links a parent's edge (which points at this node) as a back-edge.
+    /// Links a parent's edge (which points at this node) as a back-edge,
+    /// first among the parents (QEMU's QLIST_INSERT_HEAD).
     pub(crate) fn link_parent(&self, c: &ChildRef) {
-        let mut p = self.parents_lock();
-        p.retain(|w| w.strong_count() > 0);
-        p.push(Arc::downgrade(c));
-    }
-
-    /// Links a parent's edge as the first back-edge (an edge moved here).
-    pub(crate) fn link_parent_first(&self, c: &ChildRef) {
         let mut p = self.parents_lock();
         p.retain(|w| w.strong_count() > 0);
         p.insert(0, Arc::downgrade(c));

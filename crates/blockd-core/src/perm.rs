@@ -43,12 +43,28 @@ impl Perm {
         self.0 & other.0 != 0
     }
 
+    /// The names QEMU's messages use (`bdrv_perm_names`), in the same
+    /// order: `Permission conflict on node 'x': permissions 'consistent
+    /// read, write' ...`.
+    pub const MESSAGE_NAMES: [&'static str; 4] =
+        ["consistent read", "write", "write unchanged", "resize"];
+
     /// The names of the permissions in the set.
     pub fn names(self) -> Vec<&'static str> {
         (0..4)
             .filter(|b| self.0 & (1 << b) != 0)
             .map(|b| Self::NAMES[b])
             .collect()
+    }
+
+    /// The permissions as QEMU's error messages list them
+    /// (`bdrv_perm_names`): `consistent read, write unchanged`.
+    pub fn message_names(self) -> String {
+        (0..4)
+            .filter(|b| self.0 & (1 << b) != 0)
+            .map(|b| Self::MESSAGE_NAMES[b])
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -220,5 +236,9 @@ mod tests {
             vec!["consistent-read", "resize"]
         );
         assert_eq!(!Perm::WRITE, Perm(0x0d));
+        assert_eq!(
+            (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE).message_names(),
+            "consistent read, write unchanged, resize"
+        );
     }
 }

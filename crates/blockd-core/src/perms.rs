@@ -77,6 +77,8 @@ pub(crate) fn refresh(starts: &[Arc<BlockNode>], ov: &Overrides) -> Result<(), B
     let mut edge_perm: HashMap<usize, PermPair> = ov.edges.clone();
     let mut plan: Vec<(Arc<BlockNode>, PermPair)> = Vec::with_capacity(order.len());
     for n in &order {
+        // Newest user first (see BlockNode::link_parent): the order
+        // decides which conflict is reported.
         let users: Vec<(Arc<Child>, PermPair)> = n
             .parents()
             .into_iter()
@@ -167,7 +169,7 @@ fn check_conflicts(n: &BlockNode, users: &[(Arc<Child>, PermPair)]) -> Result<()
                     format!(
                         "Permission conflict on node '{}': permissions '{}' are both required by {} and unshared by {}.",
                         n.name(),
-                        denied.names().join(", "),
+                        denied.message_names(),
                         b.describe_user(),
                         a.describe_user(),
                     ),

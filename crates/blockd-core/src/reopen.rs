@@ -141,7 +141,7 @@ fn change_edges(spec: &ReopenSpec, log: &mut Vec<EdgeChange>) -> Vec<Arc<BlockNo
             (None, Some(t)) => {
                 let edge = Child::new(name.clone(), *role, t.clone());
                 edge.set_parent(Parent::Node(Arc::downgrade(&spec.node)));
-                t.link_parent_first(&edge);
+                t.link_parent(&edge);
                 spec.node.child_list().set(name, Some(edge.clone()));
                 log.push(EdgeChange::Added {
                     parent: spec.node.clone(),

@@ -45,6 +45,11 @@ impl LeakyBucket {
         self.avg = avg;
     }
 
+    /// Changes the burst size, keeping the level.
+    pub fn set_size(&mut self, size: u64) {
+        self.size = size;
+    }
+
     fn leak(&mut self, now: u64) {
         let dt = u128::from(now.saturating_sub(self.last));
         self.last = self.last.max(now);

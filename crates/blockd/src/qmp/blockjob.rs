@@ -368,6 +368,25 @@ fn default_granularity(target: &BlockNode) -> u64 {
     }
 }
 
+/// QEMU's `bdrv_recurse_can_replace`: whether replacing `to_replace` by
+/// a copy of `bs` changes nothing visible: it is `bs`, or what a filter
+/// `bs` is over (recursively).
+fn recurse_can_replace(bs: &Arc<BlockNode>, to_replace: &BlockNode) -> bool {
+    let mut cur = bs.clone();
+    loop {
+        if cur.id() == to_replace.id() {
+            return true;
+        }
+        if !cur.driver().is_filter() {
+            return false;
+        }
+        match chain::next(&cur) {
+            Some(n) => cur = n,
+            None => return false,
+        }
+    }
+}
+
 async fn blockdev_mirror(st: &State, a: BlockdevMirror) -> R<()> {
     let g = st.control.lock().await;
     let bs = root_bs(st, &a.device)?;
@@ -401,9 +420,9 @@ async fn blockdev_mirror(st: &State, a: BlockdevMirror) -> R<()> {
                 .get(r)
                 .ok_or_else(|| gen(format!("Failed to find node with node-name='{r}'")))?;
             busy(&n, BlockOp::Replace)?;
-            // QEMU's check_to_replace_node: only the source itself or
-            // filters above it may be replaced.
-            if chain::skip_filters(&n).id() != bs.id() && n.id() != bs.id() {
+            // QEMU's check_to_replace_node: only the source itself or a
+            // node below it through filters may be replaced.
+            if !recurse_can_replace(&bs, &n) {
                 return Err(gen(format!(
                     "Cannot replace '{r}' by a node mirrored from '{}', because it cannot be \
                      guaranteed that doing so would not lead to an abrupt change of visible data",
