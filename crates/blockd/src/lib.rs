@@ -241,6 +241,9 @@ impl Server {
     /// `SHUTDOWN`, closes clients, removes the sockets.
     pub async fn shutdown(self, reason: ShutdownCause) {
         self.qmp.stop_input().await;
+        // Nothing waits out a throttle on the way out (jobs being
+        // cancelled, exports closing): QEMU's drain-all disables limits.
+        self.state.throttle_groups.lift_all();
         // Takes the control-plane lock around each cancel only: cancelled
         // jobs finalize under it on their own tasks, so it must not be held
         // here while they do.

@@ -72,6 +72,17 @@ impl ThrottleGroups {
         g
     }
 
+    /// Lifts every group's limits, releasing everything queued (shutdown:
+    /// QEMU's `bdrv_drain_all_begin` disables all throttling, so nothing
+    /// waits out a throttle on the way out).
+    pub fn lift_all(&self) {
+        let groups: Vec<Arc<ThrottleGroup>> =
+            self.map().values().filter_map(Weak::upgrade).collect();
+        for g in groups {
+            g.set_config(ThrottleConfig::default());
+        }
+    }
+
     /// A new group (an object's), refused if the name is taken (QEMU's
     /// `throttle_group_obj_complete`).
     pub fn create(&self, name: &str, cfg: ThrottleConfig) -> Result<Arc<ThrottleGroup>, String> {
