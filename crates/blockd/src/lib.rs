@@ -24,6 +24,7 @@ pub mod keyval;
 pub mod machine;
 pub mod objects;
 pub mod qmp;
+pub mod qom;
 pub mod schema;
 pub mod state;
 

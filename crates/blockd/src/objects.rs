@@ -7,12 +7,19 @@
 //! scripts use them: blockd's executor is already multi-threaded, so an
 //! export or node that names one runs as any other.
 //!
+//! The `/objects` container remembers the history of its children in a
+//! [`HashOrder`], so that `qom-list` lists them in QEMU's order; an
+//! object whose completion fails was briefly a child there, as in QEMU's
+//! `user_creatable_add_type`.
+//!
 //! Errors are QEMU's messages (strings); the handlers choose the class.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockd_core::throttle::{BucketType, ThrottleConfig, ThrottleGroup, ThrottleGroups};
 use serde_json::{Map, Value};
+
+use crate::qom::ghash::HashOrder;
 
 /// The `x-` properties of a throttle group, in QEMU's schema order: name,
 /// bucket (None: `iops-size`), and which value.
@@ -91,20 +98,21 @@ fn apply_limits(c: &mut ThrottleConfig, limits: &Map<String, Value>) -> Result<(
                 u32::MAX
             ));
         }
-        let v = if f == Field::Len {
-            u64::from(v as u32)
-        } else {
-            v as u64
-        };
-        set_field(c, b, f, v);
+        // QEMU's burst length is 64-bit: -1 passes the range check and
+        // becomes a length far too long for any burst rate.
+        set_field(c, b, f, v as u64);
     }
     Ok(())
 }
 
-/// An `iothread`'s properties (QEMU's defaults).
+/// An `iothread`'s properties (QEMU's defaults, `iothread.c` and
+/// `event-loop-base.c`).
 #[derive(Debug, Clone)]
 pub struct IoThread {
     props: [(&'static str, i64); 6],
+    /// Completed: a change of the event loop's parameters checks the
+    /// thread pool's bounds (`iothread_set_aio_context_params`).
+    live: bool,
 }
 
 impl Default for IoThread {
@@ -118,14 +126,21 @@ impl Default for IoThread {
                 ("thread-pool-min", 0),
                 ("thread-pool-max", 64),
             ],
+            live: false,
         }
     }
 }
 
 impl IoThread {
+    /// Sets a property as QEMU's setters do (`event_loop_base_set_param`,
+    /// `iothread_set_poll_param`): the value is stored before the pool's
+    /// bounds are checked, so a refused value stays.
     fn set(&mut self, name: &str, v: &Value) -> Result<(), String> {
         let Some(slot) = self.props.iter_mut().find(|(n, _)| *n == name) else {
-            return Err(format!("Property 'iothread.{name}' not found"));
+            return Err(match name {
+                "type" => "Property 'iothread.type' is not writable".into(),
+                _ => format!("Property 'iothread.{name}' not found"),
+            });
         };
         let v = v
             .as_i64()
@@ -134,6 +149,28 @@ impl IoThread {
             return Err(format!("{name} value must be in range [0, {}]", i64::MAX));
         }
         slot.1 = v;
+        let event_loop_param = !name.starts_with("poll-");
+        if self.live && event_loop_param {
+            self.check_pool()?;
+        }
+        Ok(())
+    }
+
+    /// `aio_context_set_thread_pool_params`' check.
+    fn check_pool(&self) -> Result<(), String> {
+        let min = self.get("thread-pool-min").unwrap_or(0);
+        let max = self.get("thread-pool-max").unwrap_or(0);
+        let int_max = i64::from(i32::MAX);
+        if min > max || max <= 0 || min > int_max || max > int_max {
+            return Err("bad thread-pool-min/thread-pool-max values".into());
+        }
+        Ok(())
+    }
+
+    /// `iothread_init`: completion checks the pool's bounds.
+    fn complete(&mut self) -> Result<(), String> {
+        self.check_pool()?;
+        self.live = true;
         Ok(())
     }
 
@@ -141,6 +178,26 @@ impl IoThread {
     pub fn get(&self, name: &str) -> Option<i64> {
         self.props.iter().find(|(n, _)| *n == name).map(|p| p.1)
     }
+}
+
+/// Reads a `ThrottleLimits` from a `qom-set` value as QEMU's input
+/// visitor does: every member's type in schema order, then unexpected
+/// members.
+fn limits_arg(value: &Value) -> Result<&Map<String, Value>, String> {
+    let Some(l) = value.as_object() else {
+        return Err("Invalid parameter type for 'limits', expected: object".into());
+    };
+    for (name, _, _) in X_PROPS {
+        if l.get(name).is_some_and(|v| v.as_i64().is_none()) {
+            return Err(format!(
+                "Invalid parameter type for 'limits.{name}', expected: integer"
+            ));
+        }
+    }
+    if let Some(k) = l.keys().find(|k| !X_PROPS.iter().any(|p| p.0 == *k)) {
+        return Err(format!("Parameter 'limits.{k}' is unexpected"));
+    }
+    Ok(l)
 }
 
 /// What an object is.
@@ -166,21 +223,6 @@ impl Object {
             ObjectKind::ThrottleGroup(_) => "throttle-group",
             ObjectKind::IoThread(_) => "iothread",
         }
-    }
-
-    /// The properties `qom-list` shows: name and type.
-    pub fn properties(&self) -> Vec<(String, &'static str)> {
-        let mut v = vec![("type".to_string(), "string")];
-        match &self.kind {
-            ObjectKind::ThrottleGroup(_) => {
-                v.push(("limits".to_string(), "ThrottleLimits"));
-                v.extend(X_PROPS.iter().map(|p| (format!("x-{}", p.0), "int")));
-            }
-            ObjectKind::IoThread(t) => {
-                v.extend(t.props.iter().map(|p| (p.0.to_string(), "int")));
-            }
-        }
-        v
     }
 
     /// `qom-get`.
@@ -210,9 +252,7 @@ impl Object {
         match &mut self.kind {
             ObjectKind::ThrottleGroup(g) => {
                 if prop == "limits" {
-                    let Some(l) = value.as_object() else {
-                        return Err("Invalid parameter type for 'limits', expected: object".into());
-                    };
+                    let l = limits_arg(value)?;
                     let mut c = g.config();
                     apply_limits(&mut c, l)?;
                     c.validate()?;
@@ -225,7 +265,7 @@ impl Object {
                 if known {
                     Err("Property cannot be set after initialization".into())
                 } else if prop == "type" {
-                    Err("Insufficient permission to perform this operation".into())
+                    Err("Property 'throttle-group.type' is not writable".into())
                 } else {
                     Err(format!("Property 'throttle-group.{prop}' not found"))
                 }
@@ -239,6 +279,8 @@ impl Object {
 #[derive(Default)]
 pub struct Objects {
     list: Mutex<Vec<Object>>,
+    /// `/objects`' property table, for the listing order.
+    order: Mutex<HashOrder>,
 }
 
 /// Whether `id` is a well-formed QEMU identifier (`id_wellformed`).
@@ -250,6 +292,47 @@ impl Objects {
     /// The objects (to read).
     pub fn lock(&self) -> MutexGuard<'_, Vec<Object>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn order(&self) -> MutexGuard<'_, HashOrder> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ids and types of the objects, in `qom-list`'s order.
+    pub fn listed(&self) -> Vec<(String, &'static str)> {
+        let l = self.lock();
+        self.order()
+            .listed()
+            .into_iter()
+            .filter_map(|id| {
+                l.iter()
+                    .find(|o| o.id == id)
+                    .map(|o| (o.id.clone(), o.type_name()))
+            })
+            .collect()
+    }
+
+    /// Runs `f` on the object called `id` (QEMU's "not found" names the
+    /// path, which the caller knows).
+    pub fn with<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Object) -> R,
+    ) -> Result<R, crate::qom::QomError> {
+        let mut l = self.lock();
+        match l.iter_mut().find(|o| o.id == id) {
+            Some(o) => Ok(f(o)),
+            None => Err(crate::qom::QomError::NotFound(format!("/objects/{id}"))),
+        }
+    }
+
+    /// A completion that failed: QEMU added the child, then removed it
+    /// again (which leaves a tombstone in its table).
+    fn failed_completion<T>(&self, id: &str, e: String) -> Result<T, String> {
+        let mut o = self.order();
+        o.insert(id);
+        o.remove(id);
+        Err(e)
     }
 
     /// `object-add` (QEMU's `user_creatable_add_type`): `args` holds
@@ -286,8 +369,12 @@ impl Objects {
                     set_field(&mut c, b, f, v as u64);
                 }
                 self.check_id(id)?;
-                c.validate()?;
-                ObjectKind::ThrottleGroup(groups.create(id, c)?)
+                // throttle_group_obj_complete
+                let made = c.validate().and_then(|()| groups.create(id, c));
+                match made {
+                    Ok(g) => ObjectKind::ThrottleGroup(g),
+                    Err(e) => return self.failed_completion(id, e),
+                }
             }
             "iothread" => {
                 let mut t = IoThread::default();
@@ -295,6 +382,9 @@ impl Objects {
                     t.set(k, v)?;
                 }
                 self.check_id(id)?;
+                if let Err(e) = t.complete() {
+                    return self.failed_completion(id, e);
+                }
                 ObjectKind::IoThread(t)
             }
             other => {
@@ -311,6 +401,7 @@ impl Objects {
             id: id.to_string(),
             kind,
         });
+        self.order().insert(id);
         Ok(())
     }
 
@@ -334,6 +425,7 @@ impl Objects {
             }
         }
         l.remove(i);
+        self.order().remove(id);
         Ok(())
     }
 

@@ -15,6 +15,7 @@ mod export;
 mod job;
 mod misc;
 mod object;
+mod qom;
 mod throttle;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
@@ -34,5 +35,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     backend::register(&mut d);
     throttle::register(&mut d);
     object::register(&mut d);
+    qom::register(&mut d);
     d
 }
