@@ -288,6 +288,8 @@ pub struct DriveSpec {
     /// Whether any block option besides `file` was given (an empty drive
     /// has none).
     pub has_block_opts: bool,
+    /// `throttling.*` (or the legacy `bps=`, `iops=`, `group=`, ...).
+    pub limits: super::io_limits::DriveLimits,
 }
 
 fn bool_opt(key: &str, v: &str) -> Result<bool, String> {
@@ -319,6 +321,7 @@ fn on_error(v: &str, is_read: bool) -> Result<OnError, String> {
 /// Parses a `--drive` option string with QEMU's rules and messages.
 pub fn parse(s: &str) -> Result<DriveSpec, String> {
     let mut opts = crate::cli::split_qemu_opts(s, None)?;
+    super::io_limits::rename_legacy(&mut opts)?;
     if opts.iter().any(|(k, _)| k == "readonly") {
         if opts.iter().any(|(k, _)| k == "read-only") {
             return Err(
@@ -345,6 +348,7 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
         intervals: Vec::new(),
         medium: MediumSpec::default(),
         has_block_opts: false,
+        limits: Default::default(),
     };
     let mut cache: Option<(bool, bool, bool)> = None;
     let (mut wb, mut direct, mut no_flush) = (None, None, None);
@@ -352,6 +356,9 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
     let mut format = None;
     let mut driver = None;
     for (k, v) in opts {
+        if d.limits.take(&k, &v)? {
+            continue;
+        }
         match k.as_str() {
             "id" => {
                 if !super::id_wellformed(&v) {
@@ -476,6 +483,8 @@ pub fn parse(s: &str) -> Result<DriveSpec, String> {
     if d.index.is_some() && (d.bus.is_some() || d.unit.is_some()) {
         return Err("index cannot be used with bus and unit".into());
     }
+    // extract_common_blockdev_options
+    d.limits.config.validate()?;
     if d.snapshot && d.medium.read_only {
         // QEMU opens the image read-only anyway; the overlay takes writes.
     }
@@ -573,6 +582,17 @@ impl Machine {
                 return Err(e.msg);
             }
             blk.set_probed_raw(probed);
+        }
+        if let Some(groups) = &env.throttle_groups {
+            // blockdev_init: the drive's own group unless one is named.
+            let l = &d.limits;
+            super::io_limits::apply(
+                groups,
+                blk.root_handle(),
+                l.config,
+                l.group.as_deref(),
+                &id,
+            );
         }
         blk.set_write_cache(d.writeback);
         blk.set_on_error(d.rerror, d.werror);

@@ -21,6 +21,7 @@
 pub mod devices;
 pub mod drive;
 pub mod fast;
+pub mod io_limits;
 pub mod media;
 pub mod props;
 pub mod query;

@@ -6,6 +6,7 @@ use blockd_core::throttle::{BucketType, ThrottleConfig};
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
 use serde::Deserialize;
 
+use crate::machine::io_limits;
 use crate::state::State;
 
 type R<T> = Result<T, QmpError>;
@@ -40,8 +41,10 @@ pub struct BlockIoThrottle {
 
 impl BlockIoThrottle {
     /// The limits, as QEMU fills its `ThrottleConfig`: the integers are
-    /// taken as unsigned (a negative one is then out of range) and the
-    /// burst lengths as 32-bit, as QEMU's fields are.
+    /// taken as unsigned, as QEMU's 64-bit fields take them (a negative
+    /// one is then out of range; a negative burst length is too long for
+    /// any burst rate, as qemu-storage-daemon's throttle-group objects
+    /// show).
     fn config(&self) -> ThrottleConfig {
         use BucketType::*;
         let mut c = ThrottleConfig::default();
@@ -80,7 +83,7 @@ impl BlockIoThrottle {
                 b.max = m as u64;
             }
             if let Some(l) = len {
-                b.burst_length = u64::from(l as u32);
+                b.burst_length = l as u64;
             }
         }
         if let Some(s) = self.iops_size {
@@ -107,30 +110,15 @@ pub fn register(d: &mut Dispatcher<State>) {
             }
             let cfg = a.config();
             cfg.validate().map_err(QmpError::generic)?;
-            let root = blk.root_handle();
-            if cfg.enabled() {
-                let current = root.throttle();
-                let name = a.group.as_deref();
-                let join = match &current {
-                    None => Some(
-                        name.or(a.device.as_deref())
-                            .or(a.id.as_deref())
-                            .unwrap_or_default(),
-                    ),
-                    // QEMU's blk_io_limits_update_group.
-                    Some(m) => name.filter(|n| *n != m.group().name()),
-                };
-                if let Some(n) = join {
-                    let m = st.throttle_groups.get_or_create(n).join();
-                    // The old membership (if any) is released here.
-                    drop(root.set_throttle(Some(m)));
-                }
-                if let Some(m) = root.throttle() {
-                    m.group().set_config(cfg);
-                }
-            } else {
-                drop(root.set_throttle(None));
-            }
+            // The device's own group if it is in none and names none.
+            let own = a.device.as_deref().or(a.id.as_deref()).unwrap_or_default();
+            io_limits::apply(
+                &st.throttle_groups,
+                blk.root_handle(),
+                cfg,
+                a.group.as_deref(),
+                own,
+            );
             R::Ok(Empty {})
         },
     );
