@@ -586,13 +586,7 @@ impl Machine {
         if let Some(groups) = &env.throttle_groups {
             // blockdev_init: the drive's own group unless one is named.
             let l = &d.limits;
-            super::io_limits::apply(
-                groups,
-                blk.root_handle(),
-                l.config,
-                l.group.as_deref(),
-                &id,
-            );
+            super::io_limits::apply(groups, blk.root_handle(), l.config, l.group.as_deref(), &id);
         }
         blk.set_write_cache(d.writeback);
         blk.set_on_error(d.rerror, d.werror);

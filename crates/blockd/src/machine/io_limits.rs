@@ -151,7 +151,9 @@ mod tests {
     use blockd_core::{Perm, PermPair};
 
     fn opts(s: &[(&str, &str)]) -> Vec<(String, String)> {
-        s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        s.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -213,12 +215,12 @@ mod tests {
         let (a, b) = (root("a"), root("b"));
         let mut cfg = ThrottleConfig::default();
         cfg.bucket_mut(BucketType::BpsTotal).avg = 100;
-        apply(&groups, &a, cfg.clone(), Some("g"), "a");
-        apply(&groups, &b, cfg.clone(), Some("g"), "b");
+        apply(&groups, &a, cfg, Some("g"), "a");
+        apply(&groups, &b, cfg, Some("g"), "b");
         assert_eq!(groups.get("g").unwrap().member_count(), 2);
         // New limits through one member are the group's.
         cfg.bucket_mut(BucketType::BpsTotal).avg = 300;
-        apply(&groups, &b, cfg.clone(), None, "b");
+        apply(&groups, &b, cfg, None, "b");
         assert_eq!(a.throttle().unwrap().group().config(), cfg);
         // No limits: b leaves; the group stays for a.
         apply(&groups, &b, ThrottleConfig::default(), None, "b");

@@ -227,16 +227,16 @@ mod tests {
             replay(&["tg0", "io0", "objects", "io1"]),
             ["io0", "objects", "io1", "tg0"]
         );
-        let seven = ["t0", "t9", "t29", "t47", "t22", "t4"];
+        let six = ["t0", "t9", "t29", "t47", "t22", "t4"];
         // t40 added then removed (its completion failed): its tombstone
         // makes the eighth insertion resize the table.
-        let mut with_tomb = seven.to_vec();
+        let mut with_tomb = six.to_vec();
         with_tomb.extend(["t40", "-t40", "t6"]);
         assert_eq!(
             replay(&with_tomb),
             ["t9", "t47", "t22", "t29", "t4", "t6", "t0"]
         );
-        let mut without = seven.to_vec();
+        let mut without = six.to_vec();
         without.push("t6");
         assert_eq!(
             replay(&without),
