@@ -237,6 +237,10 @@ pub async fn start(
         }
         // The target first, so write-blocking writes have somewhere to go.
         graph.attach_root(&target_root, &p.target)?;
+        // Write-blocking writes reach the target through this root while
+        // their own requests are in flight above mirror_top (QEMU's
+        // blk_set_disable_request_queuing on the target).
+        target_root.set_forwarder(Some(&mirror_top));
         *shared.target.write().unwrap_or_else(|e| e.into_inner()) = Some(target_root.clone());
         if p.copy_mode == CopyMode::WriteBlocking {
             shared.write_blocking.store(true, Ordering::Release);
@@ -317,6 +321,7 @@ impl MirrorJob {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.graph.detach_root(&self.target_root);
+        self.target_root.set_forwarder(None);
     }
 
     /// Marks what the sync mode copies at first.
@@ -353,7 +358,18 @@ impl MirrorJob {
 
     /// Copies `[off, off + n)`: zeroes where the source reads zeroes (the
     /// target stays sparse), data elsewhere.
+    ///
+    /// The whole copy is one request of the job's root on `mirror_top`,
+    /// made on the node behind it: a drained section over the source or
+    /// the target (whose root forwards for `mirror_top`) waits for it, and
+    /// no copy starts during one. The gate comes before the chunk lock: a
+    /// write-blocking write holding the chunk is in flight above, so it
+    /// finishes even while a section waits.
     async fn copy(&self, ctx: &JobCtx, off: u64, n: u64) -> Step {
+        let _g = self.main().gate().enter().await;
+        let Some(src) = self.main().node() else {
+            return Step::Failed("the source is gone".into());
+        };
         let _t = self.shared.inflight.begin(off, off + n, true).await;
         self.shared.bitmap.reset(off, n);
         let fail = |read: bool, e: std::io::Error| {
@@ -377,7 +393,7 @@ impl MirrorJob {
         let end = off + n;
         let mut pos = off;
         while pos < end {
-            let st = match self.main().block_status(pos, end - pos).await {
+            let st = match src.block_status(pos, end - pos).await {
                 Ok(st) => st,
                 Err(e) => return fail(true, e),
             };
@@ -389,7 +405,7 @@ impl MirrorJob {
                 };
                 self.target_root.write_zeroes(pos, len, flags).await
             } else {
-                match self.main().read(pos, len as usize).await {
+                match src.read(pos, len as usize).await {
                     Ok(data) => self.target_root.write(pos, data, ReqFlags::default()).await,
                     Err(e) => return fail(true, e),
                 }
@@ -573,6 +589,7 @@ impl MirrorJob {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.graph.detach_root(&self.target_root);
+        self.target_root.set_forwarder(None);
         if self.graph.holds(&self.mirror_top) {
             match self.graph.remove_filter(control, &self.mirror_top).await {
                 Ok(nodes) => close(nodes).await,
