@@ -427,8 +427,9 @@ impl MirrorJob {
         loop {
             // QEMU's mirror_run: the total is what is done plus what is
             // dirty, written meanwhile included (so `len` >= `offset`);
-            // nothing is in flight here.
-            ctx.set_remaining(self.shared.bitmap.dirty_bytes());
+            // none of the job's copies is in flight here.
+            self.shared
+                .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
                 return Ok(());
@@ -491,7 +492,8 @@ impl MirrorJob {
             return Err("Source and target image have different sizes".into());
         }
         self.dirty_init(ctx).await?;
-        ctx.set_remaining(self.shared.bitmap.dirty_bytes());
+        self.shared
+            .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
         loop {
             if ctx.is_cancelled() {
                 return Ok(());
@@ -499,27 +501,38 @@ impl MirrorJob {
             ctx.pause_point().await;
             self.copy_dirty(ctx).await?;
             let after = self.shared.bitmap.dirty_bytes();
-            if after > 0 {
-                // Written meanwhile: more to do.
-                ctx.set_remaining(after);
-                continue;
+            // total = current + what is dirty now + write-blocking writes
+            // in flight (QEMU's job_progress_set_remaining each round).
+            self.shared.set_remaining(ctx, after);
+            if after == 0 {
+                // QEMU's mirror_run: in sync and write-blocking. Set before
+                // READY goes out, so a client that queries on the event sees
+                // it (QEMU sets it in the same step, before the monitor runs).
+                if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner())
+                    == CopyMode::WriteBlocking
+                {
+                    self.shared.actively_synced.store(true, Ordering::Release);
+                }
             }
-            // QEMU's mirror_run: in sync and write-blocking. Set before
-            // READY goes out, so a client that queries on the event sees it
-            // (QEMU sets it in the same step, before the monitor runs).
-            if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner()) == CopyMode::WriteBlocking
-            {
-                self.shared.actively_synced.store(true, Ordering::Release);
-            }
-            if !ctx.is_ready() {
+            if after == 0 && !ctx.is_ready() {
                 ctx.ready();
             }
-            let complete = ctx.completion_requested();
-            let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
-            if complete || soft_cancel {
-                self.converge(ctx).await?;
-                self.pivot.store(complete, Ordering::Release);
-                return Ok(());
+            // Once READY, completion (or a soft cancel) does not wait for
+            // a moment with nothing dirty, which clients writing all the
+            // time need never give: converge() switches to write-blocking,
+            // after which the dirty bytes only go down.
+            if ctx.is_ready() {
+                let complete = ctx.completion_requested();
+                let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
+                if complete || soft_cancel {
+                    self.converge(ctx).await?;
+                    self.pivot.store(complete, Ordering::Release);
+                    return Ok(());
+                }
+            }
+            if after > 0 {
+                // Written meanwhile: more to do.
+                continue;
             }
             // In sync: wait for new writes, or a command.
             tokio::select! {
@@ -539,7 +552,12 @@ impl MirrorJob {
                 .drained_begin(std::slice::from_ref(&self.mirror_top))
                 .await,
         );
-        while self.shared.bitmap.dirty_bytes() > 0 {
+        loop {
+            let dirty = self.shared.bitmap.dirty_bytes();
+            self.shared.set_remaining(ctx, dirty);
+            if dirty == 0 {
+                break;
+            }
             if ctx.is_cancelled() {
                 return Ok(());
             }
@@ -705,3 +723,6 @@ impl JobDriver for MirrorJob {
         m
     }
 }
+
+#[cfg(test)]
+mod tests;
