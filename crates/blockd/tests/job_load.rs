@@ -21,9 +21,18 @@
 //! (iotest 151, `mirror-ready-cancel-error`), stream of a three-layer
 //! chain (iotest 030) and intermediate commit (iotest 040).
 //!
-//! Every test runs one round by default (a few seconds); set
-//! `BLOCKD_JOB_LOAD_SECS` to repeat rounds (fresh server, images and seed
-//! each) for that many seconds per test.
+//! The nodes are opened with `discard=unmap`, so trims reach the images
+//! (where no job filter is in between: QEMU's job filters do not pass
+//! discards on), and the layers have unallocated areas and zero clusters.
+//! While a job runs, a second QMP connection polls `query-jobs`: the
+//! job's `current-progress` never goes down, and it ends equal to the
+//! total (`BLOCK_JOB_COMPLETED`'s `offset` equals its `len`, as iotests'
+//! `wait_until_completed` checks).
+//!
+//! Every test runs one round by default (a few seconds); with
+//! `BLOCKD_SOAK=1`, rounds (fresh server, images and seed each) repeat for
+//! 60 seconds per test with longer load phases; `BLOCKD_JOB_LOAD_SECS`
+//! sets the seconds per test.
 
 mod common;
 #[path = "common/nbd_load.rs"]
@@ -31,11 +40,14 @@ mod nbd_load;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blockd_testkit::QmpClient;
 use common::{have, Server};
-use nbd_load::{Conn, Load, LoadConfig};
+use nbd_load::{Conn, Load, LoadConfig, Reference};
 use serde_json::{json, Value};
 
 const SIZE: u64 = 64 << 20;
@@ -138,8 +150,9 @@ impl Chain {
                 &mut c,
                 "blockdev-add",
                 json!({"driver": "qcow2", "node-name": l.node, "read-only": l.read_only,
+                       "discard": "unmap",
                        "file": {"driver": "file", "node-name": format!("{}-f", l.node),
-                                "filename": p(&Self::img(l.node))},
+                                "filename": p(&Self::img(l.node)), "discard": "unmap"},
                        "backing": l.backing}),
             );
         }
@@ -167,10 +180,7 @@ impl Chain {
     }
 
     fn load(&self, seed: u64) -> Load {
-        Load::start(
-            LoadConfig::new(self.nbd(), "e", seed),
-            self.initial.clone(),
-        )
+        Load::start(LoadConfig::new(self.nbd(), "e", seed), self.initial.clone())
     }
 
     /// Waits for `event` of job `id`; panics on a BLOCK_JOB_COMPLETED with
@@ -182,7 +192,10 @@ impl Chain {
                 |e| {
                     let ev = e["event"].as_str().unwrap_or("");
                     let dev = e["data"]["device"].as_str().unwrap_or("");
-                    dev == id && (ev == event || ev == "BLOCK_JOB_COMPLETED" || ev == "BLOCK_JOB_CANCELLED")
+                    dev == id
+                        && (ev == event
+                            || ev == "BLOCK_JOB_COMPLETED"
+                            || ev == "BLOCK_JOB_CANCELLED")
                 },
                 Duration::from_millis(200),
             );
@@ -221,7 +234,11 @@ impl Chain {
     /// The backing node of `node` as `query-named-block-nodes` shows it
     /// (its `backing_file` name), and the header's backing file.
     fn backing_file(&mut self, node: &str) -> Option<String> {
-        let r = run(&mut self.c, "query-named-block-nodes", json!({"flat": true}));
+        let r = run(
+            &mut self.c,
+            "query-named-block-nodes",
+            json!({"flat": true}),
+        );
         let n = r
             .as_array()
             .unwrap()
@@ -231,12 +248,49 @@ impl Chain {
         n["backing_file"].as_str().map(str::to_string)
     }
 
-    /// Compares the export's content with `reference`.
-    fn check_export(&self, reference: &[u8], what: &str) {
+    /// Compares the export's content with `reference` (trimmed sectors
+    /// as before or zeroes), which then takes the content of the trimmed
+    /// sectors.
+    fn check_export(&self, reference: &mut Reference, what: &str) {
         let mut conn = Conn::connect(&self.nbd(), "e").expect("NBD connection");
         let got = conn.read_all().expect("read the export");
         conn.disconnect();
-        assert_same(&got, reference, what);
+        let trimmed = reference.trimmed_sectors();
+        let zeroed = reference
+            .adopt(&got)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        eprintln!("{what}: as the reference ({trimmed} sectors trimmed, {zeroed} of them zeroed)");
+        assert_same(&got, &reference.img, what);
+    }
+
+    /// Polls `query-jobs` on a connection of its own while job `id` runs.
+    fn watch_progress(&self, id: &str) -> Progress {
+        let mut c = self.srv.client();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (id, st) = (id.to_string(), stop.clone());
+        let t = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                let r = match c.execute("query-jobs", None) {
+                    Ok(r) => r,
+                    Err(e) => panic!("query-jobs: {e}"),
+                };
+                if let Some(j) = r
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|j| j["id"] == id.as_str())
+                {
+                    samples.push((
+                        j["current-progress"].as_u64().unwrap(),
+                        j["total-progress"].as_u64().unwrap(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        });
+        Progress { stop, t }
     }
 
     /// Removes the export and the nodes (top first), then checks the
@@ -247,7 +301,10 @@ impl Chain {
         for n in nodes {
             let t = Instant::now();
             loop {
-                match self.c.execute("blockdev-del", Some(json!({"node-name": n}))) {
+                match self
+                    .c
+                    .execute("blockdev-del", Some(json!({"node-name": n})))
+                {
                     Ok(_) => break,
                     Err(e) if t.elapsed() < Duration::from_secs(10) => {
                         eprintln!("blockdev-del {n}: {e}; retrying");
@@ -267,6 +324,42 @@ impl Chain {
         for n in nodes {
             sh(&format!("qemu-img check -q {}", self.path(&Self::img(n))));
         }
+    }
+}
+
+/// A `query-jobs` poller (see [`Chain::watch_progress`]).
+struct Progress {
+    stop: Arc<AtomicBool>,
+    t: JoinHandle<Vec<(u64, u64)>>,
+}
+
+impl Progress {
+    /// Stops polling; checks that `current-progress` never went down and
+    /// that the completion event's `offset` equals its `len`.
+    fn check(self, completed: &Value) {
+        self.stop.store(true, Ordering::SeqCst);
+        let samples = self.t.join().expect("the query-jobs poller panicked");
+        assert!(!samples.is_empty(), "query-jobs never showed the job");
+        for w in samples.windows(2) {
+            assert!(
+                w[1].0 >= w[0].0,
+                "current-progress went down: {:?} then {:?}",
+                w[0],
+                w[1]
+            );
+        }
+        let d = &completed["data"];
+        assert_eq!(d["offset"], d["len"], "progress at the end: {completed}");
+        let last = samples.last().unwrap().0;
+        assert!(
+            d["offset"].as_u64().unwrap() >= last,
+            "the end's offset is below what query-jobs showed ({last}): {completed}"
+        );
+        eprintln!(
+            "progress: {} samples, monotonic, end {}",
+            samples.len(),
+            d["offset"]
+        );
     }
 }
 
@@ -296,12 +389,17 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
     );
 }
 
-/// Rounds for this test: 1, or as many as fit in `BLOCKD_JOB_LOAD_SECS`.
+fn soak() -> bool {
+    std::env::var_os("BLOCKD_SOAK").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+/// Rounds for this test: 1, or as many as fit in `BLOCKD_JOB_LOAD_SECS`
+/// (60 with `BLOCKD_SOAK`).
 fn rounds(mut one: impl FnMut(u64)) {
     let secs: u64 = std::env::var("BLOCKD_JOB_LOAD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(if soak() { 60 } else { 0 });
     let t = Instant::now();
     let mut round = 0;
     loop {
@@ -316,7 +414,9 @@ fn rounds(mut one: impl FnMut(u64)) {
     eprintln!("{round} rounds in {:.1} s", t.elapsed().as_secs_f64());
 }
 
+/// Sleeps `ms` (five times that with `BLOCKD_SOAK`): a load phase.
 fn sleep_ms(ms: u64) {
+    let ms = if soak() { ms * 5 } else { ms };
     std::thread::sleep(Duration::from_millis(ms));
 }
 
@@ -379,6 +479,7 @@ fn active_commit(seed: u64, complete: bool) {
         "block-commit",
         json!({"job-id": "j", "device": "top"}),
     );
+    let progress = ch.watch_progress("j");
     load.pulse(true);
     ch.wait_job_event("j", "BLOCK_JOB_READY", Some(&load));
     load.pulse(false);
@@ -388,18 +489,19 @@ fn active_commit(seed: u64, complete: bool) {
     } else {
         run(&mut ch.c, "block-job-cancel", json!({"device": "j"}));
     }
-    ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    let done = ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    progress.check(&done);
     let node = ch.export_node();
     assert_eq!(node, if complete { "base" } else { "top" });
     // The export now writes to base (complete) or still to top (cancel).
     sleep_ms(500);
-    let (reference, stats) = load.stop();
+    let (mut reference, stats) = load.stop();
     eprintln!("load: {stats}");
-    ch.check_export(&reference, "the export after the job");
+    ch.check_export(&mut reference, "the export after the job");
     if complete {
-        ch.close_and_check(&["top", "base"], &reference, "base");
+        ch.close_and_check(&["top", "base"], &reference.img, "base");
     } else {
-        ch.close_and_check(&["top", "base"], &reference, "top");
+        ch.close_and_check(&["top", "base"], &reference.img, "top");
     }
 }
 
@@ -427,8 +529,9 @@ fn mirror(seed: u64, copy_mode: &str) {
     run(
         &mut ch.c,
         "blockdev-add",
-        json!({"driver": "qcow2", "node-name": "tgt", "backing": null,
-               "file": {"driver": "file", "node-name": "tgt-f", "filename": tgt}}),
+        json!({"driver": "qcow2", "node-name": "tgt", "backing": null, "discard": "unmap",
+               "file": {"driver": "file", "node-name": "tgt-f", "filename": tgt,
+                        "discard": "unmap"}}),
     );
     let load = ch.load(seed);
     sleep_ms(300);
@@ -438,18 +541,20 @@ fn mirror(seed: u64, copy_mode: &str) {
         json!({"job-id": "j", "device": "top", "target": "tgt", "sync": "full",
                "copy-mode": copy_mode}),
     );
+    let progress = ch.watch_progress("j");
     load.pulse(copy_mode == "background");
     ch.wait_job_event("j", "BLOCK_JOB_READY", Some(&load));
     load.pulse(false);
     sleep_ms(300);
     run(&mut ch.c, "block-job-complete", json!({"device": "j"}));
-    ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    let done = ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    progress.check(&done);
     assert_eq!(ch.export_node(), "tgt");
     sleep_ms(500);
-    let (reference, stats) = load.stop();
+    let (mut reference, stats) = load.stop();
     eprintln!("load: {stats}");
-    ch.check_export(&reference, "the export after the mirror");
-    ch.close_and_check(&["tgt", "top", "base"], &reference, "tgt");
+    ch.check_export(&mut reference, "the export after the mirror");
+    ch.close_and_check(&["tgt", "top", "base"], &reference.img, "tgt");
 }
 
 #[test]
@@ -478,15 +583,23 @@ fn stream(seed: u64) {
         "block-stream",
         json!({"job-id": "j", "device": "top", "speed": 48 * MIB}),
     );
-    ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    let progress = ch.watch_progress("j");
+    let done = ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    progress.check(&done);
     assert_eq!(ch.backing_file("top"), None);
     sleep_ms(500);
-    let (reference, stats) = load.stop();
+    let (mut reference, stats) = load.stop();
     eprintln!("load: {stats}");
-    ch.check_export(&reference, "the export after the stream");
-    let info = sh(&format!("qemu-img info -U --output=json {}", ch.path("top.qcow2")));
-    assert!(!info.contains("backing-filename"), "top still has a backing file: {info}");
-    ch.close_and_check(&["top", "mid", "base"], &reference, "top");
+    ch.check_export(&mut reference, "the export after the stream");
+    let info = sh(&format!(
+        "qemu-img info -U --output=json {}",
+        ch.path("top.qcow2")
+    ));
+    assert!(
+        !info.contains("backing-filename"),
+        "top still has a backing file: {info}"
+    );
+    ch.close_and_check(&["top", "mid", "base"], &reference.img, "top");
 }
 
 #[test]
@@ -509,16 +622,24 @@ fn intermediate_commit(seed: u64) {
         json!({"job-id": "j", "device": "top", "top-node": "mid", "base-node": "base",
                "speed": 32 * MIB}),
     );
-    ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    let progress = ch.watch_progress("j");
+    let done = ch.wait_job_event("j", "BLOCK_JOB_COMPLETED", Some(&load));
+    progress.check(&done);
     let base = ch.path("base.qcow2");
     assert_eq!(ch.backing_file("top").as_deref(), Some(base.as_str()));
     sleep_ms(500);
-    let (reference, stats) = load.stop();
+    let (mut reference, stats) = load.stop();
     eprintln!("load: {stats}");
-    ch.check_export(&reference, "the export after the commit");
-    let info = sh(&format!("qemu-img info -U --output=json {}", ch.path("top.qcow2")));
-    assert!(info.contains(&format!("\"backing-filename\": \"{base}\"")), "{info}");
-    ch.close_and_check(&["top", "mid", "base"], &reference, "top");
+    ch.check_export(&mut reference, "the export after the commit");
+    let info = sh(&format!(
+        "qemu-img info -U --output=json {}",
+        ch.path("top.qcow2")
+    ));
+    assert!(
+        info.contains(&format!("\"backing-filename\": \"{base}\"")),
+        "{info}"
+    );
+    ch.close_and_check(&["top", "mid", "base"], &reference.img, "top");
 }
 
 #[test]
@@ -527,4 +648,3 @@ fn intermediate_commit_under_load() {
         rounds(intermediate_commit);
     }
 }
-

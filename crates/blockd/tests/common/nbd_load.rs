@@ -4,7 +4,7 @@
 //! `writers` NBD connections (fixed newstyle, `NBD_OPT_GO`, simple
 //! replies) each keep `depth` requests in flight: writes of random data
 //! (4 KiB to 256 KiB, 512-byte aligned, some with FUA), write-zeroes (with
-//! and without `NBD_CMD_FLAG_NO_HOLE`), reads and flushes. Every request
+//! and without `NBD_CMD_FLAG_NO_HOLE`), trims, reads and flushes. Every request
 //! that touches data first reserves its byte range in a set shared by all
 //! connections: no two requests in flight ever overlap, whichever
 //! connection sent them. So a request is ordered after every earlier
@@ -17,6 +17,15 @@
 //!
 //! The final content of the export is therefore exactly the reference,
 //! whatever the server did meanwhile (jobs, pivots), if it lost nothing.
+//!
+//! Trims: after `NBD_CMD_TRIM` the NBD protocol leaves the content open
+//! until the next write, and a server may ignore a trim. The reference
+//! keeps what was there before and marks the 512-byte sectors trimmed;
+//! a trimmed sector must read either as before or as zeroes (QEMU's
+//! guarantee: a discard never uncovers older data, such as a backing
+//! file's), and a write ends the mark. [`Reference::adopt`] takes the
+//! export's final content of trimmed sectors, once checked, so that the
+//! reference can be compared exactly with the image afterwards.
 
 #![allow(dead_code)]
 
@@ -43,6 +52,7 @@ const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
 const FLAG_FUA: u16 = 1;
 const FLAG_NO_HOLE: u16 = 2;
@@ -138,9 +148,7 @@ impl Conn {
                     String::from_utf8_lossy(&data)
                 )));
             }
-            if ty == REP_INFO
-                && len >= 12
-                && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
+            if ty == REP_INFO && len >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT
             {
                 size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
                 flags = u16::from_be_bytes([data[10], data[11]]);
@@ -157,7 +165,15 @@ impl Conn {
         })
     }
 
-    fn send(&mut self, ty: u16, flags: u16, cookie: u64, off: u64, len: u32, data: &[u8]) -> io::Result<()> {
+    fn send(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        cookie: u64,
+        off: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
         let mut h = Vec::with_capacity(28 + data.len());
         h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         h.extend_from_slice(&flags.to_be_bytes());
@@ -217,9 +233,74 @@ impl Conn {
     }
 }
 
+const SECTOR: usize = 512;
+
+/// The expected content: data, and which sectors are trimmed (as they
+/// were before, or zeroes).
+pub struct Reference {
+    /// The content (of trimmed sectors: before the trim).
+    pub img: Vec<u8>,
+    trimmed: Vec<bool>,
+}
+
+/// Where `got` differs from `want`, with the sectors `trimmed` allowed to
+/// read as zeroes: the first bad byte and the number of bad sectors.
+fn mismatch(got: &[u8], want: &[u8], trimmed: &[bool]) -> Option<(usize, usize)> {
+    let mut first = None;
+    let mut bad = 0;
+    for (i, (g, w)) in got.chunks(SECTOR).zip(want.chunks(SECTOR)).enumerate() {
+        if g == w || (trimmed[i] && g.iter().all(|&b| b == 0)) {
+            continue;
+        }
+        bad += 1;
+        first.get_or_insert(i * SECTOR + g.iter().zip(w).position(|(a, b)| a != b).unwrap_or(0));
+    }
+    first.map(|f| (f, bad))
+}
+
+/// Describes a mismatch at byte `i`.
+fn describe(got: &[u8], want: &[u8], trimmed: &[bool], i: usize, bad: usize) -> String {
+    format!(
+        "{bad} sectors differ from the reference, the first at byte {i:#x}: got {:02x?}, want {:02x?}{}",
+        &got[i..(i + 8).min(got.len())],
+        &want[i..(i + 8).min(want.len())],
+        if trimmed[i / SECTOR] { " (trimmed: or zeroes)" } else { "" }
+    )
+}
+
+impl Reference {
+    /// Checks the export's whole content `got` (trimmed sectors as before
+    /// or zeroes), then takes it for the trimmed sectors: afterwards the
+    /// reference is exact. Returns how many trimmed sectors changed (to
+    /// zeroes).
+    pub fn adopt(&mut self, got: &[u8]) -> Result<usize, String> {
+        assert_eq!(got.len(), self.img.len());
+        if let Some((i, bad)) = mismatch(got, &self.img, &self.trimmed) {
+            return Err(describe(got, &self.img, &self.trimmed, i, bad));
+        }
+        let mut zeroed = 0;
+        for (i, t) in self.trimmed.iter_mut().enumerate() {
+            if *t {
+                let r = i * SECTOR..(i + 1) * SECTOR;
+                if self.img[r.clone()] != got[r.clone()] {
+                    zeroed += 1;
+                }
+                self.img[r.clone()].copy_from_slice(&got[r]);
+                *t = false;
+            }
+        }
+        Ok(zeroed)
+    }
+
+    /// Sectors trimmed and not written since.
+    pub fn trimmed_sectors(&self) -> usize {
+        self.trimmed.iter().filter(|&&t| t).count()
+    }
+}
+
 /// The reference image and the ranges in flight.
 struct RefState {
-    img: Vec<u8>,
+    r: Reference,
     inflight: Vec<(u64, u64)>,
 }
 
@@ -229,7 +310,7 @@ struct Shared {
     freed: Condvar,
     stop: AtomicBool,
     failures: Mutex<Vec<String>>,
-    ops: [AtomicU64; 4],
+    ops: [AtomicU64; 5],
     bytes: AtomicU64,
     /// While set, writers send nothing new (a quiet window).
     hold: AtomicBool,
@@ -258,16 +339,17 @@ pub struct LoadConfig {
     pub writers: usize,
     /// Requests in flight per connection.
     pub depth: usize,
-    /// Percentages of write-zeroes and reads (the rest writes, about 1%
-    /// flushes).
+    /// Percentages of write-zeroes, trims and reads (the rest writes,
+    /// about 1% flushes).
     pub zero_pct: u64,
+    pub trim_pct: u64,
     pub read_pct: u64,
     /// Seed of the random choices.
     pub seed: u64,
 }
 
 impl LoadConfig {
-    /// The load of the issue: 4 writers at depth 16, 10% zeroes, 20% reads.
+    /// 4 writers at depth 16: 10% write-zeroes, 5% trims, 20% reads.
     pub fn new(socket: PathBuf, export: &str, seed: u64) -> LoadConfig {
         LoadConfig {
             socket,
@@ -275,6 +357,7 @@ impl LoadConfig {
             writers: 4,
             depth: 16,
             zero_pct: 10,
+            trim_pct: 5,
             read_pct: 20,
             seed,
         }
@@ -293,6 +376,7 @@ pub struct Load {
 pub struct Stats {
     pub writes: u64,
     pub zeroes: u64,
+    pub trims: u64,
     pub reads: u64,
     pub flushes: u64,
     pub bytes: u64,
@@ -303,9 +387,10 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} writes, {} write-zeroes, {} reads, {} flushes, {} MiB in {:.1} s",
+            "{} writes, {} write-zeroes, {} trims, {} reads, {} flushes, {} MiB in {:.1} s",
             self.writes,
             self.zeroes,
+            self.trims,
             self.reads,
             self.flushes,
             self.bytes >> 20,
@@ -318,11 +403,13 @@ const OP_WRITE: usize = 0;
 const OP_ZERO: usize = 1;
 const OP_READ: usize = 2;
 const OP_FLUSH: usize = 3;
+const OP_TRIM: usize = 4;
 
 struct Pending {
     range: Option<(u64, u64)>,
     op: usize,
-    expect: Option<Vec<u8>>,
+    /// For a read: the reference, and which sectors are trimmed.
+    expect: Option<(Vec<u8>, Vec<bool>)>,
 }
 
 impl Load {
@@ -330,7 +417,10 @@ impl Load {
     pub fn start(cfg: LoadConfig, initial: Vec<u8>) -> Load {
         let shared = Arc::new(Shared {
             state: Mutex::new(RefState {
-                img: initial,
+                r: Reference {
+                    trimmed: vec![false; initial.len().div_ceil(SECTOR)],
+                    img: initial,
+                },
                 inflight: Vec::new(),
             }),
             freed: Condvar::new(),
@@ -345,7 +435,7 @@ impl Load {
         for w in 0..cfg.writers {
             let conn = Conn::connect(&cfg.socket, &cfg.export)
                 .unwrap_or_else(|e| panic!("NBD connection {w}: {e}"));
-            let size = shared.state.lock().unwrap().img.len() as u64;
+            let size = shared.state.lock().unwrap().r.img.len() as u64;
             assert_eq!(conn.size, size, "the export's size");
             let (shared, cfg) = (shared.clone(), cfg.clone());
             threads.push(std::thread::spawn(move || {
@@ -384,7 +474,11 @@ impl Load {
 
     /// Requests sent so far (all kinds).
     pub fn ops(&self) -> u64 {
-        self.shared.ops.iter().map(|o| o.load(Ordering::Relaxed)).sum()
+        self.shared
+            .ops
+            .iter()
+            .map(|o| o.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Writers send nothing new while `on` (what is in flight finishes).
@@ -394,7 +488,7 @@ impl Load {
 
     /// Stops the writers (after their requests in flight) and returns the
     /// reference image and the statistics; panics on any failure.
-    pub fn stop(self) -> (Vec<u8>, Stats) {
+    pub fn stop(self) -> (Reference, Stats) {
         self.shared.stop.store(true, Ordering::SeqCst);
         for t in self.threads {
             t.join().expect("a load thread panicked");
@@ -405,6 +499,7 @@ impl Load {
         let stats = Stats {
             writes: s[OP_WRITE].load(Ordering::Relaxed),
             zeroes: s[OP_ZERO].load(Ordering::Relaxed),
+            trims: s[OP_TRIM].load(Ordering::Relaxed),
             reads: s[OP_READ].load(Ordering::Relaxed),
             flushes: s[OP_FLUSH].load(Ordering::Relaxed),
             bytes: self.shared.bytes.load(Ordering::Relaxed),
@@ -413,7 +508,7 @@ impl Load {
         let shared = Arc::try_unwrap(self.shared)
             .ok()
             .expect("load threads are gone");
-        (shared.state.into_inner().unwrap().img, stats)
+        (shared.state.into_inner().unwrap().r, stats)
     }
 }
 
@@ -476,7 +571,9 @@ fn writer(w: usize, conn: Conn, cfg: &LoadConfig, shared: &Arc<Shared>) {
             OP_FLUSH
         } else if dice <= cfg.zero_pct {
             OP_ZERO
-        } else if dice <= cfg.zero_pct + cfg.read_pct {
+        } else if dice <= cfg.zero_pct + cfg.trim_pct {
+            OP_TRIM
+        } else if dice <= cfg.zero_pct + cfg.trim_pct + cfg.read_pct {
             OP_READ
         } else {
             OP_WRITE
@@ -519,18 +616,26 @@ fn writer(w: usize, conn: Conn, cfg: &LoadConfig, shared: &Arc<Shared>) {
             };
             st.inflight.push((off, off + len));
             let r = off as usize..(off + len) as usize;
+            let sectors = r.start / SECTOR..r.end / SECTOR;
+            let rf = &mut st.r;
             let expect = match op {
                 OP_WRITE => {
                     buf.resize(len as usize, 0);
                     rng.fill(&mut buf);
-                    st.img[r].copy_from_slice(&buf);
+                    rf.img[r].copy_from_slice(&buf);
+                    rf.trimmed[sectors].fill(false);
                     None
                 }
                 OP_ZERO => {
-                    st.img[r].fill(0);
+                    rf.img[r].fill(0);
+                    rf.trimmed[sectors].fill(false);
                     None
                 }
-                _ => Some(st.img[r].to_vec()),
+                OP_TRIM => {
+                    rf.trimmed[sectors].fill(true);
+                    None
+                }
+                _ => Some((rf.img[r].to_vec(), rf.trimmed[sectors].to_vec())),
             };
             (off, expect)
         };
@@ -550,9 +655,14 @@ fn writer(w: usize, conn: Conn, cfg: &LoadConfig, shared: &Arc<Shared>) {
                 conn.send(CMD_WRITE, fua, cookie, off, len as u32, &buf)
             }
             OP_ZERO => {
-                let f = if rng.range(0, 1) == 0 { FLAG_NO_HOLE } else { 0 };
+                let f = if rng.range(0, 1) == 0 {
+                    FLAG_NO_HOLE
+                } else {
+                    0
+                };
                 conn.send(CMD_WRITE_ZEROES, f, cookie, off, len as u32, &[])
             }
+            OP_TRIM => conn.send(CMD_TRIM, 0, cookie, off, len as u32, &[]),
             _ => conn.send(CMD_READ, 0, cookie, off, len as u32, &[]),
         };
         if let Err(e) = r {
@@ -616,32 +726,23 @@ fn receive(
             shared.fail(format!("writer {w}: reply for unknown cookie {cookie}"));
             return;
         };
-        let what = ["write", "write-zeroes", "read", "flush"][p.op];
+        let what = ["write", "write-zeroes", "read", "flush", "trim"][p.op];
         if err != 0 {
             shared.fail(format!(
                 "writer {w}: {what} {:?} failed with NBD error {err}",
                 p.range
             ));
-        } else if let (Some(expect), Some((s, _))) = (&p.expect, p.range) {
+        } else if let (Some((expect, trimmed)), Some((s, _))) = (&p.expect, p.range) {
             let mut got = vec![0; expect.len()];
             if let Err(e) = r.read_exact(&mut got) {
                 shared.fail(format!("writer {w}: reading read data: {e}"));
                 return;
             }
-            if &got != expect {
-                let i = got.iter().zip(expect).position(|(a, b)| a != b).unwrap();
-                let bad = got
-                    .iter()
-                    .zip(expect)
-                    .filter(|(a, b)| a != b)
-                    .count();
+            if let Some((i, bad)) = mismatch(&got, expect, trimmed) {
                 shared.fail(format!(
-                    "writer {w}: read of {} bytes at {s} differs from the reference first at {} \
-                     ({bad} bytes differ; got {:02x?}, want {:02x?})",
+                    "writer {w}: read of {} bytes at {s:#x}: {}",
                     expect.len(),
-                    s + i as u64,
-                    &got[i..(i + 8).min(got.len())],
-                    &expect[i..(i + 8).min(expect.len())]
+                    describe(&got, expect, trimmed, i, bad)
                 ));
             }
         }
