@@ -563,10 +563,15 @@ impl MirrorJob {
             }
             self.copy_dirty(ctx).await?;
         }
-        self.target_root
-            .flush()
-            .await
-            .map_err(|e| blockd_core::error::strerror(&e))?;
+        {
+            // The target's root forwards for mirror_top and holds nothing
+            // back: the job's own requests to it go through its gate.
+            let _g = self.main().gate().enter().await;
+            self.target_root
+                .flush()
+                .await
+                .map_err(|e| blockd_core::error::strerror(&e))?;
+        }
         // Not reported as actively synced: QEMU reports that for the
         // write-blocking copy mode only.
         Ok(())
