@@ -258,10 +258,11 @@ fn mismatch(got: &[u8], want: &[u8], trimmed: &[bool]) -> Option<(usize, usize)>
     first.map(|f| (f, bad))
 }
 
-/// Describes a mismatch at byte `i`.
-fn describe(got: &[u8], want: &[u8], trimmed: &[bool], i: usize, bad: usize) -> String {
+/// Describes a mismatch at byte `i` of data read at `base`.
+fn describe(got: &[u8], want: &[u8], trimmed: &[bool], base: u64, i: usize, bad: usize) -> String {
     format!(
-        "{bad} sectors differ from the reference, the first at byte {i:#x}: got {:02x?}, want {:02x?}{}",
+        "{bad} sectors differ from the reference, the first at byte {:#x}: got {:02x?}, want {:02x?}{}",
+        base + i as u64,
         &got[i..(i + 8).min(got.len())],
         &want[i..(i + 8).min(want.len())],
         if trimmed[i / SECTOR] { " (trimmed: or zeroes)" } else { "" }
@@ -276,7 +277,7 @@ impl Reference {
     pub fn adopt(&mut self, got: &[u8]) -> Result<usize, String> {
         assert_eq!(got.len(), self.img.len());
         if let Some((i, bad)) = mismatch(got, &self.img, &self.trimmed) {
-            return Err(describe(got, &self.img, &self.trimmed, i, bad));
+            return Err(describe(got, &self.img, &self.trimmed, 0, i, bad));
         }
         let mut zeroed = 0;
         for (i, t) in self.trimmed.iter_mut().enumerate() {
@@ -742,7 +743,7 @@ fn receive(
                 shared.fail(format!(
                     "writer {w}: read of {} bytes at {s:#x}: {}",
                     expect.len(),
-                    describe(&got, expect, trimmed, i, bad)
+                    describe(&got, expect, trimmed, s, i, bad)
                 ));
             }
         }
