@@ -606,13 +606,22 @@ impl MirrorJob {
     /// Takes `mirror_top` out (its users go back to what is below it).
     async fn remove_filter(&self, control: &ControlGuard) {
         self.nodes.remove_all(&self.graph);
-        *self
-            .shared
-            .target
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        self.graph.detach_root(&self.target_root);
-        self.target_root.set_forwarder(None);
+        {
+            // Write-blocking writes in flight finish on the target before
+            // it goes (they would fail there, counted as the job's work
+            // never done); later ones only mark the bitmap.
+            let _drained = self
+                .graph
+                .drained_begin(std::slice::from_ref(&self.mirror_top))
+                .await;
+            *self
+                .shared
+                .target
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+            self.graph.detach_root(&self.target_root);
+            self.target_root.set_forwarder(None);
+        }
         if self.graph.holds(&self.mirror_top) {
             match self.graph.remove_filter(control, &self.mirror_top).await {
                 Ok(nodes) => close(nodes).await,
