@@ -18,7 +18,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use blockd_core::bitmap::DirtyBitmap;
 use blockd_core::perm::default_perms;
@@ -132,6 +132,10 @@ pub struct MirrorShared {
     /// (QEMU's do_sync_target_write); cleared when the job lets go of
     /// its nodes.
     pub job: Mutex<Option<JobCtx>>,
+    /// Bytes of write-blocking writes in flight to the target, counted
+    /// in the job's remaining work (QEMU's `active_write_bytes_in_flight`);
+    /// changed together with the job's progress under this lock.
+    active_bytes: Mutex<u64>,
 }
 
 impl MirrorShared {
@@ -146,7 +150,22 @@ impl MirrorShared {
             actively_synced: AtomicBool::new(false),
             inflight: Tracker::default(),
             job: Mutex::new(None),
+            active_bytes: Mutex::new(0),
         })
+    }
+
+    fn active_bytes(&self) -> MutexGuard<'_, u64> {
+        self.active_bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The job's total becomes what it has done plus `dirty` plus the
+    /// write-blocking writes in flight (QEMU's `mirror_run`:
+    /// `job_progress_set_remaining(bytes_in_flight + cnt +
+    /// active_write_bytes_in_flight)`), so that their completion never
+    /// takes the progress beyond the total.
+    pub fn set_remaining(&self, ctx: &JobCtx, dirty: u64) {
+        let active = self.active_bytes();
+        ctx.set_remaining(dirty + *active);
     }
 
     fn job(&self) -> Option<JobCtx> {
@@ -197,16 +216,24 @@ impl MirrorShared {
         // work, counted as remaining before and done after it.
         let job = self.job();
         if let Some(j) = &job {
+            let mut active = self.active_bytes();
+            *active += len;
             j.increase_remaining(len);
         }
-        if let Err(e) = target(tgt).await {
+        let r = target(tgt).await;
+        if let Some(j) = &job {
+            let mut active = self.active_bytes();
+            *active -= len;
+            if r.is_ok() {
+                j.add_progress(len);
+            }
+        }
+        if let Err(e) = r {
             // The target missed it: the job copies it again.
             tracing::debug!(error = %e, "write-blocking mirror write failed; marked dirty");
             self.actively_synced.store(false, Ordering::Release);
             self.bitmap.set(offset, len);
             self.dirty.notify_one();
-        } else if let Some(j) = &job {
-            j.add_progress(len);
         }
         Ok(())
     }

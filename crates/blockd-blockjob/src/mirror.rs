@@ -237,6 +237,10 @@ pub async fn start(
         }
         // The target first, so write-blocking writes have somewhere to go.
         graph.attach_root(&target_root, &p.target)?;
+        // Write-blocking writes reach the target through this root while
+        // their own requests are in flight above mirror_top (QEMU's
+        // blk_set_disable_request_queuing on the target).
+        target_root.set_forwarder(Some(&mirror_top));
         *shared.target.write().unwrap_or_else(|e| e.into_inner()) = Some(target_root.clone());
         if p.copy_mode == CopyMode::WriteBlocking {
             shared.write_blocking.store(true, Ordering::Release);
@@ -317,6 +321,7 @@ impl MirrorJob {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = None;
         self.graph.detach_root(&self.target_root);
+        self.target_root.set_forwarder(None);
     }
 
     /// Marks what the sync mode copies at first.
@@ -353,7 +358,18 @@ impl MirrorJob {
 
     /// Copies `[off, off + n)`: zeroes where the source reads zeroes (the
     /// target stays sparse), data elsewhere.
+    ///
+    /// The whole copy is one request of the job's root on `mirror_top`,
+    /// made on the node behind it: a drained section over the source or
+    /// the target (whose root forwards for `mirror_top`) waits for it, and
+    /// no copy starts during one. The gate comes before the chunk lock: a
+    /// write-blocking write holding the chunk is in flight above, so it
+    /// finishes even while a section waits.
     async fn copy(&self, ctx: &JobCtx, off: u64, n: u64) -> Step {
+        let _g = self.main().gate().enter().await;
+        let Some(src) = self.main().node() else {
+            return Step::Failed("the source is gone".into());
+        };
         let _t = self.shared.inflight.begin(off, off + n, true).await;
         self.shared.bitmap.reset(off, n);
         let fail = |read: bool, e: std::io::Error| {
@@ -377,7 +393,7 @@ impl MirrorJob {
         let end = off + n;
         let mut pos = off;
         while pos < end {
-            let st = match self.main().block_status(pos, end - pos).await {
+            let st = match src.block_status(pos, end - pos).await {
                 Ok(st) => st,
                 Err(e) => return fail(true, e),
             };
@@ -389,7 +405,7 @@ impl MirrorJob {
                 };
                 self.target_root.write_zeroes(pos, len, flags).await
             } else {
-                match self.main().read(pos, len as usize).await {
+                match src.read(pos, len as usize).await {
                     Ok(data) => self.target_root.write(pos, data, ReqFlags::default()).await,
                     Err(e) => return fail(true, e),
                 }
@@ -411,8 +427,9 @@ impl MirrorJob {
         loop {
             // QEMU's mirror_run: the total is what is done plus what is
             // dirty, written meanwhile included (so `len` >= `offset`);
-            // nothing is in flight here.
-            ctx.set_remaining(self.shared.bitmap.dirty_bytes());
+            // none of the job's copies is in flight here.
+            self.shared
+                .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
                 return Ok(());
@@ -475,7 +492,8 @@ impl MirrorJob {
             return Err("Source and target image have different sizes".into());
         }
         self.dirty_init(ctx).await?;
-        ctx.set_remaining(self.shared.bitmap.dirty_bytes());
+        self.shared
+            .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
         loop {
             if ctx.is_cancelled() {
                 return Ok(());
@@ -483,27 +501,38 @@ impl MirrorJob {
             ctx.pause_point().await;
             self.copy_dirty(ctx).await?;
             let after = self.shared.bitmap.dirty_bytes();
-            if after > 0 {
-                // Written meanwhile: more to do.
-                ctx.set_remaining(after);
-                continue;
+            // total = current + what is dirty now + write-blocking writes
+            // in flight (QEMU's job_progress_set_remaining each round).
+            self.shared.set_remaining(ctx, after);
+            if after == 0 {
+                // QEMU's mirror_run: in sync and write-blocking. Set before
+                // READY goes out, so a client that queries on the event sees
+                // it (QEMU sets it in the same step, before the monitor runs).
+                if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner())
+                    == CopyMode::WriteBlocking
+                {
+                    self.shared.actively_synced.store(true, Ordering::Release);
+                }
             }
-            // QEMU's mirror_run: in sync and write-blocking. Set before
-            // READY goes out, so a client that queries on the event sees it
-            // (QEMU sets it in the same step, before the monitor runs).
-            if *self.copy_mode.lock().unwrap_or_else(|e| e.into_inner()) == CopyMode::WriteBlocking
-            {
-                self.shared.actively_synced.store(true, Ordering::Release);
-            }
-            if !ctx.is_ready() {
+            if after == 0 && !ctx.is_ready() {
                 ctx.ready();
             }
-            let complete = ctx.completion_requested();
-            let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
-            if complete || soft_cancel {
-                self.converge(ctx).await?;
-                self.pivot.store(complete, Ordering::Release);
-                return Ok(());
+            // Once READY, completion (or a soft cancel) does not wait for
+            // a moment with nothing dirty, which clients writing all the
+            // time need never give: converge() switches to write-blocking,
+            // after which the dirty bytes only go down.
+            if ctx.is_ready() {
+                let complete = ctx.completion_requested();
+                let soft_cancel = ctx.cancel_requested() && !ctx.is_cancelled();
+                if complete || soft_cancel {
+                    self.converge(ctx).await?;
+                    self.pivot.store(complete, Ordering::Release);
+                    return Ok(());
+                }
+            }
+            if after > 0 {
+                // Written meanwhile: more to do.
+                continue;
             }
             // In sync: wait for new writes, or a command.
             tokio::select! {
@@ -523,16 +552,26 @@ impl MirrorJob {
                 .drained_begin(std::slice::from_ref(&self.mirror_top))
                 .await,
         );
-        while self.shared.bitmap.dirty_bytes() > 0 {
+        loop {
+            let dirty = self.shared.bitmap.dirty_bytes();
+            self.shared.set_remaining(ctx, dirty);
+            if dirty == 0 {
+                break;
+            }
             if ctx.is_cancelled() {
                 return Ok(());
             }
             self.copy_dirty(ctx).await?;
         }
-        self.target_root
-            .flush()
-            .await
-            .map_err(|e| blockd_core::error::strerror(&e))?;
+        {
+            // The target's root forwards for mirror_top and holds nothing
+            // back: the job's own requests to it go through its gate.
+            let _g = self.main().gate().enter().await;
+            self.target_root
+                .flush()
+                .await
+                .map_err(|e| blockd_core::error::strerror(&e))?;
+        }
         // Not reported as actively synced: QEMU reports that for the
         // write-blocking copy mode only.
         Ok(())
@@ -567,12 +606,22 @@ impl MirrorJob {
     /// Takes `mirror_top` out (its users go back to what is below it).
     async fn remove_filter(&self, control: &ControlGuard) {
         self.nodes.remove_all(&self.graph);
-        *self
-            .shared
-            .target
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        self.graph.detach_root(&self.target_root);
+        {
+            // Write-blocking writes in flight finish on the target before
+            // it goes (they would fail there, counted as the job's work
+            // never done); later ones only mark the bitmap.
+            let _drained = self
+                .graph
+                .drained_begin(std::slice::from_ref(&self.mirror_top))
+                .await;
+            *self
+                .shared
+                .target
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+            self.graph.detach_root(&self.target_root);
+            self.target_root.set_forwarder(None);
+        }
         if self.graph.holds(&self.mirror_top) {
             match self.graph.remove_filter(control, &self.mirror_top).await {
                 Ok(nodes) => close(nodes).await,
@@ -688,3 +737,6 @@ impl JobDriver for MirrorJob {
         m
     }
 }
+
+#[cfg(test)]
+mod tests;

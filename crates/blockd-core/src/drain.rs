@@ -20,6 +20,14 @@
 //!
 //! Requests that do not come from a root (a node's own background work)
 //! are waited for through the nodes' request trackers.
+//!
+//! A root that forwards requests for a node (a mirror's target, written
+//! by `mirror_top` in write-blocking mode, see [`crate::root`]) can be
+//! reached from that node's parents: a section covering the root covers
+//! the forwarding node and everything above it too. The forwarding root
+//! does not hold requests back (they are made by requests in flight
+//! elsewhere in the section, which must finish), so the section waits
+//! until all its roots are idle at the same time.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -93,6 +101,9 @@ fn above(nodes: &[Arc<BlockNode>]) -> (Vec<Arc<BlockNode>>, Vec<Arc<Root>>) {
                 Some(Parent::Root(r)) => {
                     if let Some(r) = r.upgrade() {
                         if seen_roots.insert(r.id()) {
+                            if let Some(f) = r.forwarder() {
+                                todo.push(f);
+                            }
                             out_roots.push(r);
                         }
                     }
@@ -118,11 +129,18 @@ impl BlockGraph {
             n.driver().drained_begin();
         }
         let section = DrainedSection { roots, nodes };
-        for r in &section.roots {
-            r.gate().wait_idle().await;
-        }
-        for n in &section.nodes {
-            n.drain().await;
+        loop {
+            for r in &section.roots {
+                r.gate().wait_idle().await;
+            }
+            for n in &section.nodes {
+                n.drain().await;
+            }
+            // A forwarding root may have got requests from others still
+            // in flight while it was waited for.
+            if section.roots.iter().all(|r| r.gate().in_flight() == 0) {
+                break;
+            }
         }
         section
     }

@@ -28,6 +28,15 @@
 //! not limited, as in QEMU). A drained section covering the root lifts the
 //! limits while it lasts, so it never waits out the throttle.
 //!
+//! A root may **forward** for a node (QEMU's
+//! `blk_set_disable_request_queuing` on a mirror job's target): requests
+//! that the node issues through the root while serving its own parents'
+//! requests (a mirror's write-blocking writes to its target). Those must
+//! be able to finish for a drained section to begin, so the root does not
+//! hold them at its gate; in exchange, a drained section that covers the
+//! root also covers the forwarding node and everything above it (see
+//! [`crate::drain`]), so none arrive while the section lasts.
+//!
 //! Write caching is a property of the root (QEMU's
 //! `blk_set_enable_write_cache`): with the cache off, every write and
 //! write-zeroes is sent with FUA, which drivers without native FUA turn
@@ -37,7 +46,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
@@ -95,6 +104,8 @@ pub struct Root {
     /// Whether `throttle` is set (the request path's cheap check).
     throttled: AtomicBool,
     throttle: RwLock<Option<Arc<ThrottleMember>>>,
+    /// The node this root forwards requests for (see the module docs).
+    forwarder: RwLock<Option<Weak<BlockNode>>>,
 }
 
 impl std::fmt::Debug for Root {
@@ -125,6 +136,7 @@ impl Root {
             gate: Gate::default(),
             throttled: AtomicBool::new(false),
             throttle: RwLock::new(None),
+            forwarder: RwLock::new(None),
         })
     }
 
@@ -313,10 +325,37 @@ impl Root {
         &self.gate
     }
 
+    /// Makes the root forward requests for `node` (or stop, with `None`):
+    /// its requests no longer wait at the gate, and drained sections over
+    /// the root also cover `node` and what is above it. See the
+    /// [module docs](self).
+    pub fn set_forwarder(&self, node: Option<&Arc<BlockNode>>) {
+        *self.forwarder.write().unwrap_or_else(|e| e.into_inner()) = node.map(Arc::downgrade);
+    }
+
+    /// The node the root forwards requests for, if any.
+    pub fn forwarder(&self) -> Option<Arc<BlockNode>> {
+        self.forwarder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
+    }
+
     /// Enters the gate and returns the node to issue the request to, or
-    /// `ENOMEDIUM` without one.
+    /// `ENOMEDIUM` without one. A forwarding root's requests are counted
+    /// but never held.
     async fn enter(&self) -> io::Result<(InFlight<'_>, Arc<BlockNode>)> {
-        let g = self.gate.enter().await;
+        let forwarding = self
+            .forwarder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let g = if forwarding {
+            self.gate.enter_unqueued()
+        } else {
+            self.gate.enter().await
+        };
         match self.node() {
             Some(n) => Ok((g, n)),
             None => Err(io::Error::from_raw_os_error(libc::ENOMEDIUM)),
@@ -456,6 +495,13 @@ impl Gate {
             };
             let _ = rx.await;
         }
+    }
+
+    /// Enters without waiting for drained sections to end (counted in
+    /// flight all the same, so a section waits for the request).
+    pub fn enter_unqueued(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
     }
 
     fn leave(&self) {

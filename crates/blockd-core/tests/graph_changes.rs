@@ -475,3 +475,102 @@ async fn truncate_waits_for_requests_beyond_the_new_end() {
         .unwrap();
     assert!(t1.elapsed() < Duration::from_millis(400));
 }
+
+/// A filter that writes below, then through a root of its own on another
+/// node (a write-blocking mirror's `mirror_top` and its target).
+struct Tee {
+    file: ChildRef,
+    other: Arc<Root>,
+}
+
+impl BlockDriver for Tee {
+    fn format_name(&self) -> &'static str {
+        "tee"
+    }
+    fn length(&self) -> u64 {
+        self.file.node().length()
+    }
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        Box::pin(async move { self.file.node().read(offset, len).await })
+    }
+    fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.file.node().write(offset, data.clone(), flags).await?;
+            self.other.write(offset, data, flags).await
+        })
+    }
+}
+
+/// A root that forwards for a node (QEMU's
+/// `blk_set_disable_request_queuing`): a drained section over its node
+/// covers the forwarding node and the roots above it, and begins while
+/// requests in flight there still have to pass the root (it used to wait
+/// for them, and they for it: a deadlock). While the section lasts, no
+/// request reaches either disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarding_root_does_not_deadlock_a_drained_section() {
+    let f = fixture();
+    let (src, src_hits) = f.mem("src", 0, 2);
+    let (tgt, tgt_hits) = f.mem("tgt", 0, 2);
+    let other = Root::new(
+        RootKind::Job,
+        "",
+        PermPair {
+            perm: Perm::WRITE,
+            shared: Perm::ALL,
+        },
+    );
+    f.graph.attach_root(&other, &tgt).unwrap();
+    let children = Children::new();
+    let file = Child::new(
+        "file",
+        ChildRole::FILTERED | ChildRole::PRIMARY,
+        src.clone(),
+    );
+    children.push(file.clone());
+    let tee = BlockNode::with_children(
+        "tee".into(),
+        false,
+        NodeOptions::default(),
+        ExplicitOptions::default(),
+        Box::new(Tee {
+            file,
+            other: other.clone(),
+        }),
+        children,
+    );
+    f.graph
+        .insert(std::slice::from_ref(&tee), &tee, true)
+        .unwrap();
+    other.set_forwarder(Some(&tee));
+    let client = f.root(&tee, true);
+    let (handles, stop) = writers(&client, 16);
+    for round in 0..20 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let nodes = if round % 2 == 0 {
+            vec![tgt.clone()]
+        } else {
+            vec![src.clone(), tgt.clone()]
+        };
+        let section = tokio::time::timeout(Duration::from_secs(5), f.graph.drained_begin(&nodes))
+            .await
+            .expect("drained_begin hung");
+        assert!(
+            section.roots().iter().any(|r| r.id() == client.id()),
+            "the client's root above the forwarding node is covered"
+        );
+        let (s0, t0) = (
+            src_hits.load(Ordering::SeqCst),
+            tgt_hits.load(Ordering::SeqCst),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(src_hits.load(Ordering::SeqCst), s0, "a request reached src");
+        assert_eq!(tgt_hits.load(Ordering::SeqCst), t0, "a request reached tgt");
+        drop(section);
+    }
+    assert!(finish(handles, &stop).await > 0);
+    // Both disks hold every write.
+    let a = src.read(0, 16 * 4096).await.unwrap();
+    let b = tgt.read(0, 16 * 4096).await.unwrap();
+    assert_eq!(a, b);
+}
