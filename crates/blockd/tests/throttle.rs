@@ -362,3 +362,89 @@ fn requests_waiting_at_a_throttle_cost_no_cpu() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_throttle_node_goes_in_and_out_under_a_writing_export() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let srv = Server::start("thr-insert");
+    let mut c = srv.client();
+    let img = srv.dir.join("d.raw").to_string_lossy().into_owned();
+    let nbd = srv.dir.join("nbd").to_string_lossy().into_owned();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw", &img, "32M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    run(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": img}),
+    );
+    run(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "fmt", "file": "f"}),
+    );
+    run(
+        &mut c,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    run(
+        &mut c,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "fmt", "name": "d", "writable": true}),
+    );
+    run(
+        &mut c,
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "g", "limits": {"iops-total": 2000}}),
+    );
+    run(
+        &mut c,
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "t", "throttle-group": "g", "file": "f"}),
+    );
+    // A writer fills the whole image with a pattern at depth 16 while the
+    // throttle node is put under the format node and taken out again.
+    let writer = Command::new("qemu-img")
+        .args([
+            "bench", "-w", "-f", "raw", "-d", "16", "-s", "4096", "-c", "8192",
+        ])
+        .arg("--pattern=0x5c")
+        .arg(format!("nbd+unix:///d?socket={nbd}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-img bench");
+    for i in 0..10 {
+        let file = if i % 2 == 0 { "t" } else { "f" };
+        run(
+            &mut c,
+            "blockdev-reopen",
+            json!({"options": [{"driver": "raw", "node-name": "fmt", "file": file}]}),
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // The throttle node is out: the writer goes at full speed again.
+    let out = writer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "writes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(&mut c, "blockdev-del", json!({"node-name": "t"}));
+    run(&mut c, "object-del", json!({"id": "g"}));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x5c 0 32M"])
+        .arg(format!("nbd+unix:///d?socket={nbd}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("verification failed") && text.contains("read "),
+        "pattern: {text}"
+    );
+}
