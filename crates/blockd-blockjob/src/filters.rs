@@ -64,7 +64,7 @@ pub fn filter_node(
 /// What queries show of a filter's image: its child's cluster size and
 /// dirty flag (QEMU's `bdrv_co_get_info` falls through filters); no
 /// backing file and no format-specific data of its own.
-fn filtered_info(child: &ChildRef) -> DriverInfo {
+pub(crate) fn filtered_info(child: &ChildRef) -> DriverInfo {
     let i = child.node().driver().info();
     DriverInfo {
         cluster_size: i.cluster_size,

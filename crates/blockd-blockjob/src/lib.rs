@@ -1,5 +1,5 @@
 //! blockd's block jobs (QEMU's `blockjob.c`, `block/commit.c`,
-//! `block/mirror.c`, `block/stream.c`): background jobs that copy data
+//! `block/mirror.c`, `block/stream.c`, `block/backup.c`): background jobs that copy data
 //! within a backing chain or to another node while clients keep using the
 //! nodes, and change the graph when they finish.
 //!
@@ -7,6 +7,8 @@
 //! * [`mirror`] — mirror (to another node) and active commit (the active
 //!   layer into its base): READY once converged, then a pivot.
 //! * [`stream`] — backing data copied up into the top, the chain cut.
+//! * [`backup`] — a point-in-time copy to another node, kept by the
+//!   [`cbw`] (`copy-before-write`) filter while clients write.
 //! * [`filters`] — the filter nodes they put in the graph (`commit_top`,
 //!   `mirror_top`, `copy-on-read`).
 //! * [`common`] — the nodes a job holds, its pace, its error policy.
@@ -22,6 +24,8 @@
 //! The QMP side (argument resolution, error classes) is in the `blockd`
 //! crate; this crate takes resolved nodes.
 
+pub mod backup;
+pub mod cbw;
 pub mod commit;
 pub mod common;
 pub mod filters;

@@ -23,17 +23,17 @@ use super::block::qerr;
 use super::job::jerr;
 use crate::state::State;
 
-type R<T> = Result<T, QmpError>;
+pub(super) type R<T> = Result<T, QmpError>;
 
 /// QEMU's default mirror buffer: 16 requests of 1 MiB in flight.
 const DEFAULT_MIRROR_BUF_SIZE: u64 = 16 << 20;
 
-fn gen(msg: impl Into<String>) -> QmpError {
+pub(super) fn gen(msg: impl Into<String>) -> QmpError {
     QmpError::generic(msg)
 }
 
 /// A job that did not start: the job layer's class, else GenericError.
-fn start_err(e: StartError) -> QmpError {
+pub(super) fn start_err(e: StartError) -> QmpError {
     match e {
         StartError::Job(e) => jerr(e),
         StartError::Block(e) => qerr(e),
@@ -42,7 +42,7 @@ fn start_err(e: StartError) -> QmpError {
 
 /// QEMU's `bdrv_lookup_bs(device, node_name)`: a backend's medium, or a
 /// node.
-fn lookup_bs(st: &State, device: Option<&str>, node: Option<&str>) -> R<Arc<BlockNode>> {
+pub(super) fn lookup_bs(st: &State, device: Option<&str>, node: Option<&str>) -> R<Arc<BlockNode>> {
     if let Some(d) = device {
         if let Some(b) = st.machine.backend_by_name(d) {
             return b
@@ -74,7 +74,7 @@ fn root_bs(st: &State, name: &str) -> R<Arc<BlockNode>> {
 
 /// QEMU's `bdrv_get_device_name`: the name of the backend whose medium
 /// `bs` is, or empty. A job started without an id is named after it.
-fn device_name(st: &State, bs: &BlockNode) -> String {
+pub(super) fn device_name(st: &State, bs: &BlockNode) -> String {
     st.machine
         .listed_backends()
         .into_iter()
@@ -83,11 +83,11 @@ fn device_name(st: &State, bs: &BlockNode) -> String {
         .unwrap_or_default()
 }
 
-fn busy(node: &BlockNode, op: BlockOp) -> R<()> {
+pub(super) fn busy(node: &BlockNode, op: BlockOp) -> R<()> {
     blocker::check(node, op).map_err(qerr)
 }
 
-fn job_options(auto_finalize: Option<bool>, auto_dismiss: Option<bool>) -> JobOptions {
+pub(super) fn job_options(auto_finalize: Option<bool>, auto_dismiss: Option<bool>) -> JobOptions {
     JobOptions {
         auto_finalize: auto_finalize.unwrap_or(true),
         auto_dismiss: auto_dismiss.unwrap_or(true),
@@ -325,7 +325,7 @@ async fn block_stream(st: &State, a: BlockStream) -> R<()> {
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-enum MirrorSyncMode {
+pub(super) enum MirrorSyncMode {
     Top,
     Full,
     None,

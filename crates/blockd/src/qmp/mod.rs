@@ -7,6 +7,7 @@ use blockd_qmp::Dispatcher;
 use crate::state::State;
 
 mod backend;
+mod backup;
 mod block;
 mod blockjob;
 mod control;
@@ -30,6 +31,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     misc::register(&mut d);
     job::register(&mut d);
     blockjob::register(&mut d);
+    backup::register(&mut d);
     export::register(&mut d);
     device::register(&mut d);
     backend::register(&mut d);

@@ -1,0 +1,149 @@
+//! `blockdev-backup` over QMP (QEMU's `blockdev.c`: `blockdev_backup_action`
+//! and `do_backup_common`, then the checks at the top of
+//! `backup_job_create`): the arguments are resolved and checked in QEMU's
+//! order with QEMU's messages; the job starts in `blockd-blockjob`.
+
+use blockd_blockjob::backup::{BackupParams, Perf, Sync};
+use blockd_core::blocker::BlockOp;
+use blockd_core::qapi::BlockdevOnError;
+use blockd_qmp::{Ctx, Dispatcher, Empty};
+use serde::Deserialize;
+
+use super::blockjob::{
+    busy, device_name, gen, job_options, lookup_bs, start_err, MirrorSyncMode, R,
+};
+use crate::state::State;
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum BitmapSyncMode {
+    OnSuccess,
+    Never,
+    Always,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BackupPerf {
+    use_copy_range: Option<bool>,
+    max_workers: Option<i64>,
+    max_chunk: Option<i64>,
+    min_cluster_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BlockdevBackup {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    sync: MirrorSyncMode,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    bitmap_mode: Option<BitmapSyncMode>,
+    compress: Option<bool>,
+    on_source_error: Option<BlockdevOnError>,
+    on_target_error: Option<BlockdevOnError>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+    discard_source: Option<bool>,
+    x_perf: Option<BackupPerf>,
+}
+
+fn sync_name(s: MirrorSyncMode) -> &'static str {
+    match s {
+        MirrorSyncMode::Top => "top",
+        MirrorSyncMode::Full => "full",
+        MirrorSyncMode::None => "none",
+        MirrorSyncMode::Incremental => "incremental",
+        MirrorSyncMode::Bitmap => "bitmap",
+    }
+}
+
+async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
+    let g = st.control.lock().await;
+    let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
+    let target = lookup_bs(st, Some(&a.target), Some(&a.target))?;
+    // do_backup_common: the bitmap arguments. blockd has no dirty
+    // bitmaps, so a named one is never found.
+    if matches!(a.sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) && a.bitmap.is_none()
+    {
+        return Err(gen(format!(
+            "must provide a valid bitmap name for '{}' sync mode",
+            sync_name(a.sync)
+        )));
+    }
+    if let Some(b) = &a.bitmap {
+        return Err(gen(format!("Bitmap '{b}' could not be found")));
+    }
+    if a.bitmap_mode.is_some() {
+        return Err(gen("Cannot specify bitmap sync mode without a bitmap"));
+    }
+    let sync = match a.sync {
+        MirrorSyncMode::Full => Sync::Full,
+        MirrorSyncMode::Top => Sync::Top,
+        MirrorSyncMode::None => Sync::None,
+        // Refused above: they need a bitmap.
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => unreachable!(),
+    };
+    let x = a.x_perf.unwrap_or_default();
+    let _ = x.use_copy_range;
+    let mut perf = Perf::default();
+    if let Some(w) = x.max_workers {
+        perf.max_workers = w;
+    }
+    if let Some(c) = x.max_chunk {
+        perf.max_chunk = c;
+    }
+    if let Some(m) = x.min_cluster_size {
+        perf.min_cluster_size = m;
+    }
+    // backup_job_create.
+    if bs.id() == target.id() {
+        return Err(gen("Source and target cannot be the same"));
+    }
+    if a.compress.unwrap_or(false) {
+        // QEMU names the target's device (empty for a node). blockd's
+        // drivers write no compressed clusters, qcow2's included.
+        let name = device_name(st, &target);
+        if target.driver().format_name() == "qcow2" {
+            return Err(gen(format!(
+                "Compression is not supported for this drive {name} \
+                 (blockd does not write compressed qcow2 clusters)"
+            )));
+        }
+        return Err(gen(format!(
+            "Compression is not supported for this drive {name}"
+        )));
+    }
+    busy(&bs, BlockOp::BackupSource)?;
+    busy(&target, BlockOp::BackupTarget)?;
+    let p = BackupParams {
+        job_id: a.job_id.unwrap_or_else(|| device_name(st, &bs)),
+        source: bs,
+        target,
+        sync,
+        speed: a.speed.unwrap_or(0),
+        on_source_error: a.on_source_error.unwrap_or_default(),
+        on_target_error: a.on_target_error.unwrap_or_default(),
+        filter_node_name: a.filter_node_name,
+        discard_source: a.discard_source.unwrap_or(false),
+        perf,
+        options: job_options(a.auto_finalize, a.auto_dismiss),
+    };
+    blockd_blockjob::backup::start(&st.jobs, &st.graph, &g, p)
+        .await
+        .map_err(start_err)
+}
+
+/// Registers `blockdev-backup`.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register(
+        "blockdev-backup",
+        |cx: Ctx<State>, a: BlockdevBackup| async move {
+            blockdev_backup(&cx.state, a).await?;
+            R::Ok(Empty {})
+        },
+    );
+}
