@@ -91,12 +91,13 @@ impl FakeServer {
         &self.path
     }
 
-    /// A server command template for [`crate::RunOptions::server`]: links
-    /// `{sock}` to this server's socket, prints a line to the server log, and
-    /// sleeps until the runner stops it.
+    /// A server command template for [`crate::RunOptions::server`]: prints
+    /// a line to the server log, links `{sock}` to this server's socket, and
+    /// sleeps until the runner stops it. The line comes first: once the
+    /// socket exists the runner may read the log at any time.
     pub fn template(&self) -> String {
         format!(
-            "ln -s {} {{sock}} && echo 'fake server log line' && exec sleep 600",
+            "echo 'fake server log line' && ln -s {} {{sock}} && exec sleep 600",
             shell_quote(&self.path.to_string_lossy())
         )
     }
