@@ -5,7 +5,10 @@
 
 use blockd_blockjob::backup::{BackupParams, Perf, Sync};
 use blockd_core::blocker::BlockOp;
+use std::sync::Arc;
+
 use blockd_core::qapi::BlockdevOnError;
+use blockd_core::{BlockNode, ControlGuard};
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 
@@ -16,7 +19,7 @@ use crate::state::State;
 
 #[derive(Deserialize, Clone, Copy)]
 #[serde(rename_all = "kebab-case")]
-enum BitmapSyncMode {
+pub(super) enum BitmapSyncMode {
     OnSuccess,
     Never,
     Always,
@@ -24,7 +27,7 @@ enum BitmapSyncMode {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BackupPerf {
+pub(super) struct BackupPerf {
     use_copy_range: Option<bool>,
     max_workers: Option<i64>,
     max_chunk: Option<i64>,
@@ -33,22 +36,22 @@ struct BackupPerf {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BlockdevBackup {
-    job_id: Option<String>,
-    device: String,
-    target: String,
-    sync: MirrorSyncMode,
-    speed: Option<i64>,
-    bitmap: Option<String>,
-    bitmap_mode: Option<BitmapSyncMode>,
-    compress: Option<bool>,
-    on_source_error: Option<BlockdevOnError>,
-    on_target_error: Option<BlockdevOnError>,
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
-    filter_node_name: Option<String>,
-    discard_source: Option<bool>,
-    x_perf: Option<BackupPerf>,
+pub(super) struct BlockdevBackup {
+    pub(super) job_id: Option<String>,
+    pub(super) device: String,
+    pub(super) target: String,
+    pub(super) sync: MirrorSyncMode,
+    pub(super) speed: Option<i64>,
+    pub(super) bitmap: Option<String>,
+    pub(super) bitmap_mode: Option<BitmapSyncMode>,
+    pub(super) compress: Option<bool>,
+    pub(super) on_source_error: Option<BlockdevOnError>,
+    pub(super) on_target_error: Option<BlockdevOnError>,
+    pub(super) auto_finalize: Option<bool>,
+    pub(super) auto_dismiss: Option<bool>,
+    pub(super) filter_node_name: Option<String>,
+    pub(super) discard_source: Option<bool>,
+    pub(super) x_perf: Option<BackupPerf>,
 }
 
 fn sync_name(s: MirrorSyncMode) -> &'static str {
@@ -65,6 +68,20 @@ async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
     let g = st.control.lock().await;
     let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
     let target = lookup_bs(st, Some(&a.target), Some(&a.target))?;
+    backup_common(st, &g, bs, target, a, false).await
+}
+
+/// QEMU's `do_backup_common` and the checks of `backup_job_create`, for
+/// `blockdev-backup` and `drive-backup` (whose target was opened for the
+/// job: `release_target`).
+pub(super) async fn backup_common(
+    st: &State,
+    g: &ControlGuard,
+    bs: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    a: BlockdevBackup,
+    release_target: bool,
+) -> R<()> {
     // do_backup_common: the bitmap arguments. blockd has no dirty
     // bitmaps, so a named one is never found.
     if matches!(a.sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) && a.bitmap.is_none()
@@ -131,8 +148,9 @@ async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
         discard_source: a.discard_source.unwrap_or(false),
         perf,
         options: job_options(a.auto_finalize, a.auto_dismiss),
+        release_target,
     };
-    blockd_blockjob::backup::start(&st.jobs, &st.graph, &g, p)
+    blockd_blockjob::backup::start(&st.jobs, &st.graph, g, p)
         .await
         .map_err(start_err)
 }
