@@ -9,14 +9,16 @@
 //!                                                                   node
 //! ```
 //!
-//! [`BlockGraph::append_overlay`] makes `node` the overlay's backing child
-//! (a reopen of the overlay with the new child, so the format driver
-//! learns it has a backing file), then moves every other parent of `node`
-//! (roots and nodes) to the overlay ([`BlockGraph::replace_node`], inside
-//! a drained section: requests in flight finish on `node`, the ones that
-//! come after go to the overlay). If moving the parents fails (a
-//! permission conflict, a read-only overlay under a writer), the backing
-//! child is taken off again and the graph is as it was.
+//! [`BlockGraph::append_overlay`], inside a drained section over both
+//! nodes (requests in flight finish on `node`, the ones that come after
+//! go to the overlay), makes `node` the overlay's backing child and moves
+//! every other parent of `node` (roots and nodes) to the overlay, with
+//! one permission refresh of the graph as it will be (QEMU's
+//! `bdrv_set_backing_noperm`, `bdrv_replace_node_noperm`, then
+//! `bdrv_refresh_perms`): a conflict (a read-only overlay under a
+//! writer, an overlay whose write-only user shares no writes) leaves the
+//! graph as it was. Then the overlay is reopened with nothing changed,
+//! so its driver learns it has a backing node.
 //! [`BlockGraph::remove_overlay`] undoes a successful append.
 
 use std::sync::Arc;
@@ -64,16 +66,19 @@ impl BlockGraph {
                 overlay.name()
             )));
         }
-        let released = self
-            .reopen(control, vec![backing_spec(overlay, Some(node.clone()))])
-            .await?;
-        debug_assert!(released.is_empty());
-        if let Err(e) = self.replace_node(control, node, overlay).await {
-            if let Err(e2) = self
-                .reopen(control, vec![backing_spec(overlay, None)])
-                .await
-            {
-                tracing::error!(node = overlay.name(), error = %e2, "taking an overlay's backing child off again");
+        {
+            let _drained = self.drained_begin(&[node.clone(), overlay.clone()]).await;
+            self.attach_overlay(overlay, node)?;
+        }
+        // The driver learns of its backing node (qcow2 treats unallocated
+        // clusters differently with one): a reopen that changes nothing.
+        let spec = ReopenSpec {
+            children: Vec::new(),
+            ..backing_spec(overlay, None)
+        };
+        if let Err(e) = self.reopen(control, vec![spec]).await {
+            if let Err(e2) = self.remove_overlay(control, overlay, node).await {
+                tracing::error!(node = overlay.name(), error = %e2, "taking an overlay off again");
             }
             return Err(e);
         }

@@ -191,20 +191,28 @@ fn snapshot_then_active_commit(seed: u64) {
     reference
         .adopt(&got)
         .unwrap_or_else(|e| panic!("the export after the pivot: {e}"));
-    assert!(got == reference.img, "the export differs from the reference");
+    assert!(
+        got == reference.img,
+        "the export differs from the reference"
+    );
 
     run(&mut c, "block-export-del", json!({"id": "e"}));
     for n in ["ov", "base"] {
         let t = Instant::now();
         while let Err(e) = c.execute("blockdev-del", Some(json!({"node-name": n}))) {
-            assert!(t.elapsed() < Duration::from_secs(10), "blockdev-del {n}: {e}");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "blockdev-del {n}: {e}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     common::alive_check(&mut c, &mut srv, "after the pivot");
     let refpath = p("ref.raw");
     std::fs::write(&refpath, &reference.img).unwrap();
-    sh(&format!("qemu-img compare -f raw -F qcow2 {refpath} {base}"));
+    sh(&format!(
+        "qemu-img compare -f raw -F qcow2 {refpath} {base}"
+    ));
     sh(&format!("qemu-img check -q {base}"));
     sh(&format!("qemu-img check -q {ov}"));
 }
