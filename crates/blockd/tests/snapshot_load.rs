@@ -17,6 +17,10 @@
 //! snapshot, the commit and the pivot. Then the export's content must
 //! equal the reference, `qemu-img compare` of the reference and the base
 //! image must succeed, and `qemu-img check` must find both images clean.
+//!
+//! One round by default; with `BLOCKD_SOAK=1` rounds (fresh server,
+//! images and seed each) repeat for 60 seconds, as in `job_load.rs`;
+//! `BLOCKD_JOB_LOAD_SECS` sets the seconds.
 
 mod common;
 #[path = "common/nbd_load.rs"]
@@ -219,7 +223,23 @@ fn snapshot_then_active_commit(seed: u64) {
 
 #[test]
 fn snapshot_transaction_then_active_commit_under_load() {
-    if have("qemu-img") && have("qemu-io") {
-        snapshot_then_active_commit(0x5eed);
+    if !(have("qemu-img") && have("qemu-io")) {
+        return;
+    }
+    let soak = std::env::var_os("BLOCKD_SOAK").is_some_and(|v| v != "0" && !v.is_empty());
+    let secs: u64 = std::env::var("BLOCKD_JOB_LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if soak { 60 } else { 0 });
+    let t = Instant::now();
+    let mut round = 0;
+    loop {
+        let seed = 0x5eed + round;
+        eprintln!("round {round} (seed {seed:#x})");
+        snapshot_then_active_commit(seed);
+        round += 1;
+        if t.elapsed() >= Duration::from_secs(secs) {
+            break;
+        }
     }
 }
