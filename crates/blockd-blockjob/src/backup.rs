@@ -17,7 +17,8 @@ use std::sync::Arc;
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm};
 use blockd_jobs::{
-    FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus, JobType,
+    FinalizeFuture, JobCtx, JobDriver, JobFuture, JobHandle, JobManager, JobOptions, JobStatus,
+    JobType,
 };
 
 use crate::cbw::{cbw_node, BlockCopy, DEFAULT_CLUSTER_SIZE};
@@ -143,6 +144,21 @@ pub async fn start(
     control: &ControlGuard,
     p: BackupParams,
 ) -> Result<(), StartError> {
+    create(jobs, graph, control, p).await?.start();
+    Ok(())
+}
+
+/// [`start`] without starting the job (a `transaction` starts it once
+/// every action is prepared, QEMU's `blockdev_backup_commit`): the filter
+/// is in place and the job is created. To give up, cancel the job
+/// ([`JobManager::cancel`], QEMU's `job_cancel_sync`): it aborts and takes
+/// the filter out.
+pub async fn create(
+    jobs: &JobManager,
+    graph: &Arc<BlockGraph>,
+    control: &ControlGuard,
+    p: BackupParams,
+) -> Result<JobHandle, StartError> {
     if p.perf.max_workers < 1 || p.perf.max_workers > i64::from(i32::MAX) {
         return Err(
             BlockError::invalid(format!("max-workers must be between 1 and {}", i32::MAX)).into(),
@@ -237,8 +253,7 @@ pub async fn start(
         drop_filter(graph, control, &bcs, &cbw).await;
         return Err(e.into());
     }
-    handle.start();
-    Ok(())
+    Ok(handle)
 }
 
 /// What one background copy did.

@@ -32,6 +32,8 @@ pub enum BlockOp {
     CommitTarget,
     /// `blockdev-del`.
     DriveDel,
+    /// `blockdev-snapshot`, `blockdev-snapshot-sync` over the node.
+    ExternalSnapshot,
     /// `blockdev-mirror` from the node.
     MirrorSource,
     /// `blockdev-mirror` to the node.

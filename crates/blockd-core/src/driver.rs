@@ -152,6 +152,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         false
     }
 
+    /// Whether the format can have a backing node (QEMU's
+    /// `supports_backing`): what `blockdev-snapshot` asks of an overlay.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// Reads `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes>;
 

@@ -366,6 +366,52 @@ impl BlockGraph {
         Ok(())
     }
 
+    /// The graph part of QEMU's `bdrv_append(overlay, node)` as one
+    /// all-or-nothing step with one permission refresh (so conflicts are
+    /// found in the graph as it will be, as QEMU's): `node` becomes the
+    /// overlay's `backing` child and every other parent of `node` moves to
+    /// the overlay. The caller holds a drained section over both and
+    /// tells the overlay's driver (see [`crate::append`]).
+    pub(crate) fn attach_overlay(
+        &self,
+        overlay: &Arc<BlockNode>,
+        node: &Arc<BlockNode>,
+    ) -> Result<(), BlockError> {
+        let _g = self.lock();
+        let below_new: HashSet<u64> = topo_order(std::slice::from_ref(overlay))
+            .iter()
+            .map(|n| n.id())
+            .collect();
+        let moved: Vec<Arc<Child>> = node
+            .parents()
+            .into_iter()
+            .filter(|e| match e.parent() {
+                Some(Parent::Node(p)) => p.upgrade().is_some_and(|p| !below_new.contains(&p.id())),
+                Some(Parent::Root(_)) => true,
+                None => false,
+            })
+            .collect();
+        let backing = Child::new("backing", ChildRole::COW, node.clone());
+        backing.set_parent(Parent::Node(Arc::downgrade(overlay)));
+        node.link_parent(&backing);
+        overlay.child_list().set("backing", Some(backing.clone()));
+        for e in &moved {
+            move_edge(e, node, overlay);
+        }
+        if let Err(err) = refresh(&[overlay.clone(), node.clone()], &Overrides::default()) {
+            for e in &moved {
+                move_edge(e, overlay, node);
+            }
+            overlay.child_list().set("backing", None);
+            node.unlink_parent(&backing);
+            if let Err(e) = refresh(&[overlay.clone(), node.clone()], &Overrides::default()) {
+                tracing::error!(error = %e, "restoring permissions after a failed append");
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
     /// Takes a filter out again: its parents move to the node below it,
     /// and it leaves the graph (returned, to be closed).
     pub async fn remove_filter(

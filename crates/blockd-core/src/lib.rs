@@ -10,7 +10,8 @@
 //! * [`root`] — the one root type (backends, exports and jobs hold one):
 //!   permissions, a swappable root node, the quiesce gate.
 //! * [`drain`] — drained sections over a node and everything above it.
-//! * [`reopen`] — reopening nodes with new options, all-or-nothing.
+//! * [`reopen`] — reopening nodes with new options, all-or-nothing;
+//!   [`append`] — an overlay put on top of a node (snapshots) and taken off.
 //! * [`control`] — the control-plane lock (the BQL's role).
 //! * [`driver`] — the trait every block driver implements.
 //! * [`node`] — a graph node and its request path (padding, read-modify-write,
@@ -26,6 +27,7 @@
 //! * [`qapi`] — QAPI enums shared by devices and jobs; `id_wellformed`.
 
 pub mod accounting;
+pub mod append;
 pub mod backend;
 pub mod bitmap;
 pub mod blocker;

@@ -1,4 +1,5 @@
-//! Live graph changes under I/O: drained sections, node replacement and
+//! Live graph changes under I/O: drained sections, node replacement,
+//! overlays appended and removed (snapshots), and
 //! reopen, over in-memory drivers that count the requests reaching them.
 
 use std::io;
@@ -573,4 +574,151 @@ async fn forwarding_root_does_not_deadlock_a_drained_section() {
     let a = src.read(0, 16 * 4096).await.unwrap();
     let b = tgt.read(0, 16 * 4096).await.unwrap();
     assert_eq!(a, b);
+}
+
+/// A copy-on-write overlay: 4 KiB blocks it wrote itself, the rest read
+/// from its `backing` child (none: zeroes).
+struct Overlay {
+    children: Arc<Children>,
+    blocks: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+}
+
+impl BlockDriver for Overlay {
+    fn format_name(&self) -> &'static str {
+        "overlay"
+    }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn length(&self) -> u64 {
+        SIZE as u64
+    }
+    fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
+        Box::pin(async move {
+            assert!(offset % 4096 == 0 && len == 4096, "whole blocks only");
+            if let Some(b) = self.blocks.lock().unwrap().get(&offset) {
+                return Ok(Bytes::copy_from_slice(b));
+            }
+            match self.children.node("backing") {
+                Some(b) => b.read(offset, len).await,
+                None => Ok(Bytes::from(vec![0; len])),
+            }
+        })
+    }
+    fn write(&self, offset: u64, data: Bytes, _flags: ReqFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            assert!(
+                offset % 4096 == 0 && data.len() == 4096,
+                "whole blocks only"
+            );
+            // Requests take a moment (writers that never wait would keep
+            // every worker busy).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.blocks.lock().unwrap().insert(offset, data.to_vec());
+            Ok(())
+        })
+    }
+}
+
+impl Fixture {
+    fn overlay(&self, name: &str, read_only: bool) -> Arc<BlockNode> {
+        let children = Children::new();
+        let n = BlockNode::with_children(
+            name.into(),
+            false,
+            NodeOptions {
+                read_only,
+                ..NodeOptions::default()
+            },
+            ExplicitOptions::default(),
+            Box::new(Overlay {
+                children: children.clone(),
+                blocks: Mutex::new(Default::default()),
+            }),
+            children,
+        );
+        self.graph
+            .insert(std::slice::from_ref(&n), &n, true)
+            .unwrap();
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_overlay_under_writes_and_remove_it_again() {
+    let f = fixture();
+    let (base, base_hits) = f.mem("base", 0x11, 1);
+    let (mid, _) = f.filter("mid", &base);
+    let root = f.root(&mid, true);
+    let direct = f.root(&base, false);
+    let ov = f.overlay("ov", false);
+    let (handles, stop) = writers(&root, 8);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    let g = f.control.lock().await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        f.graph.append_overlay(&g, &ov, &base),
+    )
+    .await
+    .expect("append_overlay hung")
+    .unwrap();
+    drop(g);
+    assert!(ov.child("backing").unwrap().points_at(&base));
+    assert!(
+        mid.child("file").unwrap().points_at(&ov),
+        "parent nodes move"
+    );
+    assert_eq!(direct.node().unwrap().id(), ov.id(), "roots move");
+    assert_eq!(base.parents().len(), 1, "only the overlay uses base");
+    let before = base_hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(finish(handles, &stop).await > 0);
+    assert_eq!(
+        base_hits.load(Ordering::SeqCst),
+        before,
+        "no write reaches base"
+    );
+    // Writes went to the overlay; reads of untouched blocks reach base.
+    assert_eq!(direct.read(512 * 1024, 4096).await.unwrap()[0], 0x11);
+    let (b, o) = (
+        base.read(0, 4096).await.unwrap(),
+        root.read(0, 4096).await.unwrap(),
+    );
+    assert_ne!(b, o, "the overlay has the writes made after the snapshot");
+
+    // A cycle is refused.
+    let g = f.control.lock().await;
+    let e = f.graph.append_overlay(&g, &base, &ov).await.unwrap_err();
+    assert_eq!(
+        e.msg,
+        "Making 'ov' a backing child of 'base' would create a cycle"
+    );
+    // Undo: the parents go back to base.
+    f.graph.remove_overlay(&g, &ov, &base).await.unwrap();
+    drop(g);
+    assert!(ov.child("backing").is_none());
+    assert!(mid.child("file").unwrap().points_at(&base));
+    assert_eq!(direct.node().unwrap().id(), base.id());
+    assert!(ov.parents().is_empty());
+    assert!(base.cumulative_perm().perm.contains(Perm::WRITE));
+}
+
+#[tokio::test]
+async fn append_read_only_overlay_under_a_writer_changes_nothing() {
+    let f = fixture();
+    let (base, _) = f.mem("base", 0x11, 0);
+    let root = f.root(&base, true);
+    let ov = f.overlay("ov", true);
+    let g = f.control.lock().await;
+    let e = f.graph.append_overlay(&g, &ov, &base).await.unwrap_err();
+    assert_eq!(e.msg, "Block node is read-only");
+    assert!(ov.child("backing").is_none());
+    assert!(ov.parents().is_empty());
+    assert_eq!(root.node().unwrap().id(), base.id());
+    assert_eq!(base.parents().len(), 1);
+    assert!(base.cumulative_perm().perm.contains(Perm::WRITE));
+    root.write(0, Bytes::from(vec![7; 512]), ReqFlags::default())
+        .await
+        .unwrap();
 }

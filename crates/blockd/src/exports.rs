@@ -214,8 +214,12 @@ async fn finish_removal(state: &Arc<State>, id: &str) {
 pub async fn release_backend(state: &Arc<State>, e: &ExportEntry) {
     if e.own {
         // One synchronous graph step (the graph's own lock orders it with
-        // other changes); no drained section needed.
-        e.blk.remove(&state.graph);
+        // other changes); no drained section needed. A node nobody else
+        // holds (an overlay a snapshot opened) goes with it, as QEMU's
+        // last bdrv_unref.
+        if let Some(node) = e.blk.remove(&state.graph) {
+            crate::machine::close_nodes(state.graph.release(&node)).await;
+        }
     } else {
         let nodes = state.machine.export_unref(&state.graph, &e.blk);
         crate::machine::close_nodes(nodes).await;

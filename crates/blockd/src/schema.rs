@@ -27,6 +27,10 @@ pub const FILES: &[(&str, &str)] = &[
     ),
     ("device.json", include_str!("../../../schema/device.json")),
     ("qom.json", include_str!("../../../schema/qom.json")),
+    (
+        "transaction.json",
+        include_str!("../../../schema/transaction.json"),
+    ),
 ];
 
 /// Loads the compiled-in schema.

@@ -426,3 +426,95 @@ fn default_socket_is_announced() {
         "{out}"
     );
 }
+
+/// `blockdev-snapshot-sync` and `blockdev-snapshot` name a `--drive`
+/// backend by its id (QEMU's `bdrv_lookup_bs`): the backend's medium gets
+/// the overlay, `query-block` shows the chain, and a backend without a
+/// medium is refused with QEMU's message.
+#[test]
+fn snapshots_of_a_drive_by_device_name() {
+    if !Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return;
+    }
+    let d = scratch("snapdrive");
+    let sock = d.join("s");
+    let base = d.join("base.qcow2");
+    let ov = d.join("ov.qcow2");
+    let s1 = d.join("s1.qcow2");
+    for (img, backing) in [(&base, None), (&ov, Some(&s1))] {
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            cmd.args(["-u", "-b", b.to_str().unwrap(), "-F", "qcow2"]);
+        }
+        assert!(cmd.arg(img).arg("1M").status().unwrap().success());
+    }
+    let drive = format!("file={},format=qcow2,id=d0", base.display());
+    let _s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--drive",
+        &drive,
+        "--drive",
+        "id=empty",
+    ]);
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    let e = c
+        .execute(
+            "blockdev-snapshot-sync",
+            Some(json!({"device": "empty", "snapshot-file": s1})),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "QMP error GenericError: Device 'empty' has no medium"
+    );
+    c.execute(
+        "blockdev-snapshot-sync",
+        Some(json!({"device": "d0", "snapshot-file": s1})),
+    )
+    .unwrap();
+    let q = c.execute("query-block", None).unwrap();
+    let d0 = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["device"] == "d0")
+        .unwrap();
+    let ins = &d0["inserted"];
+    assert_eq!(ins["file"], s1.to_str().unwrap(), "{d0}");
+    assert_eq!(ins["backing_file"], base.to_str().unwrap(), "{d0}");
+    assert_eq!(ins["backing_file_depth"], 1, "{d0}");
+    assert_eq!(
+        ins["image"]["backing-image"]["filename"],
+        base.to_str().unwrap()
+    );
+    // The device name again, with an overlay added by blockdev-add.
+    c.execute(
+        "blockdev-add",
+        Some(
+            json!({"driver": "qcow2", "node-name": "ov", "backing": null,
+                    "file": {"driver": "file", "filename": ov}}),
+        ),
+    )
+    .unwrap();
+    c.execute(
+        "blockdev-snapshot",
+        Some(json!({"node": "d0", "overlay": "ov"})),
+    )
+    .unwrap();
+    let q = c.execute("query-block", None).unwrap();
+    let d0 = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["device"] == "d0")
+        .unwrap();
+    assert_eq!(d0["inserted"]["node-name"], "ov", "{d0}");
+    assert_eq!(d0["inserted"]["backing_file_depth"], 2, "{d0}");
+}

@@ -491,6 +491,10 @@ impl BlockDriver for Qcow2Driver {
         "qcow2"
     }
 
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn limits(&self) -> IoLimits {
         IoLimits {
             request_alignment: 1,

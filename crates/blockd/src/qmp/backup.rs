@@ -5,16 +5,18 @@
 
 use blockd_blockjob::backup::{BackupParams, Perf, Sync};
 use blockd_core::blocker::BlockOp;
+use blockd_core::qapi::BlockdevOnError;
 use std::sync::Arc;
 
-use blockd_core::qapi::BlockdevOnError;
-use blockd_core::{BlockNode, ControlGuard};
+use blockd_core::{BlockNode, ControlGuard, DrainedSection};
+use blockd_jobs::JobHandle;
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 
 use super::blockjob::{
     busy, device_name, gen, job_options, lookup_bs, start_err, MirrorSyncMode, R,
 };
+use super::transaction::{run_one, TxnAction, TxnFuture};
 use crate::state::State;
 
 #[derive(Deserialize, Clone, Copy)]
@@ -34,6 +36,7 @@ pub(super) struct BackupPerf {
     min_cluster_size: Option<u64>,
 }
 
+/// `BlockdevBackup`.
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub(super) struct BlockdevBackup {
@@ -64,16 +67,24 @@ fn sync_name(s: MirrorSyncMode) -> &'static str {
     }
 }
 
-async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
-    let g = st.control.lock().await;
+/// QEMU's `blockdev_backup_action` and `do_backup_common`: the job is
+/// created, not started. The source is drained from after the lookups
+/// until the transaction's clean (`drained`).
+async fn prepare(
+    st: &State,
+    g: &ControlGuard,
+    a: BlockdevBackup,
+    drained: &mut Option<DrainedSection>,
+) -> R<JobHandle> {
     let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
     let target = lookup_bs(st, Some(&a.target), Some(&a.target))?;
-    backup_common(st, &g, bs, target, a, false).await
+    *drained = Some(st.graph.drained_begin(std::slice::from_ref(&bs)).await);
+    backup_common(st, g, bs, target, a, false).await
 }
 
 /// QEMU's `do_backup_common` and the checks of `backup_job_create`, for
 /// `blockdev-backup` and `drive-backup` (whose target was opened for the
-/// job: `release_target`).
+/// job: `release_target`): the job is created, not started.
 pub(super) async fn backup_common(
     st: &State,
     g: &ControlGuard,
@@ -81,7 +92,7 @@ pub(super) async fn backup_common(
     target: Arc<BlockNode>,
     a: BlockdevBackup,
     release_target: bool,
-) -> R<()> {
+) -> R<JobHandle> {
     // do_backup_common: the bitmap arguments. blockd has no dirty
     // bitmaps, so a named one is never found.
     if matches!(a.sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) && a.bitmap.is_none()
@@ -150,9 +161,66 @@ pub(super) async fn backup_common(
         options: job_options(a.auto_finalize, a.auto_dismiss),
         release_target,
     };
-    blockd_blockjob::backup::start(&st.jobs, &st.graph, g, p)
+    blockd_blockjob::backup::create(&st.jobs, &st.graph, g, p)
         .await
         .map_err(start_err)
+}
+
+/// The `blockdev-backup` transaction action (QEMU's
+/// `BlockdevBackupState` with `blockdev_backup_drv`): the job is created
+/// in prepare, started in commit, cancelled in abort.
+pub(super) struct BackupAction {
+    args: Option<BlockdevBackup>,
+    job: Option<JobHandle>,
+    drained: Option<DrainedSection>,
+}
+
+impl BackupAction {
+    /// A new action.
+    pub(super) fn new(a: BlockdevBackup) -> Self {
+        BackupAction {
+            args: Some(a),
+            job: None,
+            drained: None,
+        }
+    }
+}
+
+impl TxnAction for BackupAction {
+    fn prepare<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, R<()>> {
+        Box::pin(async move {
+            let a = self.args.take().expect("prepared once");
+            self.job = Some(prepare(st, g, a, &mut self.drained).await?);
+            Ok(())
+        })
+    }
+
+    fn commit<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(h) = &self.job {
+                h.start();
+            }
+        })
+    }
+
+    fn abort<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            // QEMU's job_cancel_sync: the unstarted job aborts (its clean
+            // takes the filter out) and goes.
+            if let Some(h) = self.job.take() {
+                if let Err(e) = st.jobs.cancel(g, h.id(), true).await {
+                    tracing::error!(job = h.id(), error = ?e, "cancelling a backup job of a failed transaction");
+                }
+            }
+        })
+    }
+
+    fn clean<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            self.drained = None;
+            self.job = None;
+        })
+    }
 }
 
 /// Registers `blockdev-backup`.
@@ -160,7 +228,7 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "blockdev-backup",
         |cx: Ctx<State>, a: BlockdevBackup| async move {
-            blockdev_backup(&cx.state, a).await?;
+            run_one(&cx.state, Box::new(BackupAction::new(a))).await?;
             R::Ok(Empty {})
         },
     );

@@ -25,9 +25,7 @@ use blockd_core::blocker::BlockOp;
 use blockd_core::chain;
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{BlockError, BlockNode};
-use blockd_drivers::create::{create_file, FileCreateOptions};
 use blockd_drivers::options::BlockdevOptions;
-use blockd_drivers::qcow2::create::Qcow2CreateOptions;
 use blockd_drivers::ImageRequest;
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
@@ -39,6 +37,7 @@ use super::blockjob::{
     busy, gen, lookup_bs, mirror_common, root_bs, BlockdevMirror, CreatedTarget, MirrorCopyMode,
     MirrorSyncMode, R,
 };
+use super::image::{create_image, CreatedImage, NewImage};
 use crate::state::State;
 
 /// QEMU's `NewImageMode`.
@@ -99,59 +98,6 @@ fn internal(v: Value) -> Result<BlockdevOptions, BlockError> {
     serde_json::from_value(v).map_err(|e| BlockError::invalid(format!("internal error: {e}")))
 }
 
-/// QEMU's `bdrv_img_create` for the formats blockd creates: `filename`
-/// of `size` bytes in `format`, with `backing` (file name, format) in its
-/// header.
-async fn img_create(
-    st: &State,
-    filename: &str,
-    format: &str,
-    backing: Option<(String, String)>,
-    size: u64,
-) -> R<()> {
-    let is_qcow2 = match format {
-        "qcow2" => true,
-        "raw" | "file" => false,
-        _ => return Err(gen(format!("Unknown file format '{format}'"))),
-    };
-    if !is_qcow2 && backing.is_some() {
-        return Err(gen(format!(
-            "Backing file not supported for file format '{format}'"
-        )));
-    }
-    let opts = FileCreateOptions {
-        filename: filename.to_string(),
-        size: if is_qcow2 { 0 } else { size },
-        preallocation: None,
-        nocow: None,
-        extent_size_hint: None,
-    };
-    tokio::task::spawn_blocking(move || create_file(&opts))
-        .await
-        .map_err(|e| gen(format!("internal error: {e}")))?
-        .map_err(qerr)?;
-    if !is_qcow2 {
-        return Ok(());
-    }
-    let file_opts = internal(json!({"driver": "file", "filename": filename})).map_err(qerr)?;
-    let file = blockd_drivers::open_implicit(&st.graph, &st.env, file_opts)
-        .await
-        .map_err(qerr)?;
-    let (backing_file, backing_fmt) = backing.unzip();
-    let create: Result<Qcow2CreateOptions, _> = serde_json::from_value(json!({
-        "file": file.name(), "size": size,
-        "backing-file": backing_file, "backing-fmt": backing_fmt,
-    }));
-    let r = match create {
-        Ok(c) => blockd_drivers::qcow2::create::create(&file, &c)
-            .await
-            .map_err(qerr),
-        Err(e) => Err(gen(format!("internal error: {e}"))),
-    };
-    close_nodes(st.graph.release(&file)).await;
-    r
-}
-
 /// QEMU's `bdrv_open(filename, NULL, options, flags)` for the new target:
 /// the image by file name, probed when `format` is absent, with `extra`
 /// options on its format node.
@@ -182,7 +128,50 @@ async fn open_target(
     Ok(image.node)
 }
 
+async fn create(
+    st: &State,
+    created: &mut Option<CreatedImage>,
+    filename: &str,
+    format: &str,
+    backing: Option<(String, String)>,
+    size: u64,
+) -> R<()> {
+    let img = NewImage {
+        filename,
+        format,
+        backing: backing.as_ref().map(|(f, b)| (f.as_str(), b.as_str())),
+        size,
+    };
+    *created = Some(create_image(&st.graph, &st.env, &img).await.map_err(qerr)?);
+    Ok(())
+}
+
+/// `drive-mirror`; a failure deletes the image it created (QEMU leaves
+/// it).
 async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
+    let mut created = None;
+    let r = drive_mirror_inner(st, a, &mut created).await;
+    if let (Err(_), Some(c)) = (&r, created) {
+        c.discard();
+    }
+    r
+}
+
+/// `drive-backup`; a failure deletes the image it created.
+async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
+    let mut created = None;
+    let r = drive_backup_inner(st, a, &mut created).await;
+    if let (Err(_), Some(c)) = (&r, created) {
+        c.discard();
+    }
+    r
+}
+
+async fn drive_mirror_inner(
+    st: &State,
+    a: DriveMirror,
+    created: &mut Option<CreatedImage>,
+) -> R<()> {
     let g = st.control.lock().await;
     let bs = root_bs(st, &a.device)?;
     busy(&bs, BlockOp::MirrorSource)?;
@@ -219,7 +208,7 @@ async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
                 b.driver().format_name().to_string(),
             )
         });
-        img_create(st, &a.target, fmt, header, bs.length()).await?;
+        create(st, created, &a.target, fmt, header, bs.length()).await?;
         // Opened without its backing file, which the pivot attaches.
         extra.insert("backing".into(), Value::Null);
     }
@@ -255,7 +244,11 @@ async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
     r
 }
 
-async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
+async fn drive_backup_inner(
+    st: &State,
+    a: DriveBackup,
+    created: &mut Option<CreatedImage>,
+) -> R<()> {
     let g = st.control.lock().await;
     let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
     let mode = a.mode.unwrap_or_default();
@@ -289,7 +282,7 @@ async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
                 b.driver().format_name().to_string(),
             )
         });
-        img_create(st, &a.target, fmt, header, bs.length()).await?;
+        create(st, created, &a.target, fmt, header, bs.length()).await?;
     }
     let target = open_target(st, &a.target, format, extra).await?;
     let b = BlockdevBackup {
@@ -309,11 +302,16 @@ async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
         discard_source: a.discard_source,
         x_perf: a.x_perf,
     };
-    let r = backup_common(st, &g, bs, target.clone(), b, true).await;
-    if r.is_err() {
-        close_nodes(st.graph.release(&target)).await;
+    match backup_common(st, &g, bs, target.clone(), b, true).await {
+        Ok(h) => {
+            h.start();
+            Ok(())
+        }
+        Err(e) => {
+            close_nodes(st.graph.release(&target)).await;
+            Err(e)
+        }
     }
-    r
 }
 
 /// Registers `drive-mirror` and `drive-backup`.

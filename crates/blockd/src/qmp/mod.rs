@@ -14,11 +14,14 @@ mod control;
 mod device;
 mod drive_job;
 mod export;
+pub mod image;
 mod job;
 mod misc;
 mod object;
 mod qom;
+mod snapshot;
 mod throttle;
+mod transaction;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
 pub use job::jerr;
@@ -40,5 +43,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     throttle::register(&mut d);
     object::register(&mut d);
     qom::register(&mut d);
+    snapshot::register(&mut d);
+    transaction::register(&mut d);
     d
 }
