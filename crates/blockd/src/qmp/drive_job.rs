@@ -24,9 +24,10 @@ use std::sync::Arc;
 use blockd_core::blocker::BlockOp;
 use blockd_core::chain;
 use blockd_core::qapi::BlockdevOnError;
-use blockd_core::{BlockError, BlockNode};
+use blockd_core::{BlockError, BlockNode, ControlGuard, DrainedSection};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_drivers::ImageRequest;
+use blockd_jobs::JobHandle;
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -38,6 +39,7 @@ use super::blockjob::{
     MirrorSyncMode, R,
 };
 use super::image::{create_image, CreatedImage, NewImage};
+use super::transaction::{run_one, TxnAction, TxnFuture};
 use crate::state::State;
 
 /// QEMU's `NewImageMode`.
@@ -74,7 +76,7 @@ struct DriveMirror {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct DriveBackup {
+pub(super) struct DriveBackup {
     job_id: Option<String>,
     device: String,
     target: String,
@@ -157,14 +159,67 @@ async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
     r
 }
 
-/// `drive-backup`; a failure deletes the image it created.
-async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
-    let mut created = None;
-    let r = drive_backup_inner(st, a, &mut created).await;
-    if let (Err(_), Some(c)) = (&r, created) {
-        c.discard();
+/// The `drive-backup` transaction action (QEMU's `DriveBackupState` with
+/// `drive_backup_drv`; the command is a one-action transaction): prepare
+/// creates or opens the target and creates the job, commit starts it,
+/// abort cancels it and deletes the image it created.
+pub(super) struct DriveBackupAction {
+    args: Option<DriveBackup>,
+    created: Option<CreatedImage>,
+    job: Option<JobHandle>,
+    drained: Option<DrainedSection>,
+}
+
+impl DriveBackupAction {
+    /// A new action.
+    pub(super) fn new(a: DriveBackup) -> Self {
+        DriveBackupAction {
+            args: Some(a),
+            created: None,
+            job: None,
+            drained: None,
+        }
     }
-    r
+}
+
+impl TxnAction for DriveBackupAction {
+    fn prepare<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, R<()>> {
+        Box::pin(async move {
+            let a = self.args.take().expect("prepared once");
+            let job = drive_backup_prepare(st, g, a, &mut self.created, &mut self.drained).await?;
+            self.job = Some(job);
+            Ok(())
+        })
+    }
+
+    fn commit<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(h) = &self.job {
+                h.start();
+            }
+        })
+    }
+
+    fn abort<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            // The unstarted job aborts; its clean lets the target go.
+            if let Some(h) = self.job.take() {
+                if let Err(e) = st.jobs.cancel(g, h.id(), true).await {
+                    tracing::error!(job = h.id(), error = ?e, "cancelling a drive-backup job of a failed transaction");
+                }
+            }
+            if let Some(c) = self.created.take() {
+                c.discard();
+            }
+        })
+    }
+
+    fn clean<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
+        Box::pin(async move {
+            self.drained = None;
+            self.job = None;
+        })
+    }
 }
 
 async fn drive_mirror_inner(
@@ -244,13 +299,18 @@ async fn drive_mirror_inner(
     r
 }
 
-async fn drive_backup_inner(
+/// QEMU's `drive_backup_action`: the target made or opened, the job
+/// created (not started); the source drained until the transaction's
+/// clean.
+async fn drive_backup_prepare(
     st: &State,
+    g: &ControlGuard,
     a: DriveBackup,
     created: &mut Option<CreatedImage>,
-) -> R<()> {
-    let g = st.control.lock().await;
+    drained: &mut Option<DrainedSection>,
+) -> R<JobHandle> {
     let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
+    *drained = Some(st.graph.drained_begin(std::slice::from_ref(&bs)).await);
     let mode = a.mode.unwrap_or_default();
     busy(&bs, BlockOp::BackupSource)?;
     let format = match (&a.format, mode) {
@@ -302,16 +362,11 @@ async fn drive_backup_inner(
         discard_source: a.discard_source,
         x_perf: a.x_perf,
     };
-    match backup_common(st, &g, bs, target.clone(), b, true).await {
-        Ok(h) => {
-            h.start();
-            Ok(())
-        }
-        Err(e) => {
-            close_nodes(st.graph.release(&target)).await;
-            Err(e)
-        }
+    let r = backup_common(st, g, bs, target.clone(), b, true).await;
+    if r.is_err() {
+        close_nodes(st.graph.release(&target)).await;
     }
+    r
 }
 
 /// Registers `drive-mirror` and `drive-backup`.
@@ -326,7 +381,7 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "drive-backup",
         |cx: Ctx<State>, a: DriveBackup| async move {
-            drive_backup(&cx.state, a).await?;
+            run_one(&cx.state, Box::new(DriveBackupAction::new(a))).await?;
             R::Ok(Empty {})
         },
     );

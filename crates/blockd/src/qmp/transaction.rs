@@ -12,7 +12,7 @@
 //! transaction list runs. Then every one is cleaned, in the same order.
 //!
 //! The single-action commands (`blockdev-snapshot`,
-//! `blockdev-snapshot-sync`, `blockdev-backup`) are one-action
+//! `blockdev-snapshot-sync`, `blockdev-backup`, `drive-backup`) are one-action
 //! transactions, as in QEMU (`blockdev_do_action`).
 //!
 //! Adding an action: a variant of [`TransactionAction`] (and its wire
@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use super::backup::{BackupAction, BlockdevBackup};
 use super::blockjob::{gen, R};
+use super::drive_job::{DriveBackup, DriveBackupAction};
 use super::snapshot::{BlockdevSnapshot, BlockdevSnapshotSync, ExternalSnapshot};
 use crate::state::State;
 
@@ -75,6 +76,8 @@ pub(super) enum TransactionAction {
     BlockdevSnapshot(BlockdevSnapshot),
     /// `blockdev-snapshot-sync`.
     BlockdevSnapshotSync(BlockdevSnapshotSync),
+    /// `drive-backup`.
+    DriveBackup(Box<DriveBackup>),
 }
 
 impl TransactionAction {
@@ -85,13 +88,17 @@ impl TransactionAction {
             TransactionAction::BlockdevBackup(_) => "blockdev-backup",
             TransactionAction::BlockdevSnapshot(_) => "blockdev-snapshot",
             TransactionAction::BlockdevSnapshotSync(_) => "blockdev-snapshot-sync",
+            TransactionAction::DriveBackup(_) => "drive-backup",
         }
     }
 
     /// Whether the action makes a job that completion-mode grouped can
     /// tie to the others (QEMU: the backup actions).
     fn makes_job(&self) -> bool {
-        matches!(self, TransactionAction::BlockdevBackup(_))
+        matches!(
+            self,
+            TransactionAction::BlockdevBackup(_) | TransactionAction::DriveBackup(_)
+        )
     }
 
     fn into_action(self) -> Box<dyn TxnAction> {
@@ -100,6 +107,7 @@ impl TransactionAction {
             TransactionAction::BlockdevBackup(a) => Box::new(BackupAction::new(*a)),
             TransactionAction::BlockdevSnapshot(a) => Box::new(ExternalSnapshot::node(a)),
             TransactionAction::BlockdevSnapshotSync(a) => Box::new(ExternalSnapshot::sync(a)),
+            TransactionAction::DriveBackup(a) => Box::new(DriveBackupAction::new(*a)),
         }
     }
 }
