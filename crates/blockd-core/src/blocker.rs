@@ -38,6 +38,8 @@ pub enum BlockOp {
     MirrorTarget,
     /// Being replaced at the end of a mirror (`replaces`).
     Replace,
+    /// `block_resize`.
+    Resize,
     /// `block-stream` through the node.
     Stream,
 }

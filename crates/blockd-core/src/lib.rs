@@ -22,6 +22,8 @@
 //!   [`bitmap`] — dirty bitmaps;
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
+//! * `resize` — `block_resize`'s truncate with QEMU's checks.
+//! * [`threshold`] — write thresholds (`BLOCK_WRITE_THRESHOLD`).
 //! * [`probe`] — image format signatures.
 //! * [`qapi`] — QAPI enums shared by devices and jobs; `id_wellformed`.
 
@@ -42,8 +44,10 @@ pub mod perms;
 pub mod probe;
 pub mod qapi;
 pub mod reopen;
+mod resize;
 pub mod root;
 pub mod runstate;
+pub mod threshold;
 pub mod throttle;
 pub mod tracked;
 

@@ -51,7 +51,7 @@ mod tests;
 mod testutil;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reopen::Settings;
@@ -167,6 +167,9 @@ pub struct Qcow2Driver {
     /// as a reopen may add, change or remove it.
     children: Arc<Children>,
     geo: Geo,
+    /// The virtual size (`geo.size` is the size at open; resize changes
+    /// this one, and the metadata's copy, under the metadata lock).
+    size: AtomicU64,
     /// Shared (`Arc`) so a reopen can hold it from prepare to commit.
     meta: Arc<tokio::sync::Mutex<Meta>>,
     /// Held shared by guest I/O, exclusively while freed clusters become
@@ -184,7 +187,7 @@ impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("cluster_size", &self.geo.cs)
-            .field("size", &self.geo.size)
+            .field("size", &self.size)
             .finish()
     }
 }
@@ -460,6 +463,7 @@ pub async fn open(
             file,
             children: ctx.children.clone(),
             geo,
+            size: AtomicU64::new(geo.size),
             meta: Arc::new(tokio::sync::Mutex::new(m)),
             reuse: tokio::sync::RwLock::new(()),
             read_only: AtomicBool::new(read_only),
@@ -501,7 +505,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn length(&self) -> u64 {
-        self.geo.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn info(&self) -> DriverInfo {
@@ -554,6 +558,10 @@ impl BlockDriver for Qcow2Driver {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.do_block_status(offset, len))
+    }
+
+    fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.do_truncate(len))
     }
 
     fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {

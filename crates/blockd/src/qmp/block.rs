@@ -183,7 +183,7 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
         "cache".into(),
         json!({"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush}),
     );
-    m.insert("write_threshold".into(), 0.into());
+    m.insert("write_threshold".into(), n.write_threshold().into());
     Value::Object(m)
 }
 

@@ -17,6 +17,7 @@ mod job;
 mod misc;
 mod object;
 mod qom;
+mod resize;
 mod throttle;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
@@ -38,5 +39,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     throttle::register(&mut d);
     object::register(&mut d);
     qom::register(&mut d);
+    resize::register(&mut d);
     d
 }

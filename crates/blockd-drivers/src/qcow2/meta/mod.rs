@@ -43,6 +43,7 @@ use super::refcount::Refcounts;
 use super::{corrupt, FileIo, Geo};
 
 mod ops;
+mod resize;
 
 /// Offset bits of an L1 entry.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
