@@ -40,6 +40,10 @@ pub enum BlockOp {
     Replace,
     /// `block_resize`.
     Resize,
+    /// `blockdev-snapshot-internal-sync`.
+    InternalSnapshot,
+    /// `blockdev-snapshot-delete-internal-sync`.
+    InternalSnapshotDelete,
     /// `block-stream` through the node.
     Stream,
 }

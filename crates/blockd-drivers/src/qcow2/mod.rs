@@ -12,13 +12,15 @@
 //!   reaches the disk (crash safety; see its docs).
 //! * `rw` — the request paths: reads through the backing chain,
 //!   allocating writes with copy-on-write, zeroes, discard, block status.
+//! * `snapshot` — internal snapshots: the table's entries, taking and
+//!   deleting them (the metadata side in `meta/snapshot.rs`).
 //! * [`check`] — the consistency check and the refcount repair of dirty
 //!   images.
 //! * [`create`] — writing a new image (`blockdev-create`).
 //!
 //! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
 //! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
-//! snapshots (kept intact; shared clusters are copied on write), backing
+//! snapshots (taken and deleted; shared clusters are copied on write), backing
 //! files. Refused with a clear error: encryption, external data files,
 //! extended L2 entries (subclusters), zstd compression, unknown
 //! incompatible features.
@@ -40,6 +42,7 @@ mod meta;
 mod refcount;
 mod reopen;
 mod rw;
+mod snapshot;
 
 #[cfg(test)]
 mod backing_tests;
@@ -158,6 +161,8 @@ struct Shown {
     lazy_bit: bool,
     corrupt: bool,
     refcount_bits: u64,
+    /// The internal snapshots, as the block layer shows them.
+    snapshots: Mutex<Vec<blockd_core::snapshot::SnapshotInfo>>,
 }
 
 /// The `qcow2` format driver.
@@ -290,7 +295,7 @@ async fn read_snapshots(
     io: &FileIo,
     off: u64,
     nb: u32,
-) -> Result<(Vec<header::SnapshotL1>, u64), BlockError> {
+) -> Result<(Vec<snapshot::SnapEntry>, u64), BlockError> {
     let mut pos = off;
     let mut out = Vec::new();
     let file_len = io.len();
@@ -300,18 +305,13 @@ async fn read_snapshots(
             return Err(BlockError::invalid("Snapshot table is truncated"));
         }
         let h = io.read(pos, 40).await.map_err(rd)?;
-        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
-        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
-        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
-        let len = (40 + extra + id + name).div_ceil(8) * 8;
-        out.push(header::SnapshotL1 {
-            l1_table_offset: u64::from_be_bytes(h[0..8].try_into().expect("8 bytes")),
-            l1_size: u32::from_be_bytes(h[8..12].try_into().expect("4 bytes")),
-        });
-        pos += len;
-        if pos > file_len {
+        let len = snapshot::SnapEntry::stored_len(&h);
+        if pos + len > file_len {
             return Err(BlockError::invalid("Snapshot table is truncated"));
         }
+        let whole = io.read(pos, len as usize).await.map_err(rd)?;
+        out.push(snapshot::SnapEntry::parse(&whole));
+        pos += len;
     }
     Ok((out, pos - off))
 }
@@ -457,6 +457,7 @@ pub async fn open(
         lazy_bit: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
         refcount_bits: 1 << h.refcount_order,
+        snapshots: Mutex::new(m.snapshots.iter().map(snapshot::SnapEntry::info).collect()),
     };
     Ok((
         Qcow2Driver {
@@ -562,6 +563,31 @@ impl BlockDriver for Qcow2Driver {
 
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         Box::pin(self.do_truncate(len))
+    }
+
+    fn snapshots(&self) -> Option<Vec<blockd_core::snapshot::SnapshotInfo>> {
+        Some(
+            self.shown
+                .snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    fn snapshot_create(
+        &self,
+        sn: blockd_core::snapshot::SnapshotInfo,
+    ) -> IoFuture<'_, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(self.do_snapshot_create(sn))
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(self.do_snapshot_delete(id, name))
     }
 
     fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {

@@ -149,6 +149,12 @@ pub fn image_info(n: &BlockNode, nested: bool) -> Value {
             m.insert("backing-filename-format".into(), fmt.clone().into());
         }
     }
+    if let Some(sns) = n.driver().snapshots().filter(|s| !s.is_empty()) {
+        m.insert(
+            "snapshots".into(),
+            sns.iter().map(|s| s.to_json()).collect::<Vec<_>>().into(),
+        );
+    }
     if let Some(fs) = info.format_specific {
         m.insert("format-specific".into(), fs);
     }

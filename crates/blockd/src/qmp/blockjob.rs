@@ -64,7 +64,7 @@ pub(super) fn lookup_bs(st: &State, device: Option<&str>, node: Option<&str>) ->
 
 /// QEMU's `qmp_get_root_bs`: a backend's medium or a node nothing but
 /// backends use.
-fn root_bs(st: &State, name: &str) -> R<Arc<BlockNode>> {
+pub(super) fn root_bs(st: &State, name: &str) -> R<Arc<BlockNode>> {
     let bs = lookup_bs(st, Some(name), Some(name))?;
     if !chain::is_root_node(&bs) {
         return Err(gen("Need a root block node"));

@@ -18,6 +18,7 @@ mod misc;
 mod object;
 mod qom;
 mod resize;
+pub mod snapshot;
 mod throttle;
 
 pub use block::{block_device_info, close_nodes, image_info, qerr};
@@ -40,5 +41,6 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     object::register(&mut d);
     qom::register(&mut d);
     resize::register(&mut d);
+    snapshot::register(&mut d);
     d
 }
