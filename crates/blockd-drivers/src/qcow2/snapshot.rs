@@ -245,10 +245,10 @@ mod tests {
         assert_eq!(info.id, "7");
         assert_eq!(info.disk_size, 1 << 20);
         assert_eq!(info.icount, None);
-        assert_eq!(new_id(&[e.clone()]), "8");
+        assert_eq!(new_id(std::slice::from_ref(&e)), "8");
         assert_eq!(new_id(&[]), "1");
-        assert_eq!(find(&[e.clone()], Some("7"), Some("snap-one")), Some(0));
-        assert_eq!(find(&[e.clone()], Some("7"), Some("other")), None);
+        assert_eq!(find(std::slice::from_ref(&e), Some("7"), Some("snap-one")), Some(0));
+        assert_eq!(find(std::slice::from_ref(&e), Some("7"), Some("other")), None);
         assert_eq!(find(&[e], None, Some("snap-one")), Some(0));
     }
 }
