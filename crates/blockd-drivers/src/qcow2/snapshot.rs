@@ -247,8 +247,14 @@ mod tests {
         assert_eq!(info.icount, None);
         assert_eq!(new_id(std::slice::from_ref(&e)), "8");
         assert_eq!(new_id(&[]), "1");
-        assert_eq!(find(std::slice::from_ref(&e), Some("7"), Some("snap-one")), Some(0));
-        assert_eq!(find(std::slice::from_ref(&e), Some("7"), Some("other")), None);
+        assert_eq!(
+            find(std::slice::from_ref(&e), Some("7"), Some("snap-one")),
+            Some(0)
+        );
+        assert_eq!(
+            find(std::slice::from_ref(&e), Some("7"), Some("other")),
+            None
+        );
         assert_eq!(find(&[e], None, Some("snap-one")), Some(0));
     }
 }
