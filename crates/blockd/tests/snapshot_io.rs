@@ -42,7 +42,10 @@ fn snapshots_under_writes_are_points_in_time() {
     let srv = Server::start("snapio");
     let d = srv.dir.clone();
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
-    sh(&format!("qemu-img create -q -f qcow2 {} {SIZE}", p("q.qcow2")));
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {} {SIZE}",
+        p("q.qcow2")
+    ));
     sh(&format!(
         "qemu-io -f qcow2 -c 'write -P 0x11 0 {SIZE}' {}",
         p("q.qcow2")
@@ -105,7 +108,10 @@ fn snapshots_under_writes_are_points_in_time() {
     bench.join().expect("writer");
     let passes = passes.lock().unwrap().clone();
     assert!(passes.len() >= 3, "too few write passes: {}", passes.len());
-    sh(&format!("qemu-img convert -f raw -O raw '{url}' {}", p("now.raw")));
+    sh(&format!(
+        "qemu-img convert -f raw -O raw '{url}' {}",
+        p("now.raw")
+    ));
     run(&mut c, "block-export-del", json!({"id": "e"}));
     c.wait_event(
         &blockd_testkit::Pattern::parse(r#"{"event": "BLOCK_EXPORT_DELETED"}"#).unwrap(),
@@ -133,10 +139,7 @@ fn snapshots_under_writes_are_points_in_time() {
             .collect();
         for (i, block) in data.chunks(65536).enumerate() {
             let b = block[0];
-            assert!(
-                block.iter().all(|&x| x == b),
-                "{name}: block {i} is torn"
-            );
+            assert!(block.iter().all(|&x| x == b), "{name}: block {i} is torn");
             assert!(
                 !later.contains(&b),
                 "{name}: block {i} holds pattern {b:#x} of a pass that began after the snapshot"

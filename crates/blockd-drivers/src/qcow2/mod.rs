@@ -114,6 +114,10 @@ impl FileIo {
     fn len(&self) -> u64 {
         self.file.node().length()
     }
+
+    async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.file.node().truncate(len).await
+    }
 }
 
 /// Cluster geometry of an image.

@@ -351,6 +351,9 @@ impl Qcow2Driver {
         }
         // Applies the frees a shrink queued.
         self.do_flush().await?;
+        if len < old {
+            self.meta.lock().await.cut_file_tail().await?;
+        }
         if len > old && self.children.node("backing").is_some() {
             self.do_write_zeroes(old, len - old, ReqFlags::default())
                 .await?;

@@ -47,6 +47,26 @@ impl Meta {
         Ok(())
     }
 
+    /// After a shrink, cuts the image file after its last cluster in use
+    /// (QEMU's `qcow2_get_last_cluster` and the tail truncate of
+    /// `qcow2_co_truncate`). Under the metadata lock, so no cluster past
+    /// that end can be allocated meanwhile. A failure only leaves the
+    /// file longer (QEMU warns).
+    pub async fn cut_file_tail(&mut self) -> io::Result<()> {
+        let cs = self.geo.cs;
+        let file_len = self.io.len();
+        let mut cl = file_len.div_ceil(cs);
+        while cl > 0 && self.rc.get(&self.io, cl - 1).await? == 0 {
+            cl -= 1;
+        }
+        if cl * cs < file_len {
+            if let Err(e) = self.io.truncate(cl * cs).await {
+                tracing::warn!("qcow2: Failed to truncate the tail of the image: {e}");
+            }
+        }
+        Ok(())
+    }
+
     /// Unmaps guest clusters `first..end` entirely (entries become 0, the
     /// clusters they held are queued for release).
     async fn drop_clusters(&mut self, first: u64, end: u64) -> io::Result<()> {
