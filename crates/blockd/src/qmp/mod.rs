@@ -6,6 +6,7 @@ use blockd_qmp::Dispatcher;
 
 use crate::state::State;
 
+mod amend;
 mod backend;
 mod backup;
 mod block;
@@ -41,6 +42,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     object::register(&mut d);
     qom::register(&mut d);
     resize::register(&mut d);
+    amend::register(&mut d);
     snapshot::register(&mut d);
     d
 }
