@@ -40,6 +40,12 @@ pub enum BlockOp {
     MirrorTarget,
     /// Being replaced at the end of a mirror (`replaces`).
     Replace,
+    /// `block_resize`.
+    Resize,
+    /// `blockdev-snapshot-internal-sync`.
+    InternalSnapshot,
+    /// `blockdev-snapshot-delete-internal-sync`.
+    InternalSnapshotDelete,
     /// `block-stream` through the node.
     Stream,
 }

@@ -207,6 +207,35 @@ pub trait BlockDriver: Send + Sync + 'static {
         })
     }
 
+    /// The internal snapshots in the image, oldest first; `None` for a
+    /// driver that cannot keep any (QEMU's `bdrv_can_snapshot` is false).
+    fn snapshots(&self) -> Option<Vec<crate::snapshot::SnapshotInfo>> {
+        None
+    }
+
+    /// Takes an internal snapshot of the current state named `sn.name`
+    /// with `sn`'s times (QEMU's `bdrv_snapshot_create`); returns it with
+    /// the id the image gave it. The caller drains the node.
+    fn snapshot_create(
+        &self,
+        sn: crate::snapshot::SnapshotInfo,
+    ) -> IoFuture<'_, crate::snapshot::SnapshotInfo> {
+        let _ = sn;
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
+    /// Deletes the internal snapshot with this id and/or name (QEMU's
+    /// `bdrv_snapshot_delete`); returns what it was. The caller drains
+    /// the node.
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, crate::snapshot::SnapshotInfo> {
+        let _ = (id, name);
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// Changes the length.
     fn truncate(&self, _len: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })

@@ -23,6 +23,9 @@
 //!   [`bitmap`] — dirty bitmaps;
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
+//! * `resize` — `block_resize`'s truncate with QEMU's checks.
+//! * [`threshold`] — write thresholds (`BLOCK_WRITE_THRESHOLD`).
+//! * [`snapshot`] — internal snapshots as formats report them.
 //! * [`probe`] — image format signatures.
 //! * [`qapi`] — QAPI enums shared by devices and jobs; `id_wellformed`.
 
@@ -44,8 +47,11 @@ pub mod perms;
 pub mod probe;
 pub mod qapi;
 pub mod reopen;
+mod resize;
 pub mod root;
 pub mod runstate;
+pub mod snapshot;
+pub mod threshold;
 pub mod throttle;
 pub mod tracked;
 

@@ -179,6 +179,7 @@ pub struct BlockNode {
     open_options: Mutex<serde_json::Value>,
     /// Statistics.
     pub stats: Stats,
+    pub(crate) threshold: crate::threshold::WriteThreshold,
 }
 
 impl std::fmt::Debug for BlockNode {
@@ -244,6 +245,7 @@ impl BlockNode {
             cumulative: Mutex::new(PermPair::FREE),
             open_options: Mutex::new(serde_json::Value::Null),
             stats: Stats::default(),
+            threshold: Default::default(),
         }
     }
 
@@ -535,6 +537,15 @@ impl BlockNode {
         }
     }
 
+    /// The write threshold check of a write or write-zeroes, on the range
+    /// padded to the alignment as QEMU's aligned request has it.
+    fn check_threshold(&self, offset: u64, len: u64) {
+        if self.threshold.get() != 0 {
+            let end = align_up(offset + len, self.alignment());
+            self.threshold.check(&self.name, end);
+        }
+    }
+
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> io::Result<()> {
         let len = data.len() as u64;
@@ -542,6 +553,7 @@ impl BlockNode {
         if len == 0 {
             return Ok(());
         }
+        self.check_threshold(offset, len);
         let b = self.bits();
         let r = if b & bits::DZ_MASK != 0 && is_zero(&data) {
             let unmap = b & bits::DZ_MASK == bits::DZ_UNMAP && b & bits::DISCARD_UNMAP != 0;
@@ -641,6 +653,7 @@ impl BlockNode {
             may_unmap: flags.may_unmap && self.bits() & bits::DISCARD_UNMAP != 0,
             ..flags
         };
+        self.check_threshold(offset, len);
         let r = self.zeroes_inner(offset, len, flags).await;
         self.account_write(offset, len, r.is_ok());
         if r.is_ok() {
@@ -688,6 +701,7 @@ impl BlockNode {
         if self.bits() & bits::DISCARD_UNMAP == 0 || len == 0 {
             return Ok(());
         }
+        self.threshold.check(&self.name, offset + len);
         // Only whole aligned blocks can be discarded; the rest is left alone.
         let a = self
             .alignment()

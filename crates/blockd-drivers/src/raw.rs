@@ -152,11 +152,24 @@ impl BlockDriver for RawDriver {
     }
 
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        // QEMU's raw_co_truncate: a window with a size is fixed; one with
+        // only an offset moves its end.
         Box::pin(async move {
-            if self.window() != (0, None) {
-                return Err(std::io::Error::from_raw_os_error(libc::ENOTSUP));
+            let (base, size) = self.window();
+            if size.is_some() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "Cannot resize fixed-size raw disks",
+                ));
             }
-            self.file.node().truncate(len).await
+            let end = len.checked_add(base).filter(|&e| e <= i64::MAX as u64);
+            let Some(end) = end else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "Disk size too large for the chosen offset",
+                ));
+            };
+            self.file.node().truncate(end).await
         })
     }
 

@@ -11,6 +11,7 @@
 //! | [`DeviceTrayMoved`] | tray commands and media changes ([`crate::machine`]) |
 //! | [`DeviceDeleted`] | `device_del` ([`crate::machine`]) |
 //! | [`BlockExportDeleted`] | `block-export-del`, `nbd-server-remove` ([`crate::exports`]) |
+//! | [`BlockWriteThreshold`] | a node's write threshold, armed by `block-set-write-threshold` |
 
 use blockd_core::qapi::{BlockErrorAction, IoOperationType};
 use blockd_qmp::Event;
@@ -76,6 +77,24 @@ pub struct BlockExportDeleted {
     pub id: String,
 }
 
+/// `BLOCK_WRITE_THRESHOLD`: a write went past a node's write threshold,
+/// which is now disarmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockWriteThreshold {
+    /// The node.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// How far past the threshold the request reached.
+    #[serde(rename = "amount-exceeded")]
+    pub amount_exceeded: u64,
+    /// The threshold it crossed.
+    #[serde(rename = "write-threshold")]
+    pub write_threshold: u64,
+}
+
+impl Event for BlockWriteThreshold {
+    const NAME: &'static str = "BLOCK_WRITE_THRESHOLD";
+}
 impl Event for Stop {
     const NAME: &'static str = "STOP";
 }
@@ -175,6 +194,11 @@ mod tests {
             id: "ide0-cd0".into(),
             tray_open: true,
         };
+        let threshold = BlockWriteThreshold {
+            node_name: "n0".into(),
+            amount_exceeded: 512,
+            write_threshold: 1 << 20,
+        };
         let shutdown = Shutdown {
             guest: false,
             reason: ShutdownCause::HostQmpQuit,
@@ -207,6 +231,7 @@ mod tests {
                 BlockExportDeleted { id: "e0".into() },
             ),
             server(shutdown.clone(), shutdown),
+            server(threshold.clone(), threshold),
             job(status.clone(), status),
             job(BlockJobReady(progress()), BlockJobReady(progress())),
             job(BlockJobCancelled(progress()), BlockJobCancelled(progress())),

@@ -12,13 +12,15 @@
 //!   reaches the disk (crash safety; see its docs).
 //! * `rw` — the request paths: reads through the backing chain,
 //!   allocating writes with copy-on-write, zeroes, discard, block status.
+//! * `snapshot` — internal snapshots: the table's entries, taking and
+//!   deleting them (the metadata side in `meta/snapshot.rs`).
 //! * [`check`] — the consistency check and the refcount repair of dirty
 //!   images.
 //! * [`create`] — writing a new image (`blockdev-create`).
 //!
 //! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
 //! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
-//! snapshots (kept intact; shared clusters are copied on write), backing
+//! snapshots (taken and deleted; shared clusters are copied on write), backing
 //! files. Refused with a clear error: encryption, external data files,
 //! extended L2 entries (subclusters), zstd compression, unknown
 //! incompatible features.
@@ -40,6 +42,7 @@ mod meta;
 mod refcount;
 mod reopen;
 mod rw;
+mod snapshot;
 
 #[cfg(test)]
 mod backing_tests;
@@ -51,7 +54,7 @@ mod tests;
 mod testutil;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use reopen::Settings;
@@ -111,6 +114,10 @@ impl FileIo {
     fn len(&self) -> u64 {
         self.file.node().length()
     }
+
+    async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.file.node().truncate(len).await
+    }
 }
 
 /// Cluster geometry of an image.
@@ -158,6 +165,8 @@ struct Shown {
     lazy_bit: bool,
     corrupt: bool,
     refcount_bits: u64,
+    /// The internal snapshots, as the block layer shows them.
+    snapshots: Mutex<Vec<blockd_core::snapshot::SnapshotInfo>>,
 }
 
 /// The `qcow2` format driver.
@@ -167,6 +176,9 @@ pub struct Qcow2Driver {
     /// as a reopen may add, change or remove it.
     children: Arc<Children>,
     geo: Geo,
+    /// The virtual size (`geo.size` is the size at open; resize changes
+    /// this one, and the metadata's copy, under the metadata lock).
+    size: AtomicU64,
     /// Shared (`Arc`) so a reopen can hold it from prepare to commit.
     meta: Arc<tokio::sync::Mutex<Meta>>,
     /// Held shared by guest I/O, exclusively while freed clusters become
@@ -184,7 +196,7 @@ impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("cluster_size", &self.geo.cs)
-            .field("size", &self.geo.size)
+            .field("size", &self.size)
             .finish()
     }
 }
@@ -287,7 +299,7 @@ async fn read_snapshots(
     io: &FileIo,
     off: u64,
     nb: u32,
-) -> Result<(Vec<header::SnapshotL1>, u64), BlockError> {
+) -> Result<(Vec<snapshot::SnapEntry>, u64), BlockError> {
     let mut pos = off;
     let mut out = Vec::new();
     let file_len = io.len();
@@ -297,18 +309,13 @@ async fn read_snapshots(
             return Err(BlockError::invalid("Snapshot table is truncated"));
         }
         let h = io.read(pos, 40).await.map_err(rd)?;
-        let id = u64::from(u16::from_be_bytes([h[12], h[13]]));
-        let name = u64::from(u16::from_be_bytes([h[14], h[15]]));
-        let extra = u64::from(u32::from_be_bytes([h[36], h[37], h[38], h[39]]));
-        let len = (40 + extra + id + name).div_ceil(8) * 8;
-        out.push(header::SnapshotL1 {
-            l1_table_offset: u64::from_be_bytes(h[0..8].try_into().expect("8 bytes")),
-            l1_size: u32::from_be_bytes(h[8..12].try_into().expect("4 bytes")),
-        });
-        pos += len;
-        if pos > file_len {
+        let len = snapshot::SnapEntry::stored_len(&h);
+        if pos + len > file_len {
             return Err(BlockError::invalid("Snapshot table is truncated"));
         }
+        let whole = io.read(pos, len as usize).await.map_err(rd)?;
+        out.push(snapshot::SnapEntry::parse(&whole));
+        pos += len;
     }
     Ok((out, pos - off))
 }
@@ -454,12 +461,14 @@ pub async fn open(
         lazy_bit: h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0,
         corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,
         refcount_bits: 1 << h.refcount_order,
+        snapshots: Mutex::new(m.snapshots.iter().map(snapshot::SnapEntry::info).collect()),
     };
     Ok((
         Qcow2Driver {
             file,
             children: ctx.children.clone(),
             geo,
+            size: AtomicU64::new(geo.size),
             meta: Arc::new(tokio::sync::Mutex::new(m)),
             reuse: tokio::sync::RwLock::new(()),
             read_only: AtomicBool::new(read_only),
@@ -505,7 +514,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn length(&self) -> u64 {
-        self.geo.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn info(&self) -> DriverInfo {
@@ -558,6 +567,35 @@ impl BlockDriver for Qcow2Driver {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.do_block_status(offset, len))
+    }
+
+    fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.do_truncate(len))
+    }
+
+    fn snapshots(&self) -> Option<Vec<blockd_core::snapshot::SnapshotInfo>> {
+        Some(
+            self.shown
+                .snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    fn snapshot_create(
+        &self,
+        sn: blockd_core::snapshot::SnapshotInfo,
+    ) -> IoFuture<'_, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(self.do_snapshot_create(sn))
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(self.do_snapshot_delete(id, name))
     }
 
     fn child_perm(&self, child: &Child, parent: PermPair, writable: bool) -> PermPair {

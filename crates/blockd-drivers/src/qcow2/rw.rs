@@ -214,7 +214,7 @@ impl Qcow2Driver {
     }
 
     fn check_bounds(&self, offset: u64, len: u64) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.geo.size) {
+        if offset.checked_add(len).is_none_or(|e| e > self.size()) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(())
@@ -299,7 +299,7 @@ impl Qcow2Driver {
         let cs = self.geo.cs;
         let a = offset.div_ceil(cs) * cs;
         // A partial last cluster at the end of the image may go too.
-        let end = if offset + len >= self.geo.size {
+        let end = if offset + len >= self.size() {
             (offset + len).div_ceil(cs) * cs
         } else {
             offset + len
@@ -318,6 +318,45 @@ impl Qcow2Driver {
         let busy = self.meta.lock().await.pending_frees() > MAX_PENDING_FREES;
         if busy {
             self.do_flush().await?;
+        }
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Changes the virtual size (QEMU's `qcow2_co_truncate`, without
+    /// preallocation). The core serialises it against every request past
+    /// the smaller size. With a backing file, a grown area reads as zeroes
+    /// (QEMU's `BDRV_REQ_ZERO_WRITE` for it), not as the backing file.
+    pub(super) async fn do_truncate(&self, len: u64) -> io::Result<()> {
+        if len % 512 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "The new size must be a multiple of 512",
+            ));
+        }
+        let old = self.size();
+        {
+            let mut m = self.meta.lock().await;
+            if !m.snapshots.is_empty() && self.geo.version < 3 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
+            m.resize(len).await?;
+            self.size.store(len, std::sync::atomic::Ordering::Release);
+        }
+        // Applies the frees a shrink queued.
+        self.do_flush().await?;
+        if len < old {
+            self.meta.lock().await.cut_file_tail().await?;
+        }
+        if len > old && self.children.node("backing").is_some() {
+            self.do_write_zeroes(old, len - old, ReqFlags::default())
+                .await?;
         }
         Ok(())
     }

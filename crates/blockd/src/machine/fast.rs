@@ -48,6 +48,8 @@ struct ImageInfo {
         skip_serializing_if = "Option::is_none"
     )]
     backing_filename_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshots: Option<Vec<Value>>,
     #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
     format_specific: Option<Value>,
     #[serde(rename = "backing-image", skip_serializing_if = "Option::is_none")]
@@ -121,6 +123,11 @@ fn image_info(n: &BlockNode, filename: String) -> ImageInfo {
         },
         backing_filename_format: if has_bf { info.backing_format } else { None },
         backing_filename: info.backing_filename,
+        snapshots: n
+            .driver()
+            .snapshots()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.iter().map(|s| s.to_json()).collect()),
         format_specific: info.format_specific,
         backing_image: b.map(|b| {
             let f = b.filename();
@@ -162,7 +169,7 @@ fn device_info(n: &BlockNode, writeback: bool) -> DeviceInfo {
             direct: o.cache_direct,
             no_flush: o.cache_no_flush,
         },
-        write_threshold: 0,
+        write_threshold: n.write_threshold(),
     }
 }
 
@@ -297,6 +304,30 @@ mod tests {
             json!({"driver": "null-co", "node-name": "n", "read-only": true}),
         )
         .await;
+        // A write threshold, and a qcow2 image with an internal snapshot.
+        raw.set_write_threshold(4096, None);
+        let q = dir.join("q.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&q)
+            .arg("1M")
+            .status()
+            .unwrap()
+            .success()
+            && std::process::Command::new("qemu-img")
+                .args(["snapshot", "-c", "s1"])
+                .arg(&q)
+                .status()
+                .unwrap()
+                .success();
+        assert!(ok, "qemu-img failed");
+        let qcow2 = add(
+            &g,
+            json!({"driver": "qcow2", "node-name": "q", "read-only": true,
+                   "file": {"driver": "file", "filename": q.display().to_string()}}),
+        )
+        .await;
+        assert_eq!(qcow2.driver().snapshots().unwrap().len(), 1);
         let run = Arc::new(RunState::default());
         let perm = PermPair {
             perm: Perm::CONSISTENT_READ,
@@ -307,8 +338,10 @@ mod tests {
         a.set_write_cache(false);
         let b = Arc::new(BlockBackend::new("", perm, run.clone()));
         b.insert(&g, null).unwrap();
-        let c = Arc::new(BlockBackend::new("c", perm, run));
-        let list = vec![a, b, c];
+        let c = Arc::new(BlockBackend::new("c", perm, run.clone()));
+        let d = Arc::new(BlockBackend::new("d", perm, run));
+        d.insert(&g, qcow2).unwrap();
+        let list = vec![a, b, c, d];
         let fast: Value = serde_json::from_str(&query_block(&list)).unwrap();
         let slow = Value::Array(
             list.iter()

@@ -149,6 +149,12 @@ pub fn image_info(n: &BlockNode, nested: bool) -> Value {
             m.insert("backing-filename-format".into(), fmt.clone().into());
         }
     }
+    if let Some(sns) = n.driver().snapshots().filter(|s| !s.is_empty()) {
+        m.insert(
+            "snapshots".into(),
+            sns.iter().map(|s| s.to_json()).collect::<Vec<_>>().into(),
+        );
+    }
     if let Some(fs) = info.format_specific {
         m.insert("format-specific".into(), fs);
     }
@@ -185,7 +191,7 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
         "cache".into(),
         json!({"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush}),
     );
-    m.insert("write_threshold".into(), 0.into());
+    m.insert("write_threshold".into(), n.write_threshold().into());
     Value::Object(m)
 }
 

@@ -6,6 +6,7 @@ use blockd_qmp::Dispatcher;
 
 use crate::state::State;
 
+mod amend;
 mod backend;
 mod backup;
 mod block;
@@ -19,7 +20,9 @@ mod job;
 mod misc;
 mod object;
 mod qom;
+mod resize;
 mod snapshot;
+mod snapshot_internal;
 mod throttle;
 mod transaction;
 
@@ -44,6 +47,9 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     object::register(&mut d);
     qom::register(&mut d);
     snapshot::register(&mut d);
+    snapshot_internal::register(&mut d);
     transaction::register(&mut d);
+    resize::register(&mut d);
+    amend::register(&mut d);
     d
 }

@@ -12,7 +12,8 @@
 //! transaction list runs. Then every one is cleaned, in the same order.
 //!
 //! The single-action commands (`blockdev-snapshot`,
-//! `blockdev-snapshot-sync`, `blockdev-backup`, `drive-backup`) are one-action
+//! `blockdev-snapshot-sync`, `blockdev-snapshot-internal-sync`,
+//! `blockdev-backup`, `drive-backup`) are one-action
 //! transactions, as in QEMU (`blockdev_do_action`).
 //!
 //! Adding an action: a variant of [`TransactionAction`] (and its wire
@@ -30,6 +31,7 @@ use super::backup::{BackupAction, BlockdevBackup};
 use super::blockjob::{gen, R};
 use super::drive_job::{DriveBackup, DriveBackupAction};
 use super::snapshot::{BlockdevSnapshot, BlockdevSnapshotSync, ExternalSnapshot};
+use super::snapshot_internal::{InternalSnapshotAction, SnapshotInternal};
 use crate::state::State;
 
 /// A boxed future borrowing the action and the server.
@@ -74,6 +76,8 @@ pub(super) enum TransactionAction {
     BlockdevBackup(Box<BlockdevBackup>),
     /// `blockdev-snapshot`.
     BlockdevSnapshot(BlockdevSnapshot),
+    /// `blockdev-snapshot-internal-sync`.
+    BlockdevSnapshotInternalSync(SnapshotInternal),
     /// `blockdev-snapshot-sync`.
     BlockdevSnapshotSync(BlockdevSnapshotSync),
     /// `drive-backup`.
@@ -87,6 +91,7 @@ impl TransactionAction {
             TransactionAction::Abort(_) => "abort",
             TransactionAction::BlockdevBackup(_) => "blockdev-backup",
             TransactionAction::BlockdevSnapshot(_) => "blockdev-snapshot",
+            TransactionAction::BlockdevSnapshotInternalSync(_) => "blockdev-snapshot-internal-sync",
             TransactionAction::BlockdevSnapshotSync(_) => "blockdev-snapshot-sync",
             TransactionAction::DriveBackup(_) => "drive-backup",
         }
@@ -106,6 +111,9 @@ impl TransactionAction {
             TransactionAction::Abort(_) => Box::new(AbortAction),
             TransactionAction::BlockdevBackup(a) => Box::new(BackupAction::new(*a)),
             TransactionAction::BlockdevSnapshot(a) => Box::new(ExternalSnapshot::node(a)),
+            TransactionAction::BlockdevSnapshotInternalSync(a) => {
+                Box::new(InternalSnapshotAction::new(a))
+            }
             TransactionAction::BlockdevSnapshotSync(a) => Box::new(ExternalSnapshot::sync(a)),
             TransactionAction::DriveBackup(a) => Box::new(DriveBackupAction::new(*a)),
         }

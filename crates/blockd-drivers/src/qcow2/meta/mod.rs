@@ -38,11 +38,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::cache::TableCache;
-use super::header::{SnapshotL1, INCOMPAT_DIRTY, OFF_INCOMPAT};
+use super::header::{INCOMPAT_DIRTY, OFF_INCOMPAT};
 use super::refcount::Refcounts;
+use super::snapshot::SnapEntry;
 use super::{corrupt, FileIo, Geo};
 
 mod ops;
+mod resize;
+mod snapshot;
 
 /// Offset bits of an L1 entry.
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -258,8 +261,8 @@ pub struct Meta {
     pub discard_no_unref: bool,
     /// Whether the node has a backing child.
     pub has_backing: bool,
-    /// Internal snapshots' L1 tables.
-    pub snapshots: Vec<SnapshotL1>,
+    /// The snapshot table's entries.
+    pub snapshots: Vec<SnapEntry>,
     /// The snapshot table: (offset, bytes).
     pub snapshot_table: (u64, u64),
     /// `cache-clean-interval`.
