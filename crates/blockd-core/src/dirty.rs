@@ -24,6 +24,25 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::bitmap::DirtyBitmap;
 use crate::error::BlockError;
 
+/// Why a driver cannot store a new persistent bitmap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreRefusal {
+    /// The format stores no bitmaps.
+    Unsupported,
+    /// The format does, but not this one: QEMU's reason.
+    Refused(String),
+}
+
+/// The granularity of a bitmap added without one (QEMU's
+/// `bdrv_get_default_bitmap_granularity`): the cluster size within
+/// 4 KiB..64 KiB, else 64 KiB.
+pub fn default_granularity(cluster_size: Option<u64>) -> u64 {
+    match cluster_size {
+        Some(c) if c > 0 => c.clamp(4096, 65536),
+        _ => 65536,
+    }
+}
+
 /// What a use of a bitmap must not meet (QEMU's `BDRV_BITMAP_*` flags of
 /// `bdrv_dirty_bitmap_check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +60,11 @@ impl Check {
     /// Everything but read-only: the bitmap is read or its recording
     /// state changes.
     pub const ALLOW_RO: Check = Check(5);
+
+    /// Both sets of conditions.
+    pub const fn or(self, c: Check) -> Check {
+        Check(self.0 | c.0)
+    }
 
     fn has(self, c: Check) -> bool {
         self.0 & c.0 != 0

@@ -27,6 +27,10 @@ pub const FILES: &[(&str, &str)] = &[
     ),
     ("device.json", include_str!("../../../schema/device.json")),
     ("qom.json", include_str!("../../../schema/qom.json")),
+    (
+        "block-bitmap.json",
+        include_str!("../../../schema/block-bitmap.json"),
+    ),
 ];
 
 /// Loads the compiled-in schema.

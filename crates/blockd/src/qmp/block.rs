@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use blockd_core::dirty::NamedBitmap;
 use blockd_core::{BlockError, BlockNode, ChildRole, Parent};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
@@ -184,6 +185,28 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
         json!({"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush}),
     );
     m.insert("write_threshold".into(), 0.into());
+    let bitmaps = n.dirty_bitmaps().list();
+    if !bitmaps.is_empty() {
+        m.insert(
+            "dirty-bitmaps".into(),
+            bitmaps.iter().map(|b| dirty_info(b)).collect(),
+        );
+    }
+    Value::Object(m)
+}
+
+/// `BlockDirtyInfo` of a bitmap (QEMU's `bdrv_query_dirty_bitmaps`).
+fn dirty_info(b: &NamedBitmap) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), b.name().into());
+    m.insert("count".into(), b.bits().dirty_bytes().into());
+    m.insert("granularity".into(), b.granularity().into());
+    m.insert("recording".into(), b.enabled().into());
+    m.insert("busy".into(), b.busy().into());
+    m.insert("persistent".into(), b.persistent().into());
+    if b.inconsistent() {
+        m.insert("inconsistent".into(), true.into());
+    }
     Value::Object(m)
 }
 

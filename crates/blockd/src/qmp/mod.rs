@@ -8,6 +8,7 @@ use crate::state::State;
 
 mod backend;
 mod backup;
+mod bitmap;
 mod block;
 mod blockjob;
 mod control;
@@ -32,6 +33,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     job::register(&mut d);
     blockjob::register(&mut d);
     backup::register(&mut d);
+    bitmap::register(&mut d);
     export::register(&mut d);
     device::register(&mut d);
     backend::register(&mut d);
