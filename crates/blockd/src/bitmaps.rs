@@ -282,3 +282,56 @@ pub fn sha256(st: &State, node: &str, name: &str) -> R<String> {
     let (_, bm) = lookup(st, node, name)?;
     Ok(bm.bits().sha256_hex())
 }
+
+/// The node a node's data falls through to: a filter's child or the
+/// backing node (QEMU's `bdrv_filter_or_cow_bs`).
+fn filter_or_cow(bs: &BlockNode) -> Option<Arc<BlockNode>> {
+    if bs.driver().is_filter() {
+        return bs.children().first().map(|c| c.node());
+    }
+    bs.backing()
+}
+
+/// The bitmaps an NBD export of `node` offers (QEMU's `nbd_export_create`):
+/// a local name is looked for on the node and down its filter and backing
+/// chain; a read-only export refuses a recording bitmap of a writable
+/// node; a busy or inconsistent bitmap is refused. The caller marks them
+/// busy once the export exists.
+pub fn export_bitmaps(
+    st: &State,
+    node: &Arc<BlockNode>,
+    sources: &[Source],
+    readonly: bool,
+) -> R<Vec<Arc<NamedBitmap>>> {
+    let mut out = Vec::with_capacity(sources.len());
+    for s in sources {
+        let bm = match s {
+            Source::Local(name) => {
+                let mut cur = Some(node.clone());
+                let mut found = None;
+                while let Some(bs) = cur {
+                    if let Some(bm) = bs.dirty_bitmaps().find(name) {
+                        found = Some((bs, bm));
+                        break;
+                    }
+                    cur = filter_or_cow(&bs);
+                }
+                let Some((bs, bm)) = found else {
+                    return Err(BlockError::not_found(format!(
+                        "Bitmap '{name}' is not found"
+                    )));
+                };
+                if readonly && !bs.read_only() && bm.enabled() {
+                    return Err(BlockError::invalid(format!(
+                        "Enabled bitmap '{name}' incompatible with readonly export"
+                    )));
+                }
+                bm
+            }
+            Source::External { node, name } => lookup(st, node, name)?.1,
+        };
+        bm.check(Check::ALLOW_RO)?;
+        out.push(bm);
+    }
+    Ok(out)
+}
