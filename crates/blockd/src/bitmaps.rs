@@ -236,7 +236,7 @@ pub fn merge(st: &State, node: &str, target: &str, sources: &[Source]) -> R<Rest
     let (bs, dst) = lookup(st, node, target)?;
     if sources.is_empty() {
         return Err(BlockError::invalid(
-            "Parameter 'bitmaps' must name at least one bitmap",
+            "block-dirty-bitmap-merge needs at least one bitmap in 'bitmaps'",
         ));
     }
     let backup = Restore {
