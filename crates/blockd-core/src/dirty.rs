@@ -19,7 +19,7 @@
 //! | merge | snapshot the target, merge | drop the copy | restore |
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::BlockError;
@@ -81,6 +81,9 @@ pub struct NamedBitmap {
     persistent: AtomicBool,
     inconsistent: AtomicBool,
     readonly: AtomicBool,
+    /// The anonymous bitmap recording writes while an operation holds this
+    /// one frozen (a backup's sync bitmap).
+    successor: Mutex<Option<Arc<NamedBitmap>>>,
 }
 
 /// Everything that describes a bitmap apart from its bits, for whoever
@@ -111,12 +114,26 @@ impl NamedBitmap {
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
             readonly: AtomicBool::new(false),
+            successor: Mutex::new(None),
         }
     }
 
-    /// The name.
+    /// The name (empty for an anonymous bitmap: a successor).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    fn successor(&self) -> Option<Arc<NamedBitmap>> {
+        self.successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether writes are recorded here or in the successor (QEMU's
+    /// `bdrv_dirty_bitmap_recording`, which queries show).
+    pub fn recording(&self) -> bool {
+        self.enabled() || self.successor().is_some_and(|s| s.enabled())
     }
 
     /// The bits.
@@ -258,7 +275,89 @@ impl NodeBitmaps {
 
     /// The bitmap called `name` (QEMU's `bdrv_find_dirty_bitmap`).
     pub fn find(&self, name: &str) -> Option<Arc<NamedBitmap>> {
+        if name.is_empty() {
+            return None;
+        }
         self.read().iter().find(|b| b.name == name).cloned()
+    }
+
+    /// Freezes `bm` for an operation (QEMU's
+    /// `bdrv_dirty_bitmap_create_successor`): an anonymous successor
+    /// records writes from now on, as `bm` did; `bm` stops recording and
+    /// is busy until [`abdicate`](Self::abdicate) or
+    /// [`reclaim`](Self::reclaim).
+    pub fn create_successor(&self, bm: &Arc<NamedBitmap>) -> Result<(), BlockError> {
+        if bm.busy() {
+            return Err(BlockError::in_use(
+                "Cannot create a successor for a bitmap that is in-use by an operation",
+            ));
+        }
+        if bm.successor().is_some() {
+            return Err(BlockError::in_use(
+                "Cannot create a successor for a bitmap that already has one",
+            ));
+        }
+        let child = NamedBitmap::new(
+            String::new(),
+            DirtyBitmap::new(bm.bits.len(), bm.granularity()),
+        );
+        child.set_enabled(bm.enabled());
+        let child = Arc::new(child);
+        let mut l = self.write();
+        l.insert(0, child.clone());
+        self.count.store(l.len(), Ordering::Relaxed);
+        bm.set_enabled(false);
+        *bm.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
+        bm.set_busy(true);
+        Ok(())
+    }
+
+    /// Detaches `bm`'s successor, with the list locked against marking.
+    fn take_successor(
+        &self,
+        l: &mut Vec<Arc<NamedBitmap>>,
+        bm: &NamedBitmap,
+    ) -> Option<(usize, Arc<NamedBitmap>)> {
+        let s = bm
+            .successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        let pos = l.iter().position(|x| Arc::ptr_eq(x, &s))?;
+        l.remove(pos);
+        Some((pos, s))
+    }
+
+    /// Ends an operation by keeping only what was written since it began
+    /// (QEMU's `bdrv_dirty_bitmap_abdicate`): `bm` takes the successor's
+    /// bits, recording state and place in the list.
+    pub fn abdicate(&self, bm: &Arc<NamedBitmap>) {
+        let mut l = self.write();
+        let Some((pos, s)) = self.take_successor(&mut l, bm) else {
+            return;
+        };
+        bm.bits.restore(&s.bits.snapshot());
+        bm.set_enabled(s.enabled());
+        bm.set_busy(false);
+        if let Some(old) = l.iter().position(|x| Arc::ptr_eq(x, bm)) {
+            l.remove(old);
+            l.insert(pos.min(old), bm.clone());
+        }
+        self.count.store(l.len(), Ordering::Relaxed);
+    }
+
+    /// Ends an operation by keeping everything (QEMU's
+    /// `bdrv_reclaim_dirty_bitmap`): what the successor recorded is merged
+    /// back into `bm`, which records as the successor did.
+    pub fn reclaim(&self, bm: &Arc<NamedBitmap>) {
+        let mut l = self.write();
+        let Some((_, s)) = self.take_successor(&mut l, bm) else {
+            return;
+        };
+        bm.bits.merge_from(&s.bits);
+        bm.set_enabled(s.enabled());
+        bm.set_busy(false);
+        self.count.store(l.len(), Ordering::Relaxed);
     }
 
     /// Creates a clean, enabled bitmap over `len` bytes (QEMU's
@@ -290,6 +389,7 @@ impl NodeBitmaps {
     }
 
     fn attach(&self, b: NamedBitmap) -> Result<Arc<NamedBitmap>, BlockError> {
+        debug_assert!(!b.name.is_empty());
         let mut l = self.write();
         if l.iter().any(|x| x.name == b.name) {
             return Err(BlockError::invalid(format!(
@@ -364,5 +464,32 @@ mod tests {
         assert!(b.check(Check::DEFAULT).is_err());
         n.truncate(65536);
         assert_eq!(a.bits().len(), 65536);
+    }
+
+    #[test]
+    fn successors() {
+        let n = NodeBitmaps::default();
+        let a = n.create("a", 512, 1 << 20).unwrap();
+        n.mark(0, 512);
+        n.create_successor(&a).unwrap();
+        assert!(a.busy() && !a.enabled() && a.recording());
+        assert!(n.create_successor(&a).is_err());
+        assert_eq!(n.list().len(), 2);
+        assert_eq!(n.list()[0].name(), "");
+        n.mark(4096, 512);
+        assert_eq!(a.bits().dirty_bytes(), 512);
+        n.reclaim(&a);
+        assert!(!a.busy() && a.enabled());
+        assert_eq!(a.bits().dirty_bytes(), 1024);
+        assert_eq!(n.list().len(), 1);
+        n.create("b", 512, 1 << 20).unwrap();
+        n.create_successor(&a).unwrap();
+        n.mark(8192, 512);
+        n.abdicate(&a);
+        assert_eq!(a.bits().next_dirty_run(0, u64::MAX), Some((8192, 512)));
+        // The bitmap now sits where its successor was: first.
+        let names: Vec<_> = n.list().iter().map(|b| b.name().to_string()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(!a.busy() && a.enabled());
     }
 }

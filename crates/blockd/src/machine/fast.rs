@@ -86,6 +86,7 @@ struct DeviceInfo {
 /// `BlockDirtyInfo`.
 #[derive(Serialize)]
 struct DirtyInfo {
+    #[serde(skip_serializing_if = "String::is_empty")]
     name: String,
     count: u64,
     granularity: u64,
@@ -186,7 +187,7 @@ fn device_info(n: &BlockNode, writeback: bool) -> DeviceInfo {
                 name: b.name().to_string(),
                 count: b.bits().dirty_bytes(),
                 granularity: b.granularity(),
-                recording: b.enabled(),
+                recording: b.recording(),
                 busy: b.busy(),
                 persistent: b.persistent(),
                 inconsistent: b.inconsistent(),

@@ -198,10 +198,12 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
 /// `BlockDirtyInfo` of a bitmap (QEMU's `bdrv_query_dirty_bitmaps`).
 fn dirty_info(b: &NamedBitmap) -> Value {
     let mut m = Map::new();
-    m.insert("name".into(), b.name().into());
+    if !b.name().is_empty() {
+        m.insert("name".into(), b.name().into());
+    }
     m.insert("count".into(), b.bits().dirty_bytes().into());
     m.insert("granularity".into(), b.granularity().into());
-    m.insert("recording".into(), b.enabled().into());
+    m.insert("recording".into(), b.recording().into());
     m.insert("busy".into(), b.busy().into());
     m.insert("persistent".into(), b.persistent().into());
     if b.inconsistent() {
