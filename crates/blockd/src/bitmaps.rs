@@ -335,3 +335,87 @@ pub fn export_bitmaps(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockd_drivers::options::BlockdevOptions;
+    use blockd_qmp::EventBus;
+    use serde_json::{json, Value};
+
+    async fn state_with_node() -> (State, Arc<BlockNode>) {
+        let schema = crate::schema::load();
+        let st = State::new(
+            EventBus::new(schema),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            false,
+        );
+        let o: BlockdevOptions = serde_json::from_value(
+            json!({"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        )
+        .unwrap();
+        let n = blockd_drivers::blockdev_add(&st.graph, &st.env, o)
+            .await
+            .unwrap();
+        (st, n)
+    }
+
+    fn add_args(name: &str) -> AddArgs<'_> {
+        AddArgs {
+            node: "n0",
+            name,
+            granularity: Some(65536),
+            persistent: false,
+            disabled: false,
+        }
+    }
+
+    /// Every step a transaction would abort leaves things as they were.
+    #[tokio::test]
+    async fn aborts_undo() {
+        let (st, n) = state_with_node().await;
+        let added = add(&st, add_args("a")).unwrap();
+        added.abort();
+        assert!(n.dirty_bitmaps().is_empty());
+
+        add(&st, add_args("a")).unwrap();
+        add(&st, add_args("b")).unwrap();
+        n.write(0, bytes::Bytes::from(vec![1u8; 512]), Default::default())
+            .await
+            .unwrap();
+        let a = find(&n, "a").unwrap();
+        let b = find(&n, "b").unwrap();
+        let sha = a.bits().sha256_hex();
+
+        clear(&st, "n0", "a").unwrap().abort();
+        assert_eq!(a.bits().sha256_hex(), sha);
+
+        let t = set_enabled(&st, "n0", "a", false).unwrap();
+        assert!(!a.enabled());
+        t.abort();
+        assert!(a.enabled());
+
+        b.bits().set(65536 * 3, 1);
+        merge(&st, "n0", "a", &[Source::Local("b".into())])
+            .unwrap()
+            .abort();
+        assert_eq!(a.bits().sha256_hex(), sha);
+
+        let r = remove_prepare(&st, "n0", "a").unwrap();
+        assert!(a.busy());
+        assert_eq!(
+            clear(&st, "n0", "a").err().unwrap().msg,
+            "Bitmap 'a' is currently in use by another operation and cannot be used"
+        );
+        r.abort();
+        assert!(!a.busy());
+        remove_prepare(&st, "n0", "a").unwrap().commit();
+        assert!(n.dirty_bitmaps().find("a").is_none());
+        assert_eq!(
+            merge(&st, "n0", "b", &[]).err().unwrap().msg,
+            "block-dirty-bitmap-merge needs at least one bitmap in 'bitmaps'"
+        );
+    }
+}
