@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use blockd_core::dirty::NamedBitmap;
+use blockd_core::dirty::{Check, NamedBitmap};
 use blockd_core::{BlockError, BlockNode, ChildRole, Parent};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
@@ -64,6 +64,15 @@ pub fn register(d: &mut Dispatcher<State>) {
     );
     d.register("blockdev-del", |cx: Ctx<State>, a: NodeName| async move {
         let g = cx.state.control.lock().await;
+        // A node nobody uses may still have a bitmap another node's
+        // export offers: qemu-storage-daemon 10.0.2 crashes closing it.
+        if let Some(n) = cx.state.graph.get(&a.node_name) {
+            if n.parents().is_empty() {
+                for b in n.dirty_bitmaps().list() {
+                    b.check(Check::BUSY).map_err(qerr)?;
+                }
+            }
+        }
         let removed = cx.state.graph.remove(&a.node_name).map_err(qerr)?;
         drop(g);
         close_nodes(removed).await;
