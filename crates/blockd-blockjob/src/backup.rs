@@ -119,6 +119,9 @@ pub struct BackupParams {
     pub options: JobOptions,
     /// The sync bitmap, for `sync` bitmap (and optionally full or top).
     pub sync_bitmap: Option<SyncBitmap>,
+    /// The target was opened for this job (`drive-backup`): it leaves the
+    /// graph with the job.
+    pub release_target: bool,
 }
 
 struct BackupJob {
@@ -134,6 +137,8 @@ struct BackupJob {
     chunk: u64,
     workers: usize,
     pace: Pace,
+    /// The target, when it leaves the graph with the job.
+    owned_target: Option<Arc<BlockNode>>,
 }
 
 /// QEMU's `block_copy_calculate_cluster_size`: the target's cluster size,
@@ -265,6 +270,7 @@ async fn start_frozen(
         chunk: chunk.max(cluster),
         workers: (p.perf.max_workers as usize).min(MAX_WORKERS),
         pace: Pace::default(),
+        owned_target: p.release_target.then(|| p.target.clone()),
     };
     let (handle, job) =
         match crate::create_job_shared(jobs, &p.job_id, JobType::Backup, p.options, p.speed, job) {
@@ -465,6 +471,9 @@ impl BackupJob {
         self.nodes.remove_all(&self.graph);
         if self.graph.holds(&self.cbw) {
             drop_filter(&self.graph, control, &self.bcs, &self.cbw).await;
+        }
+        if let Some(t) = &self.owned_target {
+            close(self.graph.release(t)).await;
         }
     }
 }

@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{
-    chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm, PermPair, ReqFlags, Root,
-    RootKind,
+    chain, BlockError, BlockGraph, BlockNode, ChildRole, ControlGuard, Perm, PermPair, ReopenSpec,
+    ReqFlags, Root, RootKind,
 };
 use blockd_jobs::{
     FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus, JobType,
@@ -110,6 +110,17 @@ pub struct MirrorParams {
     pub copy_mode: CopyMode,
     /// auto-finalize / auto-dismiss.
     pub options: JobOptions,
+    /// The target was opened for this job (`drive-mirror`): it leaves the
+    /// graph with the job unless the pivot gave it users.
+    pub release_target: bool,
+    /// `sync` full copies everything, not only what the chain allocates
+    /// (QEMU's `zero_target`: true for `blockdev-mirror`; for
+    /// `drive-mirror` only when the target existed before).
+    pub zero_target: bool,
+    /// Becomes the target's backing node at the pivot if it has none
+    /// (QEMU's `MIRROR_SOURCE_BACKING_CHAIN` for a target `drive-mirror`
+    /// created: the source for `sync` none, else the source's backing).
+    pub attach_backing: Option<Arc<BlockNode>>,
 }
 
 struct MirrorJob {
@@ -133,6 +144,9 @@ struct MirrorJob {
     /// The run ended for a pivot (`job-complete`).
     pivot: AtomicBool,
     copy_mode: Mutex<CopyMode>,
+    release_target: bool,
+    zero_target: bool,
+    attach_backing: Option<Arc<BlockNode>>,
 }
 
 /// Starts a mirror or an active commit (QEMU's `mirror_start_job`), in
@@ -220,6 +234,9 @@ pub async fn start(
         pace: Pace::default(),
         pivot: AtomicBool::new(false),
         copy_mode: Mutex::new(p.copy_mode),
+        release_target: p.release_target,
+        zero_target: p.zero_target,
+        attach_backing: p.attach_backing,
     };
     let (handle, job) =
         match crate::create_job_shared(jobs, &p.job_id, p.job_type, p.options, p.speed, job) {
@@ -331,10 +348,11 @@ impl MirrorJob {
         let below: Option<Arc<BlockNode>> = match (self.sync, &self.base) {
             (_, Some(base)) => Some(base.clone()),
             (Sync::Top, None) => chain::next(&self.source),
-            (Sync::Full, None) => {
+            (Sync::Full, None) if self.zero_target => {
                 b.set_all();
                 return Ok(());
             }
+            (Sync::Full, None) => None,
             (Sync::None, None) => return Ok(()),
         };
         let mut off = 0;
@@ -593,6 +611,10 @@ impl MirrorJob {
         // s->target before bdrv_replace_node).
         self.release_all();
         self.shared.stopped.store(true, Ordering::Release);
+        if let Err(e) = self.attach_backing(control).await {
+            drop(drained);
+            return Err(e);
+        }
         let to_replace = self.replaces.clone().unwrap_or_else(|| self.source.clone());
         let r = self
             .graph
@@ -601,6 +623,31 @@ impl MirrorJob {
             .map_err(|e| e.msg);
         drop(drained);
         r
+    }
+
+    /// QEMU's `bdrv_set_backing_hd` of `mirror_exit_common` for
+    /// `MIRROR_SOURCE_BACKING_CHAIN`.
+    async fn attach_backing(&self, control: &ControlGuard) -> Result<(), String> {
+        let Some(b) = &self.attach_backing else {
+            return Ok(());
+        };
+        let target = chain::skip_filters(&self.target);
+        if target.backing().is_some() {
+            return Ok(());
+        }
+        let spec = ReopenSpec {
+            node: target.clone(),
+            options: target.options(),
+            children: vec![("backing".to_string(), ChildRole::COW, Some(b.clone()))],
+            driver_opts: None,
+        };
+        let released = self
+            .graph
+            .reopen(control, vec![spec])
+            .await
+            .map_err(|e| e.msg)?;
+        close(released).await;
+        Ok(())
     }
 
     /// Takes `mirror_top` out (its users go back to what is below it).
@@ -670,6 +717,9 @@ impl JobDriver for MirrorJob {
     fn clean<'a>(&'a self, control: &'a ControlGuard) -> FinalizeFuture<'a> {
         Box::pin(async move {
             self.release_all();
+            if self.release_target {
+                close(self.graph.release(&self.target)).await;
+            }
             // Without a pivot (a soft cancel), the base of an active
             // commit goes back to read-only.
             if self.base_read_only

@@ -71,6 +71,22 @@ pub fn create_file(o: &FileCreateOptions) -> Result<(), BlockError> {
             format!("Could not {what} '{}': {}", o.filename, strerror(&e)),
         )
     };
+    // QEMU's raw_co_create: take the write and resize locks (resize not
+    // shared), check nobody else's locks conflict, and only then clear the
+    // file: an image another node or process has open stays intact.
+    {
+        use crate::file::lock;
+        use blockd_core::Perm;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let cmds = if lock::has_ofd(fd) {
+            lock::LockCmds::Ofd
+        } else {
+            lock::LockCmds::Posix
+        };
+        let perm = Perm(Perm::WRITE.0 | Perm::RESIZE.0);
+        let shared = Perm(Perm::ALL.0 & !Perm::RESIZE.0);
+        lock::check(fd, cmds, perm, shared)?;
+    }
     // Clear whatever the file held, then grow it as asked.
     f.set_len(0).map_err(|e| ctx("resize image", e))?;
     match o.preallocation.unwrap_or_default() {

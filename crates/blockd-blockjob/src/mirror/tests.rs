@@ -137,6 +137,9 @@ impl Setup {
             filter_node_name: None,
             copy_mode,
             options: JobOptions::default(),
+            release_target: false,
+            zero_target: true,
+            attach_backing: None,
         };
         start(&self.jobs, &self.graph, &control, p)
             .await

@@ -6,7 +6,10 @@
 use blockd_blockjob::backup::{BackupParams, BitmapMode, Perf, Sync, SyncBitmap};
 use blockd_core::blocker::BlockOp;
 use blockd_core::dirty::Check;
+use std::sync::Arc;
+
 use blockd_core::qapi::BlockdevOnError;
+use blockd_core::{BlockNode, ControlGuard};
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 
@@ -17,7 +20,7 @@ use crate::state::State;
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-enum BitmapSyncMode {
+pub(super) enum BitmapSyncMode {
     OnSuccess,
     Never,
     Always,
@@ -35,7 +38,7 @@ impl BitmapSyncMode {
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BackupPerf {
+pub(super) struct BackupPerf {
     use_copy_range: Option<bool>,
     max_workers: Option<i64>,
     max_chunk: Option<i64>,
@@ -44,22 +47,22 @@ struct BackupPerf {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BlockdevBackup {
-    job_id: Option<String>,
-    device: String,
-    target: String,
-    sync: MirrorSyncMode,
-    speed: Option<i64>,
-    bitmap: Option<String>,
-    bitmap_mode: Option<BitmapSyncMode>,
-    compress: Option<bool>,
-    on_source_error: Option<BlockdevOnError>,
-    on_target_error: Option<BlockdevOnError>,
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
-    filter_node_name: Option<String>,
-    discard_source: Option<bool>,
-    x_perf: Option<BackupPerf>,
+pub(super) struct BlockdevBackup {
+    pub(super) job_id: Option<String>,
+    pub(super) device: String,
+    pub(super) target: String,
+    pub(super) sync: MirrorSyncMode,
+    pub(super) speed: Option<i64>,
+    pub(super) bitmap: Option<String>,
+    pub(super) bitmap_mode: Option<BitmapSyncMode>,
+    pub(super) compress: Option<bool>,
+    pub(super) on_source_error: Option<BlockdevOnError>,
+    pub(super) on_target_error: Option<BlockdevOnError>,
+    pub(super) auto_finalize: Option<bool>,
+    pub(super) auto_dismiss: Option<bool>,
+    pub(super) filter_node_name: Option<String>,
+    pub(super) discard_source: Option<bool>,
+    pub(super) x_perf: Option<BackupPerf>,
 }
 
 fn sync_name(s: MirrorSyncMode) -> &'static str {
@@ -76,6 +79,20 @@ async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
     let g = st.control.lock().await;
     let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
     let target = lookup_bs(st, Some(&a.target), Some(&a.target))?;
+    backup_common(st, &g, bs, target, a, false).await
+}
+
+/// QEMU's `do_backup_common` and the checks of `backup_job_create`, for
+/// `blockdev-backup` and `drive-backup` (whose target was opened for the
+/// job: `release_target`).
+pub(super) async fn backup_common(
+    st: &State,
+    g: &ControlGuard,
+    bs: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    a: BlockdevBackup,
+    release_target: bool,
+) -> R<()> {
     // do_backup_common: the bitmap arguments.
     let mut sync_mode = a.sync;
     let mut bitmap_mode = a.bitmap_mode;
@@ -183,8 +200,9 @@ async fn blockdev_backup(st: &State, a: BlockdevBackup) -> R<()> {
         perf,
         options: job_options(a.auto_finalize, a.auto_dismiss),
         sync_bitmap,
+        release_target,
     };
-    blockd_blockjob::backup::start(&st.jobs, &st.graph, &g, p)
+    blockd_blockjob::backup::start(&st.jobs, &st.graph, g, p)
         .await
         .map_err(start_err)
 }

@@ -181,7 +181,9 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
     if let Some(b) = backing(n) {
         m.insert("backing_file".into(), b.filename().into());
     }
-    m.insert("backing_file_depth".into(), backing_depth(n).into());
+    // QEMU counts the backing images it gathered, none in flat output.
+    let depth = if flat { 0 } else { backing_depth(n) };
+    m.insert("backing_file_depth".into(), depth.into());
     m.insert("active".into(), true.into());
     m.insert("encrypted".into(), false.into());
     m.insert("detect_zeroes".into(), o.detect_zeroes.as_str().into());

@@ -13,7 +13,7 @@ use blockd_blockjob::StartError;
 use blockd_core::blocker::{self, BlockOp};
 use blockd_core::chain;
 use blockd_core::qapi::BlockdevOnError;
-use blockd_core::{BlockNode, Perm};
+use blockd_core::{BlockNode, ControlGuard, Perm};
 use blockd_jobs::{JobOptions, JobType};
 use blockd_qmp::{Ctx, Dispatcher, Empty, ErrorClass, NoArgs, QmpError};
 use serde::Deserialize;
@@ -64,7 +64,7 @@ pub(super) fn lookup_bs(st: &State, device: Option<&str>, node: Option<&str>) ->
 
 /// QEMU's `qmp_get_root_bs`: a backend's medium or a node nothing but
 /// backends use.
-fn root_bs(st: &State, name: &str) -> R<Arc<BlockNode>> {
+pub(super) fn root_bs(st: &State, name: &str) -> R<Arc<BlockNode>> {
     let bs = lookup_bs(st, Some(name), Some(name))?;
     if !chain::is_root_node(&bs) {
         return Err(gen("Need a root block node"));
@@ -200,6 +200,9 @@ async fn block_commit(st: &State, a: BlockCommit) -> R<()> {
             filter_node_name: a.filter_node_name,
             copy_mode: CopyMode::Background,
             options,
+            release_target: false,
+            zero_target: false,
+            attach_backing: None,
         };
         blockd_blockjob::mirror::start(&st.jobs, &st.graph, &g, p)
             .await
@@ -335,28 +338,28 @@ pub(super) enum MirrorSyncMode {
 
 #[derive(Deserialize, Clone, Copy)]
 #[serde(rename_all = "kebab-case")]
-enum MirrorCopyMode {
+pub(super) enum MirrorCopyMode {
     Background,
     WriteBlocking,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-struct BlockdevMirror {
-    job_id: Option<String>,
-    device: String,
-    target: String,
-    replaces: Option<String>,
-    sync: MirrorSyncMode,
-    speed: Option<i64>,
-    granularity: Option<i64>,
-    buf_size: Option<i64>,
-    on_source_error: Option<BlockdevOnError>,
-    on_target_error: Option<BlockdevOnError>,
-    filter_node_name: Option<String>,
-    copy_mode: Option<MirrorCopyMode>,
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
+pub(super) struct BlockdevMirror {
+    pub(super) job_id: Option<String>,
+    pub(super) device: String,
+    pub(super) target: String,
+    pub(super) replaces: Option<String>,
+    pub(super) sync: MirrorSyncMode,
+    pub(super) speed: Option<i64>,
+    pub(super) granularity: Option<i64>,
+    pub(super) buf_size: Option<i64>,
+    pub(super) on_source_error: Option<BlockdevOnError>,
+    pub(super) on_target_error: Option<BlockdevOnError>,
+    pub(super) filter_node_name: Option<String>,
+    pub(super) copy_mode: Option<MirrorCopyMode>,
+    pub(super) auto_finalize: Option<bool>,
+    pub(super) auto_dismiss: Option<bool>,
 }
 
 /// QEMU's `bdrv_get_default_bitmap_granularity`: the cluster size,
@@ -391,6 +394,30 @@ async fn blockdev_mirror(st: &State, a: BlockdevMirror) -> R<()> {
     let g = st.control.lock().await;
     let bs = root_bs(st, &a.device)?;
     let target = lookup_bs(st, Some(&a.target), Some(&a.target))?;
+    mirror_common(st, &g, bs, target, a, None).await
+}
+
+/// What `drive-mirror` tells `blockdev_mirror_common` about a target it
+/// opened for the job.
+pub(super) struct CreatedTarget {
+    /// `mode` existing: a `sync` full mirror also copies what the source
+    /// does not allocate (QEMU's `zero_target`; a new image reads zeroes).
+    pub(super) existing: bool,
+    /// The target's backing node, attached at the pivot.
+    pub(super) attach_backing: Option<Arc<BlockNode>>,
+}
+
+/// QEMU's `blockdev_mirror_common`, for `blockdev-mirror` and
+/// `drive-mirror` (whose target was opened for the job: `created`; it
+/// leaves the graph with the job unless the pivot gives it users).
+pub(super) async fn mirror_common(
+    st: &State,
+    g: &ControlGuard,
+    bs: Arc<BlockNode>,
+    target: Arc<BlockNode>,
+    a: BlockdevMirror,
+    created: Option<CreatedTarget>,
+) -> R<()> {
     let granularity = a.granularity.unwrap_or(0);
     if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
         return Err(gen(
@@ -468,8 +495,11 @@ async fn blockdev_mirror(st: &State, a: BlockdevMirror) -> R<()> {
             _ => CopyMode::Background,
         },
         options: job_options(a.auto_finalize, a.auto_dismiss),
+        release_target: created.is_some(),
+        zero_target: sync == Sync::Full && created.as_ref().is_none_or(|c| c.existing),
+        attach_backing: created.and_then(|c| c.attach_backing),
     };
-    blockd_blockjob::mirror::start(&st.jobs, &st.graph, &g, p)
+    blockd_blockjob::mirror::start(&st.jobs, &st.graph, g, p)
         .await
         .map_err(start_err)
 }

@@ -13,6 +13,7 @@ mod block;
 mod blockjob;
 mod control;
 mod device;
+mod drive_job;
 mod export;
 mod job;
 mod misc;
@@ -34,6 +35,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     blockjob::register(&mut d);
     backup::register(&mut d);
     bitmap::register(&mut d);
+    drive_job::register(&mut d);
     export::register(&mut d);
     device::register(&mut d);
     backend::register(&mut d);

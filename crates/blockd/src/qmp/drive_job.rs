@@ -1,0 +1,335 @@
+//! `drive-mirror` and `drive-backup` over QMP: the older forms of
+//! `blockdev-mirror` and `blockdev-backup` whose target is a file name
+//! (QEMU's `blockdev.c`: `qmp_drive_mirror`, and `drive_backup_action`,
+//! formerly `drive_backup_prepare`).
+//!
+//! With `mode` `absolute-paths` (the default) the target image is created
+//! first, as QEMU's `bdrv_img_create` does: in the source's format unless
+//! `format` says otherwise, the source's size, and for `sync` `top` the
+//! source's backing file as its backing file (for `sync` `none`, the
+//! source itself). With `existing` the file must be there. The image is
+//! then opened by file name (the implicit open path) and handed to
+//! `blockdev_mirror_common` / `do_backup_common`; it leaves the graph
+//! with the job unless the mirror's pivot gave it users.
+//!
+//! A new mirror target is opened without its backing node, which the
+//! pivot attaches (QEMU's `MIRROR_SOURCE_BACKING_CHAIN`: the source for
+//! `sync` none, else the source's backing node); an existing one is opened
+//! with the backing chain its header names. Where blockd differs: a
+//! backup target for `sync` `none` is opened without its backing node
+//! (QEMU attaches the source); the image on disk is the same.
+
+use std::sync::Arc;
+
+use blockd_core::blocker::BlockOp;
+use blockd_core::chain;
+use blockd_core::qapi::BlockdevOnError;
+use blockd_core::{BlockError, BlockNode};
+use blockd_drivers::create::{create_file, FileCreateOptions};
+use blockd_drivers::options::BlockdevOptions;
+use blockd_drivers::qcow2::create::Qcow2CreateOptions;
+use blockd_drivers::ImageRequest;
+use blockd_qmp::{Ctx, Dispatcher, Empty};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::backup::{backup_common, BackupPerf, BitmapSyncMode, BlockdevBackup};
+use super::block::{close_nodes, qerr};
+use super::blockjob::{
+    busy, gen, lookup_bs, mirror_common, root_bs, BlockdevMirror, CreatedTarget, MirrorCopyMode,
+    MirrorSyncMode, R,
+};
+use crate::state::State;
+
+/// QEMU's `NewImageMode`.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+enum NewImageMode {
+    Existing,
+    #[default]
+    AbsolutePaths,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct DriveMirror {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    format: Option<String>,
+    node_name: Option<String>,
+    replaces: Option<String>,
+    sync: MirrorSyncMode,
+    mode: Option<NewImageMode>,
+    speed: Option<i64>,
+    granularity: Option<i64>,
+    buf_size: Option<i64>,
+    on_source_error: Option<BlockdevOnError>,
+    on_target_error: Option<BlockdevOnError>,
+    /// Accepted; blockd's mirror writes zeroes as zeroes either way.
+    unmap: Option<bool>,
+    copy_mode: Option<MirrorCopyMode>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct DriveBackup {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    format: Option<String>,
+    mode: Option<NewImageMode>,
+    sync: MirrorSyncMode,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    bitmap_mode: Option<BitmapSyncMode>,
+    compress: Option<bool>,
+    on_source_error: Option<BlockdevOnError>,
+    on_target_error: Option<BlockdevOnError>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+    discard_source: Option<bool>,
+    x_perf: Option<BackupPerf>,
+}
+
+fn internal(v: Value) -> Result<BlockdevOptions, BlockError> {
+    serde_json::from_value(v).map_err(|e| BlockError::invalid(format!("internal error: {e}")))
+}
+
+/// QEMU's `bdrv_img_create` for the formats blockd creates: `filename`
+/// of `size` bytes in `format`, with `backing` (file name, format) in its
+/// header.
+async fn img_create(
+    st: &State,
+    filename: &str,
+    format: &str,
+    backing: Option<(String, String)>,
+    size: u64,
+) -> R<()> {
+    let is_qcow2 = match format {
+        "qcow2" => true,
+        "raw" | "file" => false,
+        _ => return Err(gen(format!("Unknown file format '{format}'"))),
+    };
+    if !is_qcow2 && backing.is_some() {
+        return Err(gen(format!(
+            "Backing file not supported for file format '{format}'"
+        )));
+    }
+    let opts = FileCreateOptions {
+        filename: filename.to_string(),
+        size: if is_qcow2 { 0 } else { size },
+        preallocation: None,
+        nocow: None,
+        extent_size_hint: None,
+    };
+    tokio::task::spawn_blocking(move || create_file(&opts))
+        .await
+        .map_err(|e| gen(format!("internal error: {e}")))?
+        .map_err(qerr)?;
+    if !is_qcow2 {
+        return Ok(());
+    }
+    let file_opts = internal(json!({"driver": "file", "filename": filename})).map_err(qerr)?;
+    let file = blockd_drivers::open_implicit(&st.graph, &st.env, file_opts)
+        .await
+        .map_err(qerr)?;
+    let (backing_file, backing_fmt) = backing.unzip();
+    let create: Result<Qcow2CreateOptions, _> = serde_json::from_value(json!({
+        "file": file.name(), "size": size,
+        "backing-file": backing_file, "backing-fmt": backing_fmt,
+    }));
+    let r = match create {
+        Ok(c) => blockd_drivers::qcow2::create::create(&file, &c)
+            .await
+            .map_err(qerr),
+        Err(e) => Err(gen(format!("internal error: {e}"))),
+    };
+    close_nodes(st.graph.release(&file)).await;
+    r
+}
+
+/// QEMU's `bdrv_open(filename, NULL, options, flags)` for the new target:
+/// the image by file name, probed when `format` is absent, with `extra`
+/// options on its format node.
+async fn open_target(
+    st: &State,
+    filename: &str,
+    format: Option<String>,
+    extra: Map<String, Value>,
+) -> R<Arc<BlockNode>> {
+    if let Some(f) = &format {
+        if !matches!(f.as_str(), "qcow2" | "raw") {
+            return Err(gen(format!("Unknown driver '{f}'")));
+        }
+    }
+    let protocol = internal(json!({"driver": "file", "filename": filename})).map_err(qerr)?;
+    let request = ImageRequest { protocol, format };
+    let image = blockd_drivers::open_image(&st.graph, &st.env, request, |format, file| {
+        let mut m = extra;
+        if format != "qcow2" {
+            m.remove("backing");
+        }
+        m.insert("driver".into(), format.into());
+        m.insert("file".into(), file.name().into());
+        internal(Value::Object(m))
+    })
+    .await
+    .map_err(qerr)?;
+    Ok(image.node)
+}
+
+async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
+    let g = st.control.lock().await;
+    let bs = root_bs(st, &a.device)?;
+    busy(&bs, BlockOp::MirrorSource)?;
+    let mode = a.mode.unwrap_or_default();
+    let format = match (&a.format, mode) {
+        (Some(f), _) => Some(f.clone()),
+        (None, NewImageMode::Existing) => None,
+        (None, NewImageMode::AbsolutePaths) => Some(bs.driver().format_name().to_string()),
+    };
+    let mut sync = a.sync;
+    let mut target_backing = chain::next(&chain::skip_filters(&bs));
+    if target_backing.is_none() && sync == MirrorSyncMode::Top {
+        sync = MirrorSyncMode::Full;
+    }
+    if sync == MirrorSyncMode::None {
+        target_backing = Some(bs.clone());
+    }
+    if a.replaces.is_some() && a.node_name.is_none() {
+        return Err(gen(
+            "a node-name must be provided when replacing a named node of the graph",
+        ));
+    }
+    let mut extra = Map::new();
+    let backing = match &target_backing {
+        Some(b) if sync != MirrorSyncMode::Full => Some(b.clone()),
+        _ => None,
+    };
+    if mode == NewImageMode::AbsolutePaths {
+        let fmt = format.as_deref().unwrap_or("raw");
+        let header = backing.as_ref().map(|b| {
+            let b = chain::skip_filters(b);
+            (
+                b.filename().to_string(),
+                b.driver().format_name().to_string(),
+            )
+        });
+        img_create(st, &a.target, fmt, header, bs.length()).await?;
+        // Opened without its backing file, which the pivot attaches.
+        extra.insert("backing".into(), Value::Null);
+    }
+    if let Some(n) = &a.node_name {
+        extra.insert("node-name".into(), n.clone().into());
+    }
+    let target = open_target(st, &a.target, format, extra).await?;
+    let _ = a.unmap;
+    let m = BlockdevMirror {
+        job_id: a.job_id,
+        device: a.device,
+        target: target.name().to_string(),
+        replaces: a.replaces,
+        sync,
+        speed: a.speed,
+        granularity: a.granularity,
+        buf_size: a.buf_size,
+        on_source_error: a.on_source_error,
+        on_target_error: a.on_target_error,
+        filter_node_name: None,
+        copy_mode: a.copy_mode,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+    };
+    let created = CreatedTarget {
+        existing: mode == NewImageMode::Existing,
+        attach_backing: backing.filter(|_| mode == NewImageMode::AbsolutePaths),
+    };
+    let r = mirror_common(st, &g, bs, target.clone(), m, Some(created)).await;
+    if r.is_err() {
+        close_nodes(st.graph.release(&target)).await;
+    }
+    r
+}
+
+async fn drive_backup(st: &State, a: DriveBackup) -> R<()> {
+    let g = st.control.lock().await;
+    let bs = lookup_bs(st, Some(&a.device), Some(&a.device))?;
+    let mode = a.mode.unwrap_or_default();
+    busy(&bs, BlockOp::BackupSource)?;
+    let format = match (&a.format, mode) {
+        (Some(f), _) => Some(f.clone()),
+        (None, NewImageMode::Existing) => None,
+        (None, NewImageMode::AbsolutePaths) => Some(bs.driver().format_name().to_string()),
+    };
+    let mut sync = a.sync;
+    let mut source = None;
+    if sync == MirrorSyncMode::Top {
+        source = chain::next(&chain::skip_filters(&bs));
+        if source.is_none() {
+            sync = MirrorSyncMode::Full;
+        }
+    }
+    let mut extra = Map::new();
+    extra.insert("discard".into(), "unmap".into());
+    extra.insert("detect-zeroes".into(), "unmap".into());
+    if sync == MirrorSyncMode::None {
+        source = Some(bs.clone());
+        extra.insert("backing".into(), Value::Null);
+    }
+    if mode == NewImageMode::AbsolutePaths {
+        let fmt = format.as_deref().unwrap_or("raw");
+        let header = source.as_ref().map(|b| {
+            let b = chain::skip_filters(b);
+            (
+                b.filename().to_string(),
+                b.driver().format_name().to_string(),
+            )
+        });
+        img_create(st, &a.target, fmt, header, bs.length()).await?;
+    }
+    let target = open_target(st, &a.target, format, extra).await?;
+    let b = BlockdevBackup {
+        job_id: a.job_id,
+        device: a.device,
+        target: target.name().to_string(),
+        sync,
+        speed: a.speed,
+        bitmap: a.bitmap,
+        bitmap_mode: a.bitmap_mode,
+        compress: a.compress,
+        on_source_error: a.on_source_error,
+        on_target_error: a.on_target_error,
+        auto_finalize: a.auto_finalize,
+        auto_dismiss: a.auto_dismiss,
+        filter_node_name: a.filter_node_name,
+        discard_source: a.discard_source,
+        x_perf: a.x_perf,
+    };
+    let r = backup_common(st, &g, bs, target.clone(), b, true).await;
+    if r.is_err() {
+        close_nodes(st.graph.release(&target)).await;
+    }
+    r
+}
+
+/// Registers `drive-mirror` and `drive-backup`.
+pub fn register(d: &mut Dispatcher<State>) {
+    d.register(
+        "drive-mirror",
+        |cx: Ctx<State>, a: DriveMirror| async move {
+            drive_mirror(&cx.state, a).await?;
+            R::Ok(Empty {})
+        },
+    );
+    d.register(
+        "drive-backup",
+        |cx: Ctx<State>, a: DriveBackup| async move {
+            drive_backup(&cx.state, a).await?;
+            R::Ok(Empty {})
+        },
+    );
+}
