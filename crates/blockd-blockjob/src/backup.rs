@@ -11,9 +11,18 @@
 //! until the job is cleaned up, so a job waiting to be finalized keeps
 //! the point in time; then the users of the filter go back to the
 //! source.
+//!
+//! With a sync bitmap (a dirty bitmap of the source), the bitmap is
+//! frozen while the job runs and a successor records new writes; `sync`
+//! `bitmap` copies only the clusters it marks. At the end the
+//! [`BitmapMode`] decides (QEMU's `backup_cleanup_sync_bitmap`): the
+//! bitmap keeps only what was written during the job (the successor's
+//! bits) on success with `on-success`, always with `always` (plus, on
+//! failure, what was not copied); otherwise the successor is merged back.
 
 use std::sync::Arc;
 
+use blockd_core::dirty::{Check, NamedBitmap};
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm};
 use blockd_jobs::{
@@ -41,6 +50,27 @@ pub enum Sync {
     Top,
     /// Nothing: only what is written while the job runs.
     None,
+    /// What the sync bitmap marks.
+    Bitmap,
+}
+
+/// What becomes of the sync bitmap when the job ends (`BitmapSyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// Cleared of what was copied if the job succeeds.
+    OnSuccess,
+    /// Left as it was (with what was written meanwhile).
+    Never,
+    /// Cleared of what was copied, even if the job fails.
+    Always,
+}
+
+/// A backup's sync bitmap.
+pub struct SyncBitmap {
+    /// A dirty bitmap of the source.
+    pub bitmap: Arc<NamedBitmap>,
+    /// What to do with it at the end.
+    pub mode: BitmapMode,
 }
 
 /// A backup's `x-perf` tuning (QEMU's `BackupPerf`).
@@ -88,12 +118,15 @@ pub struct BackupParams {
     pub perf: Perf,
     /// auto-finalize / auto-dismiss.
     pub options: JobOptions,
+    /// The sync bitmap, for `sync` bitmap (and optionally full or top).
+    pub sync_bitmap: Option<SyncBitmap>,
     /// The target was opened for this job (`drive-backup`): it leaves the
     /// graph with the job.
     pub release_target: bool,
 }
 
 struct BackupJob {
+    sync_bitmap: Option<SyncBitmap>,
     graph: Arc<BlockGraph>,
     nodes: JobNodes,
     source: Arc<BlockNode>,
@@ -134,10 +167,12 @@ async fn drop_filter(
 }
 
 /// Starts a backup (QEMU's `backup_job_create`), in QEMU's order: the
-/// checks the caller made, then the sizes, the filter (`Could not create
-/// node: ...` when it cannot be made, `Could not replace node: ...` when
-/// the source's users cannot move onto it), then the job (a bad ID or
-/// speed fails here and takes the filter out again).
+/// checks the caller made, the sync bitmap (it must be changeable unless
+/// its mode is `never`; it gets its successor), then the sizes, the filter
+/// (`Could not create node: ...` when it cannot be made, `Could not
+/// replace node: ...` when the source's users cannot move onto it), then
+/// the job (a bad ID or speed fails here and takes the filter out again).
+/// A failure after the successor was made merges it back.
 pub async fn start(
     jobs: &JobManager,
     graph: &Arc<BlockGraph>,
@@ -170,6 +205,29 @@ pub async fn create(
         )
         .into());
     }
+    let frozen = match &p.sync_bitmap {
+        Some(sb) => {
+            if sb.mode != BitmapMode::Never {
+                sb.bitmap.check(Check::DEFAULT)?;
+            }
+            p.source.dirty_bitmaps().create_successor(&sb.bitmap)?;
+            Some((p.source.clone(), sb.bitmap.clone()))
+        }
+        None => None,
+    };
+    let r = start_frozen(jobs, graph, control, p).await;
+    if let (Err(_), Some((src, bm))) = (&r, frozen) {
+        src.dirty_bitmaps().reclaim(&bm);
+    }
+    r
+}
+
+async fn start_frozen(
+    jobs: &JobManager,
+    graph: &Arc<BlockGraph>,
+    control: &ControlGuard,
+    p: BackupParams,
+) -> Result<JobHandle, StartError> {
     let len = p.source.length();
     if p.target.length() != len {
         return Err(BlockError::invalid("Source and target image have different sizes").into());
@@ -216,6 +274,7 @@ pub async fn create(
         c => (c as u64).min(DEFAULT_CHUNK).max(cluster) / cluster * cluster,
     };
     let job = BackupJob {
+        sync_bitmap: p.sync_bitmap,
         graph: graph.clone(),
         nodes: JobNodes::new("backup", &p.job_id),
         source: p.source.clone(),
@@ -388,6 +447,35 @@ impl BackupJob {
                 self.copy_all(ctx).await
             }
             Sync::Full => self.copy_all(ctx).await,
+            Sync::Bitmap => {
+                // QEMU's backup_init_bcs_bitmap: only what the sync
+                // bitmap marks, in whole clusters.
+                if let Some(sb) = &self.sync_bitmap {
+                    self.bcs.bitmap.clear();
+                    self.bcs.bitmap.merge_from(sb.bitmap.bits());
+                }
+                ctx.set_remaining(self.bcs.bitmap.dirty_bytes());
+                self.copy_all(ctx).await
+            }
+        }
+    }
+
+    /// QEMU's `backup_cleanup_sync_bitmap`, for a job that succeeded
+    /// (`ok`) or not.
+    fn cleanup_sync_bitmap(&self, ok: bool) {
+        let Some(sb) = &self.sync_bitmap else {
+            return;
+        };
+        let bitmaps = self.source.dirty_bitmaps();
+        let sync = (ok || sb.mode == BitmapMode::Always) && sb.mode != BitmapMode::Never;
+        if sync {
+            bitmaps.abdicate(&sb.bitmap);
+        } else {
+            bitmaps.reclaim(&sb.bitmap);
+        }
+        if !ok && sb.mode == BitmapMode::Always {
+            // What was not copied stays marked.
+            sb.bitmap.bits().merge_from(&self.bcs.bitmap);
         }
     }
 
@@ -408,6 +496,14 @@ impl BackupJob {
 impl JobDriver for BackupJob {
     fn run(&self, ctx: JobCtx) -> JobFuture<'_> {
         Box::pin(async move { self.body(&ctx).await })
+    }
+
+    fn commit<'a>(&'a self, _control: &'a ControlGuard) -> FinalizeFuture<'a> {
+        Box::pin(async move { self.cleanup_sync_bitmap(true) })
+    }
+
+    fn abort<'a>(&'a self, _control: &'a ControlGuard) -> FinalizeFuture<'a> {
+        Box::pin(async move { self.cleanup_sync_bitmap(false) })
     }
 
     fn cancel(&self, _force: bool, _status: JobStatus) -> bool {

@@ -158,6 +158,18 @@ pub trait BlockDriver: Send + Sync + 'static {
         false
     }
 
+    /// Whether a new persistent dirty bitmap `name` of `granularity`
+    /// could be stored in the image (QEMU's
+    /// `bdrv_co_can_store_new_dirty_bitmap` callback). The default: the
+    /// driver stores no bitmaps.
+    fn can_store_new_dirty_bitmap(
+        &self,
+        _name: &str,
+        _granularity: u64,
+    ) -> Result<(), crate::dirty::StoreRefusal> {
+        Err(crate::dirty::StoreRefusal::Unsupported)
+    }
+
     /// Reads `len` bytes at `offset`.
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes>;
 

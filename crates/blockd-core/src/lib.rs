@@ -20,7 +20,8 @@
 //! * [`backend`] — block backends: the device front end on a root, with
 //!   removable media, error policy and accounting ([`accounting`]).
 //! * [`chain`] — walking backing chains; [`blocker`] — operation blockers;
-//!   [`bitmap`] — dirty bitmaps;
+//!   [`bitmap`] — dirty bitmaps; [`dirty`] — named dirty bitmaps on nodes
+//!   ([`sha256`] hashes them as QEMU does);
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
 //! * `resize` — `block_resize`'s truncate with QEMU's checks.
@@ -36,6 +37,7 @@ pub mod bitmap;
 pub mod blocker;
 pub mod chain;
 pub mod control;
+pub mod dirty;
 pub mod drain;
 pub mod driver;
 pub mod edge;
@@ -50,6 +52,7 @@ pub mod reopen;
 mod resize;
 pub mod root;
 pub mod runstate;
+pub mod sha256;
 pub mod snapshot;
 pub mod threshold;
 pub mod throttle;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::dirty::NodeBitmaps;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, ReqFlags};
 use crate::edge::{Child, ChildRef, Children, Parent};
 use crate::perm::PermPair;
@@ -177,6 +178,8 @@ pub struct BlockNode {
     /// layer that parses options keeps them (QEMU's `bs->options`); the
     /// core does not interpret them.
     open_options: Mutex<serde_json::Value>,
+    /// Named dirty bitmaps, marked by every write that reaches the node.
+    dirty: NodeBitmaps,
     /// Statistics.
     pub stats: Stats,
     pub(crate) threshold: crate::threshold::WriteThreshold,
@@ -244,6 +247,7 @@ impl BlockNode {
             parents: Mutex::new(Vec::new()),
             cumulative: Mutex::new(PermPair::FREE),
             open_options: Mutex::new(serde_json::Value::Null),
+            dirty: NodeBitmaps::default(),
             stats: Stats::default(),
             threshold: Default::default(),
         }
@@ -323,6 +327,24 @@ impl BlockNode {
     #[inline]
     fn bits(&self) -> u16 {
         self.opts.load(Ordering::Acquire)
+    }
+
+    /// The node's named dirty bitmaps.
+    pub fn dirty_bitmaps(&self) -> &NodeBitmaps {
+        &self.dirty
+    }
+
+    /// Marks a finished write of `[offset, offset + len)` in the dirty
+    /// bitmaps, padded to the request alignment as the driver saw it
+    /// (QEMU's `bdrv_co_write_req_finish`, which marks even when the
+    /// request failed).
+    #[inline]
+    fn mark_written(&self, offset: u64, len: u64) {
+        if !self.dirty.is_empty() {
+            let a = self.alignment();
+            let start = align_down(offset, a);
+            self.dirty.mark(start, align_up(offset + len, a) - start);
+        }
     }
 
     /// The driver.
@@ -567,6 +589,7 @@ impl BlockNode {
         } else {
             self.write_inner(offset, data, flags).await
         };
+        self.mark_written(offset, len);
         self.account_write(offset, len, r.is_ok());
         r
     }
@@ -655,6 +678,7 @@ impl BlockNode {
         };
         self.check_threshold(offset, len);
         let r = self.zeroes_inner(offset, len, flags).await;
+        self.mark_written(offset, len);
         self.account_write(offset, len, r.is_ok());
         if r.is_ok() {
             self.stats.zone_bytes.fetch_add(0, Ordering::Relaxed);
@@ -714,6 +738,8 @@ impl BlockNode {
         } else {
             Ok(())
         };
+        // The whole request, as QEMU's bdrv_co_pdiscard marks it.
+        self.dirty.mark(offset, len);
         let s = &self.stats;
         match &r {
             Ok(()) => {
@@ -839,7 +865,9 @@ impl BlockNode {
         self.check_write(0, 0)?;
         let from = len.min(self.length());
         let _t = self.tracker.begin(from, u64::MAX, true).await;
-        self.driver.truncate(len).await
+        self.driver.truncate(len).await?;
+        self.dirty.truncate(self.length());
+        Ok(())
     }
 
     /// Flushes and releases the driver (the node is leaving the graph).

@@ -96,6 +96,7 @@ async fn main() -> io::Result<()> {
             io: Arc::new(Mem(RwLock::new(vec![0; size as usize]))),
             writable: true,
             allocation_depth: true,
+            bitmaps: Vec::new(),
         })
         .map_err(io::Error::other)?;
     eprintln!("serving 'e' ({size} bytes) on {}", server.local_addr());

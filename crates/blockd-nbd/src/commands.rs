@@ -15,6 +15,7 @@ use crate::handshake::{Contexts, Negotiated};
 use crate::proto::*;
 use crate::reply::{Mode, Permits, Reply};
 use crate::ExportIo;
+use blockd_core::dirty::NamedBitmap;
 
 /// A parsed, checked request.
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +318,12 @@ async fn collect(c: &Conn, req: &Request, id: u32) -> io::Result<Extents> {
         },
         ext: c.mode == Mode::Extended,
     };
+    if id >= META_ID_DIRTY_BITMAP {
+        let i = (id - META_ID_DIRTY_BITMAP) as usize;
+        let bm = c.guard.export().bitmaps[i].clone();
+        bitmap_extents(&bm, req.offset, req.len, &mut ex);
+        return Ok(ex);
+    }
     let (mut off, mut left) = (req.offset, req.len);
     while left > 0 {
         let (n, flags) = if id == META_ID_BASE_ALLOCATION {
@@ -337,6 +344,28 @@ async fn collect(c: &Conn, req: &Request, id: u32) -> io::Result<Extents> {
         left -= n;
     }
     Ok(ex)
+}
+
+/// The extents of a dirty bitmap over `[offset, offset + len)` (QEMU's
+/// `bitmap_to_extents`): clean runs with flags 0, dirty ones with
+/// [`STATE_DIRTY`], up to the array's capacity.
+fn bitmap_extents(bm: &NamedBitmap, offset: u64, len: u64, ex: &mut Extents) {
+    let end = offset + len;
+    let mut start = offset;
+    while start < end {
+        let Some((s, n)) = bm.bits().next_dirty_run(start, u64::MAX) else {
+            break;
+        };
+        let (ds, de) = (s.max(start), (s + n).min(end));
+        if ds >= end {
+            break;
+        }
+        if !ex.add(ds - start, 0) || !ex.add(de - ds, STATE_DIRTY) {
+            return;
+        }
+        start = de;
+    }
+    ex.add(end - start, 0);
 }
 
 /// `NBD_CMD_BLOCK_STATUS`: one chunk per chosen context, the last one final.
@@ -367,6 +396,11 @@ async fn block_status(c: &Conn, req: &Request, mut permits: Option<Permits>) {
     if req.contexts.depth {
         ids.push(META_ID_ALLOCATION_DEPTH);
     }
+    ids.extend(
+        req.contexts
+            .bitmap_indexes()
+            .map(|i| META_ID_DIRTY_BITMAP + i as u32),
+    );
     for (i, &id) in ids.iter().enumerate() {
         let last = i + 1 == ids.len();
         let ex = match collect(c, req, id).await {

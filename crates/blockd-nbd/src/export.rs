@@ -9,13 +9,14 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use blockd_core::dirty::NamedBitmap;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::{
     FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_CACHE, FLAG_SEND_FAST_ZERO,
     FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES, MAX_BUFFER_SIZE,
-    MAX_STRING_SIZE,
+    MAX_EXPORT_BITMAPS, MAX_STRING_SIZE,
 };
 use crate::{ExportConfig, ExportIo};
 
@@ -31,6 +32,8 @@ pub(crate) struct Export {
     pub flags: u16,
     /// Whether `qemu:allocation-depth` is offered.
     pub allocation_depth: bool,
+    /// The dirty bitmaps offered, in context id order.
+    pub bitmaps: Vec<Arc<NamedBitmap>>,
     /// Cancelled to disconnect every client of this export (a child of the
     /// server's token).
     pub kill: CancellationToken,
@@ -60,6 +63,11 @@ impl Export {
                 return Err(format!("description '{d}' too long"));
             }
         }
+        if cfg.bitmaps.len() > MAX_EXPORT_BITMAPS {
+            return Err(format!(
+                "An export offers at most {MAX_EXPORT_BITMAPS} dirty bitmaps"
+            ));
+        }
         let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
         if multi_conn {
             flags |= FLAG_CAN_MULTI_CONN;
@@ -75,6 +83,7 @@ impl Export {
             io: cfg.io,
             flags,
             allocation_depth: cfg.allocation_depth,
+            bitmaps: cfg.bitmaps,
             kill,
             state: Mutex::new(ExportState::default()),
         })

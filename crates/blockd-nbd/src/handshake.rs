@@ -26,12 +26,19 @@ pub(crate) struct Contexts {
     pub base: bool,
     /// `qemu:allocation-depth`.
     pub depth: bool,
+    /// `qemu:dirty-bitmap:NAME`: bit i for the export's i-th bitmap.
+    pub bitmaps: u64,
 }
 
 impl Contexts {
     /// How many contexts are chosen.
     pub fn count(self) -> usize {
-        self.base as usize + self.depth as usize
+        self.base as usize + self.depth as usize + self.bitmaps.count_ones() as usize
+    }
+
+    /// The chosen bitmaps' indexes, in order.
+    pub fn bitmap_indexes(self) -> impl Iterator<Item = usize> {
+        (0..64).filter(move |i| self.bitmaps & (1 << i) != 0)
     }
 }
 
@@ -564,9 +571,11 @@ where
         };
         let queries = opt.read_u32().await?;
         let mut sel = Contexts::default();
+        let names: Vec<&str> = exp.bitmaps.iter().map(|b| b.name()).collect();
         if list && queries == 0 {
             sel.base = true;
             sel.depth = exp.allocation_depth;
+            sel.bitmaps = all_bitmaps(names.len());
         } else {
             for _ in 0..queries {
                 let len = opt.read_u32().await?;
@@ -575,7 +584,7 @@ where
                     continue;
                 }
                 let q = opt.read_str(len).await?;
-                match_query(&q, list, exp.allocation_depth, &mut sel);
+                match_query(&q, list, exp.allocation_depth, &names, &mut sel);
             }
         }
         let mut count = 0;
@@ -590,6 +599,12 @@ where
             send_rep(w, code, REP_META_CONTEXT, &[&cid, b"qemu:allocation-depth"]).await?;
             count += 1;
         }
+        for i in sel.bitmap_indexes() {
+            let cid = id(META_ID_DIRTY_BITMAP + i as u32).to_be_bytes();
+            let name = format!("{DIRTY_BITMAP_PREFIX}{}", names[i]);
+            send_rep(w, code, REP_META_CONTEXT, &[&cid, name.as_bytes()]).await?;
+            count += 1;
+        }
         send_rep(w, code, REP_ACK, &[]).await?;
         *st = MetaState {
             export: Some(exp),
@@ -600,17 +615,38 @@ where
     }
 }
 
+/// The mask selecting the first `n` bitmaps.
+fn all_bitmaps(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
 /// Applies one context query (QEMU's `nbd_meta_base_query` and
-/// `nbd_meta_qemu_query`): an empty leaf (`base:`, `qemu:`) means every
-/// context of the namespace, for LIST only; unknown names are ignored.
-fn match_query(q: &[u8], list: bool, has_depth: bool, sel: &mut Contexts) {
+/// `nbd_meta_qemu_query`): an empty leaf (`base:`, `qemu:`,
+/// `qemu:dirty-bitmap:`) means every context under it, for LIST only;
+/// unknown names are ignored. `bitmaps`: the export's bitmap names.
+fn match_query(q: &[u8], list: bool, has_depth: bool, bitmaps: &[&str], sel: &mut Contexts) {
     if let Some(rest) = q.strip_prefix(b"base:") {
         if (rest.is_empty() && list) || rest == b"allocation" {
             sel.base = true;
         }
     } else if let Some(rest) = q.strip_prefix(b"qemu:") {
-        if (rest.is_empty() && list) || rest == b"allocation-depth" {
+        if rest.is_empty() && list {
             sel.depth |= has_depth;
+            sel.bitmaps = all_bitmaps(bitmaps.len());
+        } else if rest == b"allocation-depth" {
+            sel.depth |= has_depth;
+        } else if let Some(name) = rest.strip_prefix(b"dirty-bitmap:") {
+            if name.is_empty() {
+                if list {
+                    sel.bitmaps = all_bitmaps(bitmaps.len());
+                }
+            } else if let Some(i) = bitmaps.iter().position(|b| b.as_bytes() == name) {
+                sel.bitmaps |= 1 << i;
+            }
         }
     }
 }
@@ -622,25 +658,43 @@ mod tests {
     #[test]
     fn queries_follow_qemu() {
         let mut s = Contexts::default();
-        match_query(b"base:", false, true, &mut s);
-        match_query(b"qemu:", false, true, &mut s);
+        match_query(b"base:", false, true, &[], &mut s);
+        match_query(b"qemu:", false, true, &[], &mut s);
         assert_eq!(s.count(), 0);
-        match_query(b"base:", true, true, &mut s);
-        match_query(b"qemu:", true, false, &mut s);
+        match_query(b"base:", true, true, &[], &mut s);
+        match_query(b"qemu:", true, false, &[], &mut s);
         assert_eq!(
             s,
             Contexts {
                 base: true,
-                depth: false
+                depth: false,
+                bitmaps: 0,
             }
         );
-        match_query(b"qemu:allocation-depth", false, true, &mut s);
+        match_query(b"qemu:allocation-depth", false, true, &[], &mut s);
         assert!(s.depth);
         let mut s = Contexts::default();
-        match_query(b"base:allocationx", true, true, &mut s);
-        match_query(b"other:thing", true, true, &mut s);
-        match_query(b"qemu:dirty-bitmap:x", true, true, &mut s);
+        match_query(b"base:allocationx", true, true, &[], &mut s);
+        match_query(b"other:thing", true, true, &[], &mut s);
+        match_query(b"qemu:dirty-bitmap:x", true, true, &[], &mut s);
         assert_eq!(s.count(), 0);
+    }
+
+    #[test]
+    fn bitmap_queries() {
+        let names = ["a", "b", "c"];
+        let mut s = Contexts::default();
+        match_query(b"qemu:dirty-bitmap:", false, false, &names, &mut s);
+        match_query(b"qemu:dirty-bitmap:zz", false, false, &names, &mut s);
+        assert_eq!(s.count(), 0);
+        match_query(b"qemu:dirty-bitmap:b", false, false, &names, &mut s);
+        assert_eq!(s.bitmaps, 0b010);
+        match_query(b"qemu:dirty-bitmap:", true, false, &names, &mut s);
+        assert_eq!(s.bitmap_indexes().collect::<Vec<_>>(), [0, 1, 2]);
+        let mut s = Contexts::default();
+        match_query(b"qemu:", true, false, &names, &mut s);
+        assert_eq!(s.count(), 3);
+        assert_eq!(all_bitmaps(64), u64::MAX);
     }
 
     #[test]

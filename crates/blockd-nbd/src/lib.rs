@@ -107,6 +107,9 @@ pub struct ExportConfig {
     pub writable: bool,
     /// Whether to offer the `qemu:allocation-depth` metadata context.
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (at most
+    /// [`proto::MAX_EXPORT_BITMAPS`]); the caller marks them busy.
+    pub bitmaps: Vec<Arc<blockd_core::dirty::NamedBitmap>>,
 }
 
 /// Where the server listens.

@@ -200,6 +200,16 @@ pub const MAX_BLOCK_STATUS_EXTENTS: usize = (1 << 20) / 8;
 pub const META_ID_BASE_ALLOCATION: u32 = 0;
 /// Metadata context id of `qemu:allocation-depth` (QEMU's numbering).
 pub const META_ID_ALLOCATION_DEPTH: u32 = 1;
+/// Metadata context id of the first `qemu:dirty-bitmap:NAME`; the
+/// export's i-th bitmap has this plus i (QEMU's numbering).
+pub const META_ID_DIRTY_BITMAP: u32 = 2;
+/// Most dirty bitmaps one export offers (a request's selection is a
+/// 64-bit mask).
+pub const MAX_EXPORT_BITMAPS: usize = 64;
+/// Prefix of the dirty bitmap contexts.
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// Block status flag of a dirty extent in a dirty bitmap context.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Maps a host errno to an NBD error as QEMU's `system_errno_to_nbd_errno`
 /// does: the errors NBD knows pass through, `EROFS` becomes `EPERM`,

@@ -336,15 +336,21 @@ async fn block_status_payload<R: AsyncRead + Unpin>(
         drain(r, len).await?;
         return Ok(fail);
     }
-    // At most 16 bytes (two contexts).
-    let mut buf = [0u8; 16];
-    let buf = &mut buf[..len as usize];
-    r.read_exact(buf).await?;
+    // At most 8 bytes and one id per negotiated context.
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).await?;
     let mut sel = Contexts::default();
     for id in buf[8..].chunks(4).map(be32) {
         match id {
             META_ID_BASE_ALLOCATION if negotiated.base && !sel.base => sel.base = true,
             META_ID_ALLOCATION_DEPTH if negotiated.depth && !sel.depth => sel.depth = true,
+            id if id >= META_ID_DIRTY_BITMAP && id - META_ID_DIRTY_BITMAP < 64 => {
+                let bit = 1u64 << (id - META_ID_DIRTY_BITMAP);
+                if negotiated.bitmaps & bit == 0 || sel.bitmaps & bit != 0 {
+                    return Ok(fail);
+                }
+                sel.bitmaps |= bit;
+            }
             _ => return Ok(fail),
         }
     }

@@ -134,6 +134,7 @@ async fn block_status_contexts() {
     .unwrap();
     s.add_export(blockd_nbd::ExportConfig {
         allocation_depth: true,
+        bitmaps: Vec::new(),
         ..export("e", disk.clone(), true)
     })
     .unwrap();

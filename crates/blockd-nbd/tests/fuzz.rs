@@ -56,6 +56,7 @@ fn world() -> &'static World {
             let s = serve("fuzz", "e", fuzzed.clone(), true).await;
             s.add_export(blockd_nbd::ExportConfig {
                 allocation_depth: true,
+                bitmaps: Vec::new(),
                 ..export("d", fuzzed.clone(), false)
             })
             .unwrap();

@@ -20,6 +20,7 @@ async fn two_exports() -> (NbdServer, Arc<MemDisk>) {
         io: disk.clone(),
         writable: true,
         allocation_depth: true,
+        bitmaps: Vec::new(),
     })
     .unwrap();
     s.add_export(ExportConfig {
@@ -28,6 +29,7 @@ async fn two_exports() -> (NbdServer, Arc<MemDisk>) {
         io: Arc::new(MemDisk::new(3 << 20 | 1000, false)),
         writable: false,
         allocation_depth: false,
+        bitmaps: Vec::new(),
     })
     .unwrap();
     (s, disk)

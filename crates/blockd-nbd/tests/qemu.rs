@@ -259,6 +259,7 @@ async fn qemu_nbd_lists_exports() {
             io: Arc::new(MemDisk::new(2 << 20, false)),
             writable: name == "disk0",
             allocation_depth: depth,
+            bitmaps: Vec::new(),
         })
         .unwrap();
     }

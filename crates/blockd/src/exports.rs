@@ -124,6 +124,8 @@ pub struct ExportEntry {
     pub own: bool,
     /// Deletion was requested; waiting for clients to go.
     pub shutting_down: bool,
+    /// The dirty bitmaps it offers, busy until it is gone.
+    pub bitmaps: Vec<Arc<blockd_core::dirty::NamedBitmap>>,
 }
 
 /// The NBD server slot and the exports.
@@ -212,6 +214,9 @@ async fn finish_removal(state: &Arc<State>, id: &str) {
 /// backend loses an export reference (and, if it was deleted meanwhile,
 /// its medium).
 pub async fn release_backend(state: &Arc<State>, e: &ExportEntry) {
+    for b in &e.bitmaps {
+        b.set_busy(false);
+    }
     if e.own {
         // One synchronous graph step (the graph's own lock orders it with
         // other changes); no drained section needed. A node nobody else

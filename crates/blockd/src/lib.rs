@@ -16,6 +16,7 @@ use blockd_qmp::{EventBus, QmpServer, ServerConfig, ShutdownCause};
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
 
+pub mod bitmaps;
 pub mod cli;
 pub mod events;
 pub mod exports;

@@ -31,6 +31,10 @@ pub const FILES: &[(&str, &str)] = &[
         "transaction.json",
         include_str!("../../../schema/transaction.json"),
     ),
+    (
+        "block-bitmap.json",
+        include_str!("../../../schema/block-bitmap.json"),
+    ),
 ];
 
 /// Loads the compiled-in schema.

@@ -37,6 +37,7 @@ pub mod create;
 pub mod header;
 
 mod backing;
+mod bitmap_limits;
 mod cache;
 mod meta;
 mod refcount;
@@ -543,6 +544,14 @@ impl BlockDriver for Qcow2Driver {
             backing_filename: backing.file,
             backing_format: backing.format,
         }
+    }
+
+    fn can_store_new_dirty_bitmap(
+        &self,
+        name: &str,
+        granularity: u64,
+    ) -> Result<(), blockd_core::dirty::StoreRefusal> {
+        bitmap_limits::can_store_new(&self.geo, name, granularity)
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {

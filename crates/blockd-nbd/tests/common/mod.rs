@@ -32,6 +32,7 @@ pub fn export(name: &str, io: Arc<dyn ExportIo>, writable: bool) -> ExportConfig
         io,
         writable,
         allocation_depth: false,
+        bitmaps: Vec::new(),
     }
 }
 

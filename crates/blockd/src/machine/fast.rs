@@ -81,6 +81,22 @@ struct DeviceInfo {
     limits: Option<Limits>,
     cache: CacheInfo,
     write_threshold: u64,
+    #[serde(rename = "dirty-bitmaps", skip_serializing_if = "Vec::is_empty")]
+    dirty_bitmaps: Vec<DirtyInfo>,
+}
+
+/// `BlockDirtyInfo`.
+#[derive(Serialize)]
+struct DirtyInfo {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    name: String,
+    count: u64,
+    granularity: u64,
+    recording: bool,
+    busy: bool,
+    persistent: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    inconsistent: bool,
 }
 
 /// `BlockInfo`.
@@ -170,6 +186,20 @@ fn device_info(n: &BlockNode, writeback: bool) -> DeviceInfo {
             no_flush: o.cache_no_flush,
         },
         write_threshold: n.write_threshold(),
+        dirty_bitmaps: n
+            .dirty_bitmaps()
+            .list()
+            .iter()
+            .map(|b| DirtyInfo {
+                name: b.name().to_string(),
+                count: b.bits().dirty_bytes(),
+                granularity: b.granularity(),
+                recording: b.recording(),
+                busy: b.busy(),
+                persistent: b.persistent(),
+                inconsistent: b.inconsistent(),
+            })
+            .collect(),
     }
 }
 
@@ -328,6 +358,10 @@ mod tests {
         )
         .await;
         assert_eq!(qcow2.driver().snapshots().unwrap().len(), 1);
+        raw.dirty_bitmaps().create("b0", 512, 65536).unwrap();
+        let b1 = raw.dirty_bitmaps().create("b1", 65536, 65536).unwrap();
+        b1.bits().set(0, 1);
+        b1.set_enabled(false);
         let run = Arc::new(RunState::default());
         let perm = PermPair {
             perm: Perm::CONSISTENT_READ,

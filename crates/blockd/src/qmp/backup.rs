@@ -3,8 +3,9 @@
 //! `backup_job_create`): the arguments are resolved and checked in QEMU's
 //! order with QEMU's messages; the job starts in `blockd-blockjob`.
 
-use blockd_blockjob::backup::{BackupParams, Perf, Sync};
+use blockd_blockjob::backup::{BackupParams, BitmapMode, Perf, Sync, SyncBitmap};
 use blockd_core::blocker::BlockOp;
+use blockd_core::dirty::Check;
 use blockd_core::qapi::BlockdevOnError;
 use std::sync::Arc;
 
@@ -19,12 +20,22 @@ use super::blockjob::{
 use super::transaction::{run_one, TxnAction, TxnFuture};
 use crate::state::State;
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub(super) enum BitmapSyncMode {
     OnSuccess,
     Never,
     Always,
+}
+
+impl BitmapSyncMode {
+    fn name(self) -> &'static str {
+        match self {
+            BitmapSyncMode::OnSuccess => "on-success",
+            BitmapSyncMode::Never => "never",
+            BitmapSyncMode::Always => "always",
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -93,27 +104,67 @@ pub(super) async fn backup_common(
     a: BlockdevBackup,
     release_target: bool,
 ) -> R<JobHandle> {
-    // do_backup_common: the bitmap arguments. blockd has no dirty
-    // bitmaps, so a named one is never found.
-    if matches!(a.sync, MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap) && a.bitmap.is_none()
+    // do_backup_common: the bitmap arguments.
+    let mut sync_mode = a.sync;
+    let mut bitmap_mode = a.bitmap_mode;
+    if matches!(
+        sync_mode,
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap
+    ) && a.bitmap.is_none()
     {
         return Err(gen(format!(
             "must provide a valid bitmap name for '{}' sync mode",
-            sync_name(a.sync)
+            sync_name(sync_mode)
         )));
     }
-    if let Some(b) = &a.bitmap {
-        return Err(gen(format!("Bitmap '{b}' could not be found")));
+    if sync_mode == MirrorSyncMode::Incremental {
+        // "incremental" is "bitmap" with on-success.
+        if bitmap_mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+            return Err(gen(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+            ));
+        }
+        sync_mode = MirrorSyncMode::Bitmap;
+        bitmap_mode = Some(BitmapSyncMode::OnSuccess);
     }
-    if a.bitmap_mode.is_some() {
+    let mut sync_bitmap = None;
+    if let Some(name) = &a.bitmap {
+        let bm = bs
+            .dirty_bitmaps()
+            .find(name)
+            .ok_or_else(|| gen(format!("Bitmap '{name}' could not be found")))?;
+        let Some(mode) = bitmap_mode else {
+            return Err(gen(
+                "Bitmap sync mode must be given when providing a bitmap",
+            ));
+        };
+        bm.check(Check::ALLOW_RO).map_err(super::qerr)?;
+        if sync_mode == MirrorSyncMode::None {
+            return Err(gen(
+                "sync mode 'none' does not produce meaningful bitmap outputs",
+            ));
+        }
+        if mode == BitmapSyncMode::Never && sync_mode != MirrorSyncMode::Bitmap {
+            return Err(gen(format!(
+                "Bitmap sync mode '{}' has no meaningful effect when combined with sync mode '{}'",
+                mode.name(),
+                sync_name(sync_mode)
+            )));
+        }
+        let mode = match mode {
+            BitmapSyncMode::OnSuccess => BitmapMode::OnSuccess,
+            BitmapSyncMode::Never => BitmapMode::Never,
+            BitmapSyncMode::Always => BitmapMode::Always,
+        };
+        sync_bitmap = Some(SyncBitmap { bitmap: bm, mode });
+    } else if bitmap_mode.is_some() {
         return Err(gen("Cannot specify bitmap sync mode without a bitmap"));
     }
-    let sync = match a.sync {
+    let sync = match sync_mode {
         MirrorSyncMode::Full => Sync::Full,
         MirrorSyncMode::Top => Sync::Top,
         MirrorSyncMode::None => Sync::None,
-        // Refused above: they need a bitmap.
-        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => unreachable!(),
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => Sync::Bitmap,
     };
     let x = a.x_perf.unwrap_or_default();
     let _ = x.use_copy_range;
@@ -159,6 +210,7 @@ pub(super) async fn backup_common(
         discard_source: a.discard_source.unwrap_or(false),
         perf,
         options: job_options(a.auto_finalize, a.auto_dismiss),
+        sync_bitmap,
         release_target,
     };
     blockd_blockjob::backup::create(&st.jobs, &st.graph, g, p)

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use blockd_core::dirty::{Check, NamedBitmap};
 use blockd_core::{BlockError, BlockNode, ChildRole, Parent};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
@@ -63,6 +64,15 @@ pub fn register(d: &mut Dispatcher<State>) {
     );
     d.register("blockdev-del", |cx: Ctx<State>, a: NodeName| async move {
         let g = cx.state.control.lock().await;
+        // A node nobody uses may still have a bitmap another node's
+        // export offers: qemu-storage-daemon 10.0.2 crashes closing it.
+        if let Some(n) = cx.state.graph.get(&a.node_name) {
+            if n.parents().is_empty() {
+                for b in n.dirty_bitmaps().list() {
+                    b.check(Check::BUSY).map_err(qerr)?;
+                }
+            }
+        }
         let removed = cx.state.graph.remove(&a.node_name).map_err(qerr)?;
         drop(g);
         close_nodes(removed).await;
@@ -192,6 +202,30 @@ pub fn block_device_info(n: &BlockNode, flat: bool) -> Value {
         json!({"writeback": true, "direct": o.cache_direct, "no-flush": o.cache_no_flush}),
     );
     m.insert("write_threshold".into(), n.write_threshold().into());
+    let bitmaps = n.dirty_bitmaps().list();
+    if !bitmaps.is_empty() {
+        m.insert(
+            "dirty-bitmaps".into(),
+            bitmaps.iter().map(|b| dirty_info(b)).collect(),
+        );
+    }
+    Value::Object(m)
+}
+
+/// `BlockDirtyInfo` of a bitmap (QEMU's `bdrv_query_dirty_bitmaps`).
+fn dirty_info(b: &NamedBitmap) -> Value {
+    let mut m = Map::new();
+    if !b.name().is_empty() {
+        m.insert("name".into(), b.name().into());
+    }
+    m.insert("count".into(), b.bits().dirty_bytes().into());
+    m.insert("granularity".into(), b.granularity().into());
+    m.insert("recording".into(), b.recording().into());
+    m.insert("busy".into(), b.busy().into());
+    m.insert("persistent".into(), b.persistent().into());
+    if b.inconsistent() {
+        m.insert("inconsistent".into(), true.into());
+    }
     Value::Object(m)
 }
 

@@ -10,6 +10,7 @@ use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::bitmaps::Source;
 use crate::exports::{
     begin_removal, export_perm, release_backend, stop_server, BackendIo, ExportEntry,
 };
@@ -68,9 +69,34 @@ struct ExportAdd {
     _fixed_iothread: Option<bool>,
     name: Option<String>,
     description: Option<String>,
-    bitmaps: Option<Vec<String>>,
+    bitmaps: Option<Vec<BitmapOrStr>>,
     #[serde(rename = "allocation-depth")]
     allocation_depth: Option<bool>,
+}
+
+/// `BlockDirtyBitmap`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedBitmap {
+    node: String,
+    name: String,
+}
+
+/// `BlockDirtyBitmapOrStr`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BitmapOrStr {
+    Local(String),
+    External(NamedBitmap),
+}
+
+impl From<BitmapOrStr> for Source {
+    fn from(b: BitmapOrStr) -> Source {
+        match b {
+            BitmapOrStr::Local(n) => Source::Local(n),
+            BitmapOrStr::External(NamedBitmap { node, name }) => Source::External { node, name },
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -110,6 +136,8 @@ struct NewExport {
     writable: bool,
     writethrough: bool,
     allocation_depth: bool,
+    /// Dirty bitmaps to offer.
+    bitmaps: Vec<Source>,
     /// `node_name` may name a backend (nbd-server-add's `device`).
     by_device: bool,
 }
@@ -172,6 +200,8 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     if server.has_export(&name) {
         return Err(gen(format!("NBD server already has export named '{name}'")));
     }
+    let bitmaps = crate::bitmaps::export_bitmaps(state, &node, &n.bitmaps, !n.writable)
+        .map_err(crate::qmp::qerr)?;
     let (blk, own) = match backend {
         Some(b) => {
             state.machine.export_ref(&b);
@@ -196,6 +226,7 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
         io: Arc::new(BackendIo::new(blk.clone(), fua)),
         writable: n.writable,
         allocation_depth: n.allocation_depth,
+        bitmaps: bitmaps.clone(),
     };
     let entry = ExportEntry {
         id: n.id,
@@ -203,11 +234,17 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
         blk,
         own,
         shutting_down: false,
+        bitmaps: Vec::new(),
     };
     if let Err(e) = server.add_export(cfg) {
         release_backend(state, &entry).await;
         return Err(gen(e));
     }
+    // Busy while exported (QEMU's nbd_export_create).
+    for b in &bitmaps {
+        b.set_busy(true);
+    }
+    let entry = ExportEntry { bitmaps, ..entry };
     ex.list.push(entry);
     Ok(())
 }
@@ -320,9 +357,6 @@ pub fn register(d: &mut Dispatcher<State>) {
             {
                 return Err(gen(format!("iothread \"{t}\" not found")));
             }
-            if a.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
-                return Err(gen("blockd does not support dirty bitmaps in exports"));
-            }
             let n = NewExport {
                 id: a.id,
                 node_name: a.node_name,
@@ -331,6 +365,12 @@ pub fn register(d: &mut Dispatcher<State>) {
                 writable: a.writable.unwrap_or(false),
                 writethrough: a.writethrough.unwrap_or(false),
                 allocation_depth: a.allocation_depth.unwrap_or(false),
+                bitmaps: a
+                    .bitmaps
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Source::from)
+                    .collect(),
                 by_device: false,
             };
             add_export(&cx.state, n).await?;
@@ -353,9 +393,6 @@ pub fn register(d: &mut Dispatcher<State>) {
             if cx.state.exports.lock().await.server.is_none() {
                 return Err(gen("NBD server not running"));
             }
-            if a.bitmap.is_some() {
-                return Err(gen("blockd does not support dirty bitmaps in exports"));
-            }
             // The export name is also the export id (QEMU's legacy command).
             let name = a.name.unwrap_or_else(|| a.device.clone());
             let n = NewExport {
@@ -366,6 +403,7 @@ pub fn register(d: &mut Dispatcher<State>) {
                 writable: a.writable.unwrap_or(false),
                 writethrough: false,
                 allocation_depth: false,
+                bitmaps: a.bitmap.into_iter().map(Source::Local).collect(),
                 by_device: true,
             };
             add_export(&cx.state, n).await?;

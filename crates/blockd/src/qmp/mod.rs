@@ -9,6 +9,7 @@ use crate::state::State;
 mod amend;
 mod backend;
 mod backup;
+mod bitmap;
 mod block;
 mod blockjob;
 mod control;
@@ -39,6 +40,7 @@ pub fn dispatcher(schema: std::sync::Arc<blockd_qmp::schema::Schema>) -> Dispatc
     job::register(&mut d);
     blockjob::register(&mut d);
     backup::register(&mut d);
+    bitmap::register(&mut d);
     drive_job::register(&mut d);
     export::register(&mut d);
     device::register(&mut d);

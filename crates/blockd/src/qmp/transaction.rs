@@ -28,6 +28,7 @@ use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 
 use super::backup::{BackupAction, BlockdevBackup};
+use super::bitmap::{Add, BitmapAction, BitmapTxn, Merge, Named};
 use super::blockjob::{gen, R};
 use super::drive_job::{DriveBackup, DriveBackupAction};
 use super::snapshot::{BlockdevSnapshot, BlockdevSnapshotSync, ExternalSnapshot};
@@ -72,6 +73,18 @@ pub(super) struct AbortArgs {}
 pub(super) enum TransactionAction {
     /// Always fails.
     Abort(AbortArgs),
+    /// `block-dirty-bitmap-add`.
+    BlockDirtyBitmapAdd(Add),
+    /// `block-dirty-bitmap-remove`.
+    BlockDirtyBitmapRemove(Named),
+    /// `block-dirty-bitmap-clear`.
+    BlockDirtyBitmapClear(Named),
+    /// `block-dirty-bitmap-enable`.
+    BlockDirtyBitmapEnable(Named),
+    /// `block-dirty-bitmap-disable`.
+    BlockDirtyBitmapDisable(Named),
+    /// `block-dirty-bitmap-merge`.
+    BlockDirtyBitmapMerge(Merge),
     /// `blockdev-backup`.
     BlockdevBackup(Box<BlockdevBackup>),
     /// `blockdev-snapshot`.
@@ -89,6 +102,12 @@ impl TransactionAction {
     fn kind(&self) -> &'static str {
         match self {
             TransactionAction::Abort(_) => "abort",
+            TransactionAction::BlockDirtyBitmapAdd(_) => "block-dirty-bitmap-add",
+            TransactionAction::BlockDirtyBitmapRemove(_) => "block-dirty-bitmap-remove",
+            TransactionAction::BlockDirtyBitmapClear(_) => "block-dirty-bitmap-clear",
+            TransactionAction::BlockDirtyBitmapEnable(_) => "block-dirty-bitmap-enable",
+            TransactionAction::BlockDirtyBitmapDisable(_) => "block-dirty-bitmap-disable",
+            TransactionAction::BlockDirtyBitmapMerge(_) => "block-dirty-bitmap-merge",
             TransactionAction::BlockdevBackup(_) => "blockdev-backup",
             TransactionAction::BlockdevSnapshot(_) => "blockdev-snapshot",
             TransactionAction::BlockdevSnapshotInternalSync(_) => "blockdev-snapshot-internal-sync",
@@ -109,6 +128,12 @@ impl TransactionAction {
     fn into_action(self) -> Box<dyn TxnAction> {
         match self {
             TransactionAction::Abort(_) => Box::new(AbortAction),
+            TransactionAction::BlockDirtyBitmapAdd(a) => bitmap(BitmapAction::Add(a)),
+            TransactionAction::BlockDirtyBitmapRemove(a) => bitmap(BitmapAction::Remove(a)),
+            TransactionAction::BlockDirtyBitmapClear(a) => bitmap(BitmapAction::Clear(a)),
+            TransactionAction::BlockDirtyBitmapEnable(a) => bitmap(BitmapAction::Enable(a, true)),
+            TransactionAction::BlockDirtyBitmapDisable(a) => bitmap(BitmapAction::Enable(a, false)),
+            TransactionAction::BlockDirtyBitmapMerge(a) => bitmap(BitmapAction::Merge(a)),
             TransactionAction::BlockdevBackup(a) => Box::new(BackupAction::new(*a)),
             TransactionAction::BlockdevSnapshot(a) => Box::new(ExternalSnapshot::node(a)),
             TransactionAction::BlockdevSnapshotInternalSync(a) => {
@@ -118,6 +143,10 @@ impl TransactionAction {
             TransactionAction::DriveBackup(a) => Box::new(DriveBackupAction::new(*a)),
         }
     }
+}
+
+fn bitmap(a: BitmapAction) -> Box<dyn TxnAction> {
+    Box::new(BitmapTxn::new(a))
 }
 
 /// QEMU's `abort_action`: its prepare always fails.
