@@ -20,6 +20,7 @@
 //!   removable media, error policy and accounting ([`accounting`]).
 //! * [`chain`] — walking backing chains; [`blocker`] — operation blockers;
 //!   [`bitmap`] — dirty bitmaps;
+//!   [`stored_bitmap`] — persistent bitmaps as drivers store them;
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
 //! * [`probe`] — image format signatures.
@@ -44,6 +45,7 @@ pub mod qapi;
 pub mod reopen;
 pub mod root;
 pub mod runstate;
+pub mod stored_bitmap;
 pub mod throttle;
 pub mod tracked;
 
@@ -58,3 +60,4 @@ pub use node::{BlockNode, DetectZeroes, ExplicitOptions, NodeOptions};
 pub use perm::{ChildRole, Perm, PermPair};
 pub use reopen::{ReopenRequest, ReopenSpec};
 pub use root::{Root, RootKind};
+pub use stored_bitmap::{BitmapSource, StoredBitmap};

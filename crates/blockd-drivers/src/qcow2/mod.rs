@@ -15,6 +15,9 @@
 //! * [`check`] — the consistency check and the refcount repair of dirty
 //!   images.
 //! * [`create`] — writing a new image (`blockdev-create`).
+//! * [`bitmaps`] — persistent dirty bitmaps (the bitmaps extension):
+//!   loaded at open, stored at close through the bitmap source the core
+//!   registers (`set_bitmap_source`), removed on demand.
 //!
 //! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
 //! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
@@ -30,6 +33,7 @@
 //! become reusable only at a flush, while no guest I/O is in flight
 //! (the `reuse` lock), so an in-flight read never sees a cluster reused.
 
+pub mod bitmaps;
 pub mod check;
 pub mod create;
 pub mod header;
@@ -43,6 +47,8 @@ mod rw;
 
 #[cfg(test)]
 mod backing_tests;
+#[cfg(test)]
+mod bitmaps_tests;
 #[cfg(test)]
 mod interop_tests;
 #[cfg(test)]
@@ -58,16 +64,17 @@ use reopen::Settings;
 
 use blockd_core::driver::{FinishFuture, PrepareFuture};
 use blockd_core::perm::default_perms;
+use blockd_core::stored_bitmap::BitmapFuture;
 use blockd_core::{
-    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
-    IoFuture, IoLimits, PermPair, ReopenRequest, ReqFlags, Staged,
+    BitmapSource, BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children,
+    DriverInfo, IoFuture, IoLimits, PermPair, ReopenRequest, ReqFlags, Staged, StoredBitmap,
 };
 use bytes::Bytes;
 
 use crate::open::OpenCtx;
 use crate::options::Qcow2Options;
 use header::{ImageHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE};
-use header::{INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_AUTOCLEAR};
+use header::{AUTOCLEAR_MASK, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use meta::Meta;
 use refcount::{Refcounts, REFT_OFFSET_MASK};
 
@@ -178,6 +185,10 @@ pub struct Qcow2Driver {
     shown: Shown,
     /// The last decompressed cluster: (host offset, data).
     decompressed: Mutex<Option<(u64, Bytes)>>,
+    /// The bitmaps read at open, until the core takes them.
+    loaded_bitmaps: Mutex<Vec<StoredBitmap>>,
+    /// What [`BlockDriver::close`] stores.
+    bitmap_source: Mutex<Option<BitmapSource>>,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -424,17 +435,30 @@ pub async fn open(
     m.has_backing = backing.is_some();
     m.snapshots = snapshots;
     m.snapshot_table = (h.snapshots_offset, snap_len);
+    // The bitmaps extension (QEMU's qcow2_read_extensions): a stale one
+    // is ignored, and dropped from the header below when writable.
+    let mut stale = false;
+    if let Some(raw) = ext.kept.iter().find(|e| e.ty == bitmaps::EXT_BITMAPS) {
+        match bitmaps::parse_ext(&raw.data, h.autoclear_features, h.version, cs)? {
+            bitmaps::ExtState::Valid(b) => m.bitmaps = Some(b),
+            bitmaps::ExtState::Stale => stale = true,
+        }
+    }
+    let (loaded, header_updated) = bitmaps::store::load(&mut m, !read_only).await?;
     if !read_only {
         let fail = |what: &str, e: io::Error| BlockError::io(what.to_string(), e);
-        if h.version >= 3 && h.autoclear_features != 0 {
-            // blockd maintains no autoclear feature (bitmaps): clearing the
-            // bits tells other readers that data is stale, as QEMU does.
-            io.write(OFF_AUTOCLEAR, 0u64.to_be_bytes().to_vec())
-                .await
-                .map_err(|e| fail("Could not update qcow2 header", e))?;
-            io.sync()
-                .await
-                .map_err(|e| fail("Could not update qcow2 header", e))?;
+        if !header_updated {
+            // As QEMU: a stale bitmaps extension is dropped, and unknown
+            // autoclear bits are cleared (other programs' features are
+            // stale once blockd wrote the image).
+            let r = if stale {
+                bitmaps::store::update_header(&mut m, false).await
+            } else if h.autoclear_features & !AUTOCLEAR_MASK != 0 {
+                bitmaps::store::clear_unknown_autoclear(&mut m, h.autoclear_features).await
+            } else {
+                Ok(())
+            };
+            r.map_err(|e| fail("Could not update qcow2 header", e))?;
         }
         if h.incompatible_features & INCOMPAT_DIRTY != 0 {
             check::rebuild_refcounts(&mut m)
@@ -466,6 +490,8 @@ pub async fn open(
             dirty,
             shown,
             decompressed: Mutex::new(None),
+            loaded_bitmaps: Mutex::new(loaded),
+            bitmap_source: Mutex::new(None),
         },
         read_only,
     ))
@@ -585,8 +611,77 @@ impl BlockDriver for Qcow2Driver {
             if self.read_only.load(Ordering::Acquire) {
                 return Ok(());
             }
+            let source = self
+                .bitmap_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             let mut m = self.meta.lock().await;
+            if let Some(source) = source {
+                // QEMU's qcow2_inactivate: a failure loses the bitmaps
+                // (they stay marked in use), not the close.
+                if let Err(e) = bitmaps::store::store(&mut m, &source()).await {
+                    tracing::error!("Lost persistent bitmaps during inactivation of node: {e}");
+                }
+            }
             m.close().await
         })
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<StoredBitmap> {
+        std::mem::take(
+            &mut *self
+                .loaded_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    fn can_store_new_bitmap(
+        &self,
+        node_name: &str,
+        name: &str,
+        granularity: u64,
+        existing: &[&str],
+    ) -> Result<(), BlockError> {
+        bitmaps::can_store_new(
+            self.geo.version,
+            node_name,
+            name,
+            granularity,
+            existing,
+            self.geo.size,
+            self.geo.cs,
+        )
+    }
+
+    fn store_bitmaps<'a>(&'a self, list: &'a [StoredBitmap]) -> BitmapFuture<'a, ()> {
+        Box::pin(async move {
+            let mut m = self.meta.lock().await;
+            if self.read_only.load(Ordering::Acquire) && list.iter().any(|b| !b.inconsistent) {
+                return Err(BlockError::new(
+                    blockd_core::ErrorKind::PermissionConflict,
+                    "No write access",
+                ));
+            }
+            bitmaps::store::store(&mut m, list).await
+        })
+    }
+
+    fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> BitmapFuture<'a, ()> {
+        Box::pin(async move {
+            let mut m = self.meta.lock().await;
+            if self.read_only.load(Ordering::Acquire) && m.bitmaps.is_some() {
+                return Err(BlockError::new(
+                    blockd_core::ErrorKind::PermissionConflict,
+                    "Failed to update bitmap extension: Operation not permitted",
+                ));
+            }
+            bitmaps::store::remove(&mut m, name).await
+        })
+    }
+
+    fn set_bitmap_source(&self, source: Option<BitmapSource>) {
+        *self.bitmap_source.lock().unwrap_or_else(|e| e.into_inner()) = source;
     }
 }

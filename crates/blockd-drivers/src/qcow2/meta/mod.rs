@@ -262,6 +262,9 @@ pub struct Meta {
     pub snapshots: Vec<SnapshotL1>,
     /// The snapshot table: (offset, bytes).
     pub snapshot_table: (u64, u64),
+    /// The valid bitmaps extension, if any (its clusters count in
+    /// refcounts; see `bitmaps`).
+    pub bitmaps: Option<super::bitmaps::BitmapsExt>,
     /// `cache-clean-interval`.
     pub clean_interval: Option<Duration>,
     last_clean: Instant,
@@ -300,6 +303,7 @@ impl Meta {
             has_backing: false,
             snapshots: Vec::new(),
             snapshot_table: (0, 0),
+            bitmaps: None,
             clean_interval: None,
             last_clean: Instant::now(),
             clean_stamps: (0, 0),

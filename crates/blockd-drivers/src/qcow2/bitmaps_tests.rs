@@ -1,0 +1,417 @@
+//! Persistent bitmaps against QEMU 10's tools: blockd loads what
+//! `qemu-img bitmap` and `qemu-io` stored, QEMU reads what blockd stored
+//! (`qemu-img info`, `check`, `bitmap --merge/--remove`, and the bits
+//! through `qemu-nbd -B` and `qemu-img map` with `x-dirty-bitmap`), a
+//! crash leaves bitmaps marked in use, and storing again leaks nothing.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockd_core::{BitmapSource, BlockGraph, BlockNode, ReqFlags, StoredBitmap};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use super::interop_tests::{assert_check, have_qemu, ok, open, run, s, tmpdir};
+use super::testutil::{del, qcow2_of, Rng};
+
+const MIB: u64 = 1 << 20;
+
+fn info(p: &Path) -> Value {
+    let out = ok("qemu-img", &["info", "-U", "--output=json", s(p)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `(name, granularity, flags)` of the bitmaps `qemu-img info` lists.
+fn qemu_bitmaps(p: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let v = info(p);
+    let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The dirty ranges of bitmap `name` as QEMU reads them: exported by
+/// `qemu-nbd -B`, mapped by `qemu-img map` with `x-dirty-bitmap` (dirty
+/// areas show as `"data": false`).
+fn qemu_dirty_ranges(p: &Path, name: &str, dir: &Path) -> Vec<(u64, u64)> {
+    let sock = dir.join(format!("nbd-{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-k", s(&sock), "-B", name, s(p)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-nbd runs");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        s(&sock)
+    );
+    let out = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    assert!(
+        out.status.success(),
+        "qemu-img map: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    merge(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| !e["data"].as_bool().unwrap())
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect(),
+    )
+}
+
+fn merge(v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in v {
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl == s => *pl += l,
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+/// The dirty byte ranges of a stored bitmap over `len` bytes.
+fn ranges(b: &StoredBitmap, len: u64) -> Vec<(u64, u64)> {
+    let chunks = len.div_ceil(b.granularity);
+    let v = (0..chunks)
+        .filter(|&c| b.get(c))
+        .map(|c| {
+            let s = c * b.granularity;
+            (s, b.granularity.min(len - s))
+        })
+        .collect();
+    merge(v)
+}
+
+/// The bits are equal (shown as dirty ranges when not).
+fn assert_bits(got: &StoredBitmap, want: &StoredBitmap, len: u64, ctx: &str) {
+    assert!(
+        got.bits == want.bits,
+        "{ctx}: bits of {}: got {:?}, want {:?}",
+        want.name,
+        ranges(got, len),
+        ranges(want, len)
+    );
+}
+
+async fn loaded(n: &BlockNode) -> Vec<StoredBitmap> {
+    n.driver().take_loaded_bitmaps()
+}
+
+fn find<'a>(v: &'a [StoredBitmap], name: &str) -> &'a StoredBitmap {
+    v.iter()
+        .find(|b| b.name == name)
+        .unwrap_or_else(|| panic!("bitmap {name} loaded"))
+}
+
+fn source(v: Vec<StoredBitmap>) -> BitmapSource {
+    Arc::new(move || v.clone())
+}
+
+/// Closes the node, storing `bitmaps` through the source hook.
+async fn close_storing(g: &BlockGraph, n: Arc<BlockNode>, bitmaps: Vec<StoredBitmap>) {
+    n.driver().set_bitmap_source(Some(source(bitmaps)));
+    drop(n);
+    del(g, "q").await;
+}
+
+#[tokio::test]
+async fn blockd_loads_what_qemu_stored() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-load");
+    for cs in ["64k", "512"] {
+        let p = d.join(format!("a-{cs}.qcow2"));
+        let len = 4 * MIB + 4096;
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs}"),
+                s(&p),
+                &len.to_string(),
+            ],
+        );
+        ok("qemu-img", &["bitmap", "--add", "-g", "64k", s(&p), "b1"]);
+        ok("qemu-img", &["bitmap", "--add", "-g", "512", s(&p), "fine"]);
+        ok(
+            "qemu-img",
+            &["bitmap", "--add", "-g", "128k", s(&p), "later"],
+        );
+        ok("qemu-img", &["bitmap", "--disable", s(&p), "later"]);
+        ok("qemu-img", &["bitmap", "--add", s(&p), "off"]);
+        ok("qemu-img", &["bitmap", "--disable", s(&p), "off"]);
+        let first = [(65536u64, 4096u64), (MIB, 200 * 1024), (len - 512, 512)];
+        let second = [(3 * MIB + 1000, 70_000u64)];
+        let mut e1 = StoredBitmap::empty("b1", 65536, len, true);
+        let mut fine = StoredBitmap::empty("fine", 512, len, true);
+        let mut later = StoredBitmap::empty("later", 131072, len, true);
+        let mut a: Vec<String> = Vec::new();
+        for (o, l) in first {
+            a.push("-c".into());
+            a.push(format!("write -q {o} {l}"));
+            e1.set_range(o, l);
+            fine.set_range(o, l);
+        }
+        let mut args: Vec<&str> = a.iter().map(String::as_str).collect();
+        args.push(s(&p));
+        ok("qemu-io", &args);
+        ok("qemu-img", &["bitmap", "--enable", s(&p), "later"]);
+        let (o, l) = second[0];
+        ok("qemu-io", &["-c", &format!("write -q {o} {l}"), s(&p)]);
+        e1.set_range(o, l);
+        fine.set_range(o, l);
+        later.set_range(o, l);
+        // The fine bitmap spans several clusters of bits with 512-byte
+        // clusters; one of them is all ones.
+        assert!(fine.count() > 0 && later.count() > 0);
+
+        // Read-only: loaded, file untouched.
+        let before = std::fs::read(&p).unwrap();
+        let g = BlockGraph::new();
+        let n = open(&g, &p, json!({"read-only": true})).await;
+        let v = loaded(&n).await;
+        assert_eq!(
+            v.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+            ["b1", "fine", "later", "off"]
+        );
+        for (want, enabled) in [(&e1, true), (&fine, true), (&later, true)] {
+            let b = find(&v, &want.name);
+            assert_eq!(b.granularity, want.granularity, "{}", want.name);
+            assert_eq!(b.enabled, enabled, "{}", want.name);
+            assert!(!b.inconsistent);
+            assert_bits(b, want, len, &format!("{cs} clusters"));
+        }
+        let off = find(&v, "off");
+        assert!(!off.enabled && off.count() == 0 && !off.inconsistent);
+        assert!(loaded(&n).await.is_empty(), "taken once");
+        drop(n);
+        del(&g, "q").await;
+        assert_eq!(std::fs::read(&p).unwrap(), before, "read-only open wrote");
+
+        // Read-write: marked in use on disk at once; a crash (no close)
+        // leaves them so, and they load as inconsistent.
+        let g = BlockGraph::new();
+        let n = open(&g, &p, json!({})).await;
+        assert_bits(find(&loaded(&n).await, "fine"), &fine, len, "read-write");
+        let flags: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| b.2).collect();
+        assert_eq!(
+            flags,
+            [
+                vec!["in-use", "auto"],
+                vec!["in-use", "auto"],
+                vec!["in-use", "auto"],
+                vec!["in-use"]
+            ]
+        );
+        drop(n);
+        drop(g);
+        let flags: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| b.2).collect();
+        assert_eq!(flags[3], ["in-use"]);
+        assert_check(&p, false);
+        let g = BlockGraph::new();
+        let n = open(&g, &p, json!({})).await;
+        let v = loaded(&n).await;
+        assert!(v.iter().all(|b| b.inconsistent && b.count() == 0));
+        assert!(find(&v, "b1").enabled && !find(&v, "off").enabled);
+        // A store keeps inconsistent bitmaps as they are; removing one
+        // frees its clusters.
+        n.driver().store_bitmaps(&v).await.unwrap();
+        n.driver().remove_persistent_bitmap("fine").await.unwrap();
+        n.driver().remove_persistent_bitmap("absent").await.unwrap();
+        close_storing(&g, n, v).await;
+        let names: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| (b.0, b.2)).collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    "b1".to_string(),
+                    vec!["in-use".to_string(), "auto".to_string()]
+                ),
+                (
+                    "later".to_string(),
+                    vec!["in-use".to_string(), "auto".to_string()]
+                ),
+                ("off".to_string(), vec!["in-use".to_string()]),
+            ]
+        );
+        assert_check(&p, false);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn qemu_reads_what_blockd_stored() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-store");
+    let p = d.join("s.qcow2");
+    let len = 64 * MIB;
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({})).await;
+    n.write(0, Bytes::from(vec![7u8; 1 << 20]), ReqFlags::default())
+        .await
+        .unwrap();
+    let mut s1 = StoredBitmap::empty("s1", 65536, len, true);
+    s1.set_range(0, MIB);
+    s1.set_range(40 * MIB + 5, 1);
+    s1.set_range(len - 1, 1);
+    // 512-byte granularity: 16 KiB of bits, partly all ones.
+    let mut s2 = StoredBitmap::empty("s2", 512, len, false);
+    s2.set_range(10 * MIB, 3 * MIB + 512);
+    s2.set_range(63 * MIB + 1536, 1);
+    let empty = StoredBitmap::empty("empty", 1 << 20, len, true);
+    close_storing(&g, n, vec![s1.clone(), s2.clone(), empty]).await;
+
+    assert_eq!(
+        qemu_bitmaps(&p),
+        [
+            ("s1".to_string(), 65536, vec!["auto".to_string()]),
+            ("s2".to_string(), 512, vec![]),
+            ("empty".to_string(), 1 << 20, vec!["auto".to_string()]),
+        ]
+    );
+    assert_check(&p, false);
+    assert_eq!(qemu_dirty_ranges(&p, "s1", &d), ranges(&s1, len));
+    assert_eq!(qemu_dirty_ranges(&p, "s2", &d), ranges(&s2, len));
+    assert_eq!(qemu_dirty_ranges(&p, "empty", &d), []);
+
+    // QEMU changes them: merge s2 into s1, remove s2.
+    ok("qemu-img", &["bitmap", "--merge", "s2", s(&p), "s1"]);
+    ok("qemu-img", &["bitmap", "--remove", s(&p), "s2"]);
+    assert_check(&p, false);
+    let mut union = s1.clone();
+    for c in 0..len / 512 {
+        if s2.get(c) {
+            union.set_range(c * 512, 512);
+        }
+    }
+    assert_eq!(qemu_dirty_ranges(&p, "s1", &d), ranges(&union, len));
+
+    // And blockd reads the result.
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({"read-only": true})).await;
+    let v = loaded(&n).await;
+    assert_eq!(v.len(), 2);
+    assert_bits(find(&v, "s1"), &union, len, "merged");
+    drop(n);
+    del(&g, "q").await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn storing_removing_and_storing_again_leaks_nothing() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-cycle");
+    let p = d.join("c.qcow2");
+    let len = 32 * MIB;
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            s(&p),
+            "32M",
+        ],
+    );
+    let mut rng = Rng::new(7);
+    let mut want: Vec<StoredBitmap> = Vec::new();
+    for round in 0..4 {
+        let g = BlockGraph::new();
+        let n = open(&g, &p, json!({})).await;
+        let mut v = loaded(&n).await;
+        assert_eq!(v.len(), want.len(), "round {round}");
+        for (b, w) in v.iter().zip(&want) {
+            assert_eq!(b.name, w.name);
+            assert_bits(b, w, len, &format!("round {round}"));
+            assert_eq!(b.enabled, w.enabled);
+        }
+        // Guest writes, recorded by the enabled bitmaps.
+        for _ in 0..20 {
+            let off = rng.below(len / 512) * 512;
+            let l = (1 + rng.below(64)) * 512;
+            let l = l.min(len - off);
+            n.write(off, Bytes::from(rng.bytes(l as usize)), ReqFlags::default())
+                .await
+                .unwrap();
+            for b in v.iter_mut().filter(|b| b.enabled) {
+                b.set_range(off, l);
+            }
+        }
+        // Remove the first one, add a new one.
+        if !v.is_empty() {
+            let gone = v.remove(0);
+            n.driver()
+                .remove_persistent_bitmap(&gone.name)
+                .await
+                .unwrap();
+        }
+        let gran = 512u64 << rng.below(8);
+        let mut b = StoredBitmap::empty(&format!("r{round}"), gran, len, round % 2 == 0);
+        for _ in 0..10 {
+            b.set_range(rng.below(len), rng.below(4 * MIB));
+        }
+        v.push(b);
+        v.push(StoredBitmap::empty(&format!("e{round}"), 65536, len, false));
+        let rep = qcow2_of(&n).check().await.unwrap();
+        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+        close_storing(&g, n, v.clone()).await;
+        want = v;
+        assert_check(&p, false);
+        let listed: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| (b.0, b.1)).collect();
+        let expected: Vec<_> = want
+            .iter()
+            .map(|b| (b.name.clone(), b.granularity))
+            .collect();
+        assert_eq!(listed, expected, "round {round}");
+    }
+    for b in &want {
+        assert_eq!(
+            qemu_dirty_ranges(&p, &b.name, &d),
+            ranges(b, len),
+            "{}",
+            b.name
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
