@@ -415,3 +415,136 @@ async fn storing_removing_and_storing_again_leaks_nothing() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[tokio::test]
+async fn reopen_read_only_stores_and_read_write_marks_in_use() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-reopen");
+    let p = d.join("r.qcow2");
+    let len = 8 * MIB;
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+    let g = BlockGraph::new();
+    let control = blockd_core::ControlLock::new();
+    let n = open(&g, &p, json!({})).await;
+    let mut r = StoredBitmap::empty("r", 65536, len, true);
+    r.set_range(MIB, 3 * 65536);
+    n.driver().set_bitmap_source(Some(source(vec![r.clone()])));
+    let c = control.lock().await;
+    crate::reopen::set_read_only(&g, &c, &n, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        qemu_bitmaps(&p),
+        [("r".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    assert_eq!(qemu_dirty_ranges(&p, "r", &d), ranges(&r, len));
+    crate::reopen::set_read_only(&g, &c, &n, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        qemu_bitmaps(&p),
+        [(
+            "r".to_string(),
+            65536,
+            vec!["in-use".to_string(), "auto".to_string()]
+        )]
+    );
+    drop(c);
+    // The bitmap changed meanwhile: the close replaces it.
+    r.set_range(7 * MIB, 1);
+    close_storing(&g, n, vec![r.clone()]).await;
+    assert_check(&p, false);
+    assert_eq!(
+        qemu_bitmaps(&p),
+        [("r".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    assert_eq!(qemu_dirty_ranges(&p, "r", &d), ranges(&r, len));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn the_repair_of_a_dirty_image_keeps_the_bitmaps() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-dirty");
+    let p = d.join("l.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&p),
+            "16M",
+        ],
+    );
+    ok("qemu-img", &["bitmap", "--add", s(&p), "a"]);
+    ok("qemu-io", &["-c", "write -q 0 1M", s(&p)]);
+    // blockd writes with lazy refcounts and "crashes": the image is dirty.
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({"lazy-refcounts": true})).await;
+    assert_eq!(loaded(&n).await.len(), 1);
+    n.write(
+        4 * MIB,
+        Bytes::from(vec![1u8; 1 << 20]),
+        ReqFlags::default(),
+    )
+    .await
+    .unwrap();
+    n.flush().await.unwrap();
+    drop(n);
+    drop(g);
+    assert_eq!(info(&p)["dirty-flag"], json!(true));
+    // The repair at the next open counts the bitmap's clusters.
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({})).await;
+    let v = loaded(&n).await;
+    assert!(v[0].inconsistent, "the crash left it in use");
+    let rep = qcow2_of(&n).check().await.unwrap();
+    assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+    n.driver().remove_persistent_bitmap("a").await.unwrap();
+    drop(n);
+    del(&g, "q").await;
+    assert_check(&p, false);
+    assert!(qemu_bitmaps(&p).is_empty());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn a_stale_extension_is_ignored_and_dropped_when_writing() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-stale");
+    let p = d.join("t.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "16M"]);
+    ok("qemu-img", &["bitmap", "--add", s(&p), "a"]);
+    ok("qemu-io", &["-c", "write -q 0 1M", s(&p)]);
+    // A program without bitmap support cleared the autoclear bit.
+    let mut img = std::fs::read(&p).unwrap();
+    assert_eq!(img[95] & 1, 1);
+    img[95] &= !1;
+    std::fs::write(&p, &img).unwrap();
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({"read-only": true})).await;
+    assert!(loaded(&n).await.is_empty());
+    drop(n);
+    del(&g, "q").await;
+    assert_eq!(std::fs::read(&p).unwrap(), img, "read-only open wrote");
+    let g = BlockGraph::new();
+    let n = open(&g, &p, json!({})).await;
+    assert!(loaded(&n).await.is_empty());
+    drop(n);
+    del(&g, "q").await;
+    // Dropped from the header; its clusters leaked, as with QEMU.
+    assert!(qemu_bitmaps(&p).is_empty());
+    let o = run("qemu-img", &["check", s(&p)]);
+    assert_eq!(o.status.code(), Some(3), "leaks expected");
+    let _ = std::fs::remove_dir_all(&d);
+}
