@@ -121,6 +121,13 @@ fn assert_bits(got: &StoredBitmap, want: &StoredBitmap, len: u64, ctx: &str) {
     );
 }
 
+/// blockd's `format-specific` bitmaps equal what `qemu-img info` shows.
+fn assert_info_matches(n: &BlockNode, p: &Path) {
+    let ours = n.driver().info().format_specific.unwrap()["data"]["bitmaps"].clone();
+    let theirs = info(p)["format-specific"]["data"]["bitmaps"].clone();
+    assert_eq!(ours, theirs);
+}
+
 async fn loaded(n: &BlockNode) -> Vec<StoredBitmap> {
     n.driver().take_loaded_bitmaps()
 }
@@ -214,6 +221,7 @@ async fn blockd_loads_what_qemu_stored() {
             assert!(!b.inconsistent);
             assert_bits(b, want, len, &format!("{cs} clusters"));
         }
+        assert_info_matches(&n, &p);
         let off = find(&v, "off");
         assert!(!off.enabled && off.count() == 0 && !off.inconsistent);
         assert!(loaded(&n).await.is_empty(), "taken once");
@@ -226,6 +234,7 @@ async fn blockd_loads_what_qemu_stored() {
         let g = BlockGraph::new();
         let n = open(&g, &p, json!({})).await;
         assert_bits(find(&loaded(&n).await, "fine"), &fine, len, "read-write");
+        assert_info_matches(&n, &p);
         let flags: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| b.2).collect();
         assert_eq!(
             flags,
@@ -251,6 +260,7 @@ async fn blockd_loads_what_qemu_stored() {
         n.driver().store_bitmaps(&v).await.unwrap();
         n.driver().remove_persistent_bitmap("fine").await.unwrap();
         n.driver().remove_persistent_bitmap("absent").await.unwrap();
+        assert_info_matches(&n, &p);
         close_storing(&g, n, v).await;
         let names: Vec<_> = qemu_bitmaps(&p).into_iter().map(|b| (b.0, b.2)).collect();
         assert_eq!(

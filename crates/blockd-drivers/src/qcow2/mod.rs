@@ -189,6 +189,8 @@ pub struct Qcow2Driver {
     loaded_bitmaps: Mutex<Vec<StoredBitmap>>,
     /// What [`BlockDriver::close`] stores.
     bitmap_source: Mutex<Option<BitmapSource>>,
+    /// The bitmap directory as on disk, for queries (shared with `meta`).
+    bitmap_info: Arc<Mutex<Vec<bitmaps::DirEntry>>>,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -469,6 +471,7 @@ pub async fn open(
                 .map_err(|e| fail("Could not repair dirty image", e))?;
         }
     }
+    let bitmap_info = m.bitmap_info.clone();
     let shown = Shown {
         backing: Mutex::new(Recorded {
             file: backing_file,
@@ -491,6 +494,7 @@ pub async fn open(
             shown,
             decompressed: Mutex::new(None),
             loaded_bitmaps: Mutex::new(loaded),
+            bitmap_info,
             bitmap_source: Mutex::new(None),
         },
         read_only,
@@ -534,14 +538,20 @@ impl BlockDriver for Qcow2Driver {
         let s = &self.shown;
         let backing = s.backing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let data = if s.version >= 3 {
-            serde_json::json!({
+            let mut d = serde_json::json!({
                 "compat": "1.1",
                 "compression-type": "zlib",
                 "lazy-refcounts": s.lazy_bit,
-                "refcount-bits": s.refcount_bits,
-                "corrupt": s.corrupt,
-                "extended-l2": false,
-            })
+            });
+            // As stored on disk (QEMU's qcow2_get_bitmap_info_list).
+            let list = self.bitmap_info.lock().unwrap_or_else(|e| e.into_inner());
+            if !list.is_empty() {
+                d["bitmaps"] = bitmaps::info_list(&list);
+            }
+            d["refcount-bits"] = s.refcount_bits.into();
+            d["corrupt"] = s.corrupt.into();
+            d["extended-l2"] = false.into();
+            d
         } else {
             serde_json::json!({
                 "compat": "0.10",

@@ -362,6 +362,27 @@ pub fn check_constraints(
     Ok(())
 }
 
+/// The `bitmaps` member of qcow2's `format-specific` image information
+/// (QEMU's `Qcow2BitmapInfo` list).
+pub fn info_list(list: &[DirEntry]) -> serde_json::Value {
+    list.iter()
+        .map(|e| {
+            let mut flags = Vec::new();
+            if e.flags & FLAG_IN_USE != 0 {
+                flags.push("in-use");
+            }
+            if e.flags & FLAG_AUTO != 0 {
+                flags.push("auto");
+            }
+            serde_json::json!({
+                "flags": flags,
+                "name": e.name,
+                "granularity": 1u64 << e.granularity_bits,
+            })
+        })
+        .collect()
+}
+
 /// QEMU's `qcow2_co_can_store_new_dirty_bitmap` (the in-memory name
 /// clash is the caller's): `existing` are the names of the node's
 /// persistent bitmaps.

@@ -94,6 +94,11 @@ pub async fn clear_unknown_autoclear(m: &mut Meta, autoclear: u64) -> io::Result
     m.io.sync().await
 }
 
+/// Records the directory as now on disk, for queries.
+fn publish(m: &Meta, list: &[DirEntry]) {
+    *m.bitmap_info.lock().unwrap_or_else(|e| e.into_inner()) = list.to_vec();
+}
+
 /// Reads and checks the directory (QEMU's `bitmap_list_load`).
 pub async fn load_list(m: &Meta) -> Result<Vec<DirEntry>, BlockError> {
     let Some(ext) = m.bitmaps else {
@@ -181,6 +186,7 @@ pub async fn load(m: &mut Meta, writable: bool) -> Result<(Vec<StoredBitmap>, bo
         return Ok((Vec::new(), false));
     }
     let mut list = load_list(m).await?;
+    publish(m, &list);
     let mut out: Vec<StoredBitmap> = Vec::new();
     let mut needs_update = false;
     for e in &mut list {
@@ -256,7 +262,9 @@ async fn mark_in_use_in_place(m: &mut Meta, list: &[DirEntry]) -> io::Result<()>
     update_header(m, false).await?;
     m.io.write(ext.dir_offset, dir).await?;
     m.io.sync().await?;
-    update_header(m, true).await
+    update_header(m, true).await?;
+    publish(m, list);
+    Ok(())
 }
 
 /// Frees the clusters of a bitmap table and the data it points at
@@ -427,6 +435,7 @@ async fn switch_dir(m: &mut Meta, list: &[DirEntry]) -> io::Result<()> {
         }
         return Err(e);
     }
+    publish(m, list);
     if let Some(o) = old {
         m.apply_frees(vec![free(o.dir_offset, o.dir_size.div_ceil(cs))])
             .await?;

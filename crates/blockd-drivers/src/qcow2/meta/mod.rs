@@ -265,6 +265,8 @@ pub struct Meta {
     /// The valid bitmaps extension, if any (its clusters count in
     /// refcounts; see `bitmaps`).
     pub bitmaps: Option<super::bitmaps::BitmapsExt>,
+    /// The bitmap directory as on disk (for queries; set where it changes).
+    pub bitmap_info: Arc<std::sync::Mutex<Vec<super::bitmaps::DirEntry>>>,
     /// `cache-clean-interval`.
     pub clean_interval: Option<Duration>,
     last_clean: Instant,
@@ -304,6 +306,7 @@ impl Meta {
             snapshots: Vec::new(),
             snapshot_table: (0, 0),
             bitmaps: None,
+            bitmap_info: Arc::default(),
             clean_interval: None,
             last_clean: Instant::now(),
             clean_stamps: (0, 0),
