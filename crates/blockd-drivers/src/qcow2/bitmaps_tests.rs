@@ -558,3 +558,89 @@ async fn a_stale_extension_is_ignored_and_dropped_when_writing() {
     assert_eq!(o.status.code(), Some(3), "leaks expected");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A crash at any point of removing and storing bitmaps leaves an image
+/// without corruption, where each bitmap is either its old version marked
+/// in use (or already gone, when removed) or its new version.
+#[tokio::test]
+async fn crash_while_storing_leaves_old_or_new() {
+    use super::testutil::{add, graph_with, new_image, MemFile};
+    async fn open_mem(f: &MemFile) -> (BlockGraph, Arc<BlockNode>) {
+        let g = graph_with(f);
+        let n = add(
+            &g,
+            json!({"driver": "qcow2", "node-name": "q", "file": "mem"}),
+        )
+        .await
+        .unwrap();
+        (g, n)
+    }
+    fn random(rng: &mut Rng, name: &str, g: u64, len: u64) -> StoredBitmap {
+        let mut b = StoredBitmap::empty(name, g, len, rng.below(2) == 0);
+        for _ in 0..1 + rng.below(6) {
+            b.set_range(rng.below(len), rng.below(len / 4));
+        }
+        b
+    }
+    // Outcomes seen: (a1 new, b1 stored) and (a1 in use), so that both
+    // sides of the switch are exercised.
+    let (mut new_seen, mut old_seen) = (0, 0);
+    for seed in 0..36u64 {
+        let mut rng = Rng::new(seed);
+        let cs = [512u64, 4096, 65536][(seed % 3) as usize];
+        let len = 4 * MIB;
+        let lazy = seed % 4 == 3;
+        let f = new_image(len, json!({"cluster-size": cs, "lazy-refcounts": lazy})).await;
+        let (g, n) = open_mem(&f).await;
+        let a1 = random(&mut rng, "a1", 512, len);
+        let a2 = random(&mut rng, "a2", 4096, len);
+        close_storing(&g, n, vec![a1.clone(), a2.clone()]).await;
+        drop(g);
+        let (g, n) = open_mem(&f).await;
+        assert_eq!(loaded(&n).await, [a1.clone(), a2.clone()], "seed {seed}");
+        n.write(0, Bytes::from(rng.bytes(100_000)), ReqFlags::default())
+            .await
+            .unwrap();
+        let new_a1 = random(&mut rng, "a1", 512, len);
+        let b1 = random(&mut rng, "b1", 65536, len);
+        {
+            let mut st = f.0.lock().unwrap();
+            st.budget = Some(st.writes + rng.below(50));
+        }
+        let _ = n.driver().remove_persistent_bitmap("a2").await;
+        n.driver()
+            .set_bitmap_source(Some(source(vec![new_a1.clone(), b1.clone()])));
+        drop(n);
+        for x in g.remove("q").unwrap() {
+            let _ = x.close().await;
+        }
+        let img = f.crash_image(&mut rng);
+        drop(g);
+        let f2 = MemFile::new(img);
+        let (g2, n2) = open_mem(&f2).await;
+        let rep = qcow2_of(&n2).check().await.unwrap();
+        assert_eq!(rep.corruptions, 0, "seed {seed}: {:?}", rep.messages);
+        for b in loaded(&n2).await {
+            let ok = match b.name.as_str() {
+                "a1" if b.inconsistent => {
+                    old_seen += 1;
+                    true
+                }
+                "a1" => {
+                    new_seen += 1;
+                    b == new_a1
+                }
+                "a2" => b.inconsistent,
+                "b1" => b == b1,
+                _ => false,
+            };
+            assert!(
+                ok,
+                "seed {seed}: {} inconsistent={}",
+                b.name, b.inconsistent
+            );
+        }
+        del(&g2, "q").await;
+    }
+    assert!(new_seen > 3 && old_seen > 3, "{new_seen} {old_seen}");
+}
