@@ -351,6 +351,9 @@ async fn storing_removing_and_storing_again_leaks_nothing() {
     let d = tmpdir("bm-cycle");
     let p = d.join("c.qcow2");
     let len = 32 * MIB;
+    // (With a backing file: the header rewrites keep its name.)
+    let base = d.join("base.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "32M"]);
     ok(
         "qemu-img",
         &[
@@ -360,6 +363,10 @@ async fn storing_removing_and_storing_again_leaks_nothing() {
             "qcow2",
             "-o",
             "cluster_size=4k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
             s(&p),
             "32M",
         ],
@@ -423,6 +430,9 @@ async fn storing_removing_and_storing_again_leaks_nothing() {
             b.name
         );
     }
+    let i = info(&p);
+    assert_eq!(i["backing-filename"], "base.raw");
+    assert_eq!(i["backing-filename-format"], "raw");
     let _ = std::fs::remove_dir_all(&d);
 }
 
