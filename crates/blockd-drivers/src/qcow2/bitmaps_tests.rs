@@ -654,3 +654,59 @@ async fn crash_while_storing_leaves_old_or_new() {
     }
     assert!(new_seen > 3 && old_seen > 3, "{new_seen} {old_seen}");
 }
+
+#[tokio::test]
+async fn an_aborted_reopen_read_only_marks_the_stored_bitmaps_in_use_again() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmpdir("bm-abort");
+    let p = d.join("r.qcow2");
+    let p2 = d.join("other.qcow2");
+    for x in [&p, &p2] {
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(x), "8M"]);
+    }
+    let g = BlockGraph::new();
+    let control = blockd_core::ControlLock::new();
+    let n = open(&g, &p, json!({})).await;
+    let other = super::testutil::add(
+        &g,
+        json!({"driver": "qcow2", "node-name": "o",
+               "file": {"driver": "file", "filename": s(&p2)}}),
+    )
+    .await
+    .unwrap();
+    let r = StoredBitmap::empty("r", 65536, 8 * MIB, true);
+    n.driver().set_bitmap_source(Some(source(vec![r.clone()])));
+    // q becomes read-only (prepare stores its bitmaps), o's options are
+    // refused: the reopen is aborted and q stays writable.
+    let entries: Vec<crate::options::BlockdevOptions> = serde_json::from_value(json!([
+        {"driver": "qcow2", "node-name": "q", "read-only": true,
+         "file": {"driver": "file", "filename": s(&p)}},
+        {"driver": "qcow2", "node-name": "o", "cache-size": 1, "l2-cache-size": 2,
+         "file": {"driver": "file", "filename": s(&p2)}},
+    ]))
+    .unwrap();
+    let c = control.lock().await;
+    let e = crate::reopen::blockdev_reopen(&g, &c, entries)
+        .await
+        .unwrap_err();
+    assert_eq!(e.msg, "l2-cache-size may not exceed cache-size");
+    drop(c);
+    assert!(!n.read_only());
+    // The task marking them in use holds the metadata lock: a request
+    // through the driver waits for it.
+    n.flush().await.unwrap();
+    assert_eq!(
+        qemu_bitmaps(&p),
+        [(
+            "r".to_string(),
+            65536,
+            vec!["in-use".to_string(), "auto".to_string()]
+        )]
+    );
+    drop(other);
+    close_storing(&g, n, vec![r]).await;
+    assert_check(&p, false);
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -612,6 +612,10 @@ impl BlockDriver for Qcow2Driver {
         self.commit_reopen(staged);
     }
 
+    fn reopen_abort(&self, staged: Staged) {
+        self.abort_reopen(staged);
+    }
+
     fn reopen_finish(&self) -> FinishFuture<'_> {
         Box::pin(self.finish_reopen())
     }

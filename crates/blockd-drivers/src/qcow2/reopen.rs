@@ -104,6 +104,8 @@ struct Qcow2Staged {
     settings: Option<Settings>,
     read_only: bool,
     has_backing: bool,
+    /// Prepare stored the bitmaps (they are no longer marked in use).
+    stored_bitmaps: bool,
 }
 
 fn io_err(what: &str, e: io::Error) -> BlockError {
@@ -136,6 +138,7 @@ impl Qcow2Driver {
         let mut m = self.meta.clone().lock_owned().await;
         let lazy_off = settings.as_ref().is_some_and(|s| !s.lazy) && m.lazy;
         let writable_now = !self.read_only.load(Ordering::Acquire);
+        let mut stored_bitmaps = false;
         if writable_now && (req.becomes_read_only() || lazy_off) {
             // Everything on disk before the write permission goes (or
             // before lazy refcounts stop covering a crash).
@@ -148,6 +151,7 @@ impl Qcow2Driver {
                     .clone();
                 if let Some(source) = source {
                     bitmaps::store::store(&mut m, &source()).await?;
+                    stored_bitmaps = true;
                 }
             }
             m.close()
@@ -159,6 +163,7 @@ impl Qcow2Driver {
             settings,
             read_only: req.new.read_only,
             has_backing: req.child("backing").is_some(),
+            stored_bitmaps,
         }))
     }
 
@@ -171,6 +176,27 @@ impl Qcow2Driver {
         }
         st.meta.has_backing = st.has_backing;
         self.read_only.store(st.read_only, Ordering::Release);
+    }
+
+    /// Drops a prepared reopen. If prepare stored the bitmaps, the node
+    /// stays writable and they keep changing: they are marked in use again
+    /// (QEMU's `qcow2_reopen_abort`), by a task that holds the metadata
+    /// lock from here, so no request runs before.
+    pub(super) fn abort_reopen(&self, staged: Staged) {
+        let Ok(st) = staged.downcast::<Qcow2Staged>() else {
+            return;
+        };
+        if !st.stored_bitmaps {
+            return;
+        }
+        let mut m = st.meta;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = bitmaps::store::mark_all_in_use(&mut m).await {
+                    tracing::error!("qcow2: {}", e.msg);
+                }
+            });
+        }
     }
 
     /// After becoming writable: what opening read-write does. On error
