@@ -179,9 +179,11 @@ impl Qcow2Driver {
     }
 
     /// Drops a prepared reopen. If prepare stored the bitmaps, the node
-    /// stays writable and they keep changing: they are marked in use again
-    /// (QEMU's `qcow2_reopen_abort`), by a task that holds the metadata
-    /// lock from here, so no request runs before.
+    /// stays writable and they keep changing, so they are marked in use
+    /// again, by a task that holds the metadata lock from here (no request
+    /// runs before). QEMU instead leaves them stored and read-only in
+    /// memory after an abort (`qcow2_reopen_abort` does nothing for them),
+    /// which makes later writes to the node fail.
     pub(super) fn abort_reopen(&self, staged: Staged) {
         let Ok(st) = staged.downcast::<Qcow2Staged>() else {
             return;
