@@ -22,7 +22,8 @@
 //! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
 //! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
 //! snapshots (kept intact; shared clusters are copied on write), backing
-//! files. Refused with a clear error: encryption, external data files,
+//! files, persistent dirty bitmaps (the image side; the in-memory bitmaps
+//! are the core's). Refused with a clear error: encryption, external data files,
 //! extended L2 entries (subclusters), zstd compression, unknown
 //! incompatible features.
 //!
