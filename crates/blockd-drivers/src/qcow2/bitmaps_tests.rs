@@ -710,3 +710,60 @@ async fn an_aborted_reopen_read_only_marks_the_stored_bitmaps_in_use_again() {
     assert_check(&p, false);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Offsets anywhere in the 64-bit range are refused or counted as
+/// corruption, never a crash.
+#[tokio::test]
+async fn hostile_table_offsets_do_not_crash() {
+    use super::testutil::{add, graph_with, new_image, MemFile};
+    let len = 4 * MIB;
+    let f = new_image(len, json!({})).await;
+    let g = graph_with(&f);
+    let n = add(
+        &g,
+        json!({"driver": "qcow2", "node-name": "q", "file": "mem"}),
+    )
+    .await
+    .unwrap();
+    let mut b = StoredBitmap::empty("b", 65536, len, true);
+    b.set_range(0, 1);
+    close_storing(&g, n, vec![b]).await;
+    let img = f.data();
+    let e = img
+        .windows(4)
+        .position(|w| w == super::bitmaps::EXT_BITMAPS.to_be_bytes())
+        .unwrap()
+        + 8;
+    let dir = u64::from_be_bytes(img[e + 16..e + 24].try_into().unwrap()) as usize;
+    for in_use in [false, true] {
+        let mut bad = img.clone();
+        // The largest aligned offset, and a table reaching past 2^64.
+        bad[dir..dir + 8].copy_from_slice(&0xffff_ffff_ffff_0000u64.to_be_bytes());
+        bad[dir + 8..dir + 12].copy_from_slice(&8192u32.to_be_bytes());
+        if in_use {
+            bad[dir + 15] |= 1;
+        }
+        let f2 = MemFile::new(bad);
+        let g2 = graph_with(&f2);
+        let r = add(
+            &g2,
+            json!({"driver": "qcow2", "node-name": "q", "file": "mem"}),
+        )
+        .await;
+        if !in_use {
+            assert_eq!(
+                r.unwrap_err().msg,
+                "Could not read bitmap_table table from image for bitmap 'b': Input/output error"
+            );
+            continue;
+        }
+        // In use: its table is not read at open; the check reports it.
+        let n = r.unwrap();
+        assert!(loaded(&n).await[0].inconsistent);
+        let rep = qcow2_of(&n).check().await.unwrap();
+        assert_eq!(rep.corruptions, 1, "{:?}", rep.messages);
+        n.driver().remove_persistent_bitmap("b").await.unwrap();
+        drop(n);
+        del(&g2, "q").await;
+    }
+}

@@ -114,7 +114,7 @@ pub async fn load_list(m: &Meta) -> Result<Vec<DirEntry>, BlockError> {
             "Requested bitmap directory size is too big",
         ));
     }
-    if ext.dir_offset + ext.dir_size > m.io.len() {
+    if ext.dir_offset.saturating_add(ext.dir_size) > m.io.len() {
         return Err(BlockError::invalid(
             "Failed to read bitmap directory: Input/output error",
         ));
@@ -130,7 +130,7 @@ pub async fn load_list(m: &Meta) -> Result<Vec<DirEntry>, BlockError> {
 /// entry that breaks the rules.
 pub async fn read_table(m: &Meta, e: &DirEntry) -> io::Result<Vec<u64>> {
     let bytes = u64::from(e.table_size) * 8;
-    if e.table_offset + bytes > m.io.len() {
+    if e.table_offset.saturating_add(bytes) > m.io.len() {
         return Err(io::Error::from_raw_os_error(libc::EIO));
     }
     let raw = m.io.read(e.table_offset, bytes as usize).await?;
@@ -576,7 +576,9 @@ pub async fn references(m: &Meta) -> io::Result<(Vec<(u64, u64, &'static str)>, 
     let Some(ext) = m.bitmaps else {
         return Ok((refs, bad));
     };
-    refs.push((ext.dir_offset, ext.dir_size, "bitmap directory"));
+    if ext.dir_offset.saturating_add(ext.dir_size) <= m.io.len() {
+        refs.push((ext.dir_offset, ext.dir_size, "bitmap directory"));
+    }
     let list = match load_list(m).await {
         Ok(l) => l,
         Err(e) => {
@@ -585,15 +587,15 @@ pub async fn references(m: &Meta) -> io::Result<(Vec<(u64, u64, &'static str)>, 
         }
     };
     for e in &list {
-        refs.push((e.table_offset, u64::from(e.table_size) * 8, "bitmap table"));
         let bytes = u64::from(e.table_size) * 8;
-        if e.table_offset + bytes > m.io.len() {
+        if e.table_offset.saturating_add(bytes) > m.io.len() {
             bad.push(format!(
                 "bitmap table of '{}' beyond the end of the file",
                 e.name
             ));
             continue;
         }
+        refs.push((e.table_offset, bytes, "bitmap table"));
         let raw = m.io.read(e.table_offset, bytes as usize).await?;
         for c in raw.chunks_exact(8) {
             let x = u64::from_be_bytes(c.try_into().expect("8 bytes"));
