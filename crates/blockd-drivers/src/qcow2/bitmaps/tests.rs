@@ -146,3 +146,29 @@ fn can_store_checks_are_qemus() {
         format!("Can't make bitmap '{long}' persistent in 'node0': Name length exceeds maximum (1023 characters)")
     );
 }
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut x: u64 = 0x1234_5678;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let good = build_dir(&[entry("a", FLAG_AUTO), entry("bb", 0)], 65536, 1 << 30).unwrap();
+    for i in 0..20_000 {
+        let mut d = good.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % d.len() as u64) as usize;
+            d[at] = next() as u8;
+        }
+        if i % 3 == 0 {
+            d.truncate((next() % (d.len() as u64 + 1)) as usize);
+        }
+        let nb = (next() % 4) as u32;
+        let len = next() >> (next() % 64);
+        let _ = parse_dir(&d, nb, 512 << (next() % 13), len);
+        let _ = parse_ext(&d[..d.len().min(24)], next() % 2, 3, 65536);
+    }
+}
