@@ -24,15 +24,6 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::bitmap::DirtyBitmap;
 use crate::error::BlockError;
 
-/// Why a driver cannot store a new persistent bitmap.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreRefusal {
-    /// The format stores no bitmaps.
-    Unsupported,
-    /// The format does, but not this one: QEMU's reason.
-    Refused(String),
-}
-
 /// The granularity of a bitmap added without one (QEMU's
 /// `bdrv_get_default_bitmap_granularity`): the cluster size within
 /// 4 KiB..64 KiB, else 64 KiB.
@@ -428,6 +419,51 @@ impl NodeBitmaps {
             b.bits.truncate(len);
         }
     }
+}
+
+/// What [`crate::BlockNode::attach_persistent_bitmaps`] does: each bitmap
+/// the driver loaded becomes a named, persistent bitmap (disabled unless
+/// its `auto` flag was set; an inconsistent one clean and unusable but
+/// for removal; read-only on a read-only node), and the driver gets a
+/// source that lists the node's persistent bitmaps with their bits when
+/// it stores them (inconsistent ones included: the driver leaves those as
+/// they are on disk). The source holds the bitmaps, not the node, so a
+/// node being closed can still be asked.
+pub(crate) fn attach_persistent(node: &crate::BlockNode, bitmaps: &Arc<NodeBitmaps>) {
+    let driver = node.driver();
+    let len = node.length();
+    for b in driver.take_loaded_bitmaps() {
+        let bits = if b.inconsistent {
+            DirtyBitmap::new(len, b.granularity)
+        } else {
+            DirtyBitmap::deserialize(len, b.granularity, &b.bits)
+        };
+        let meta = BitmapMeta {
+            name: b.name.clone(),
+            granularity: b.granularity,
+            enabled: b.enabled,
+            persistent: true,
+            inconsistent: b.inconsistent,
+            readonly: node.read_only(),
+        };
+        if let Err(e) = bitmaps.load(&meta, bits) {
+            tracing::warn!(node = node.name(), bitmap = %b.name, error = %e, "loading a persistent bitmap");
+        }
+    }
+    let held = Arc::clone(bitmaps);
+    driver.set_bitmap_source(Some(Arc::new(move || {
+        held.list()
+            .iter()
+            .filter(|b| b.persistent() && !b.name().is_empty())
+            .map(|b| crate::stored_bitmap::StoredBitmap {
+                name: b.name().to_string(),
+                granularity: b.granularity(),
+                enabled: b.enabled(),
+                inconsistent: b.inconsistent(),
+                bits: b.bits().serialize(),
+            })
+            .collect()
+    })));
 }
 
 #[cfg(test)]

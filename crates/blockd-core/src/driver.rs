@@ -36,6 +36,7 @@ pub use crate::edge::{Child, ChildRef, Children};
 use crate::error::BlockError;
 use crate::perm::{filter_default, PermPair};
 use crate::reopen::ReopenRequest;
+use crate::stored_bitmap::{BitmapFuture, BitmapSource, StoredBitmap};
 
 /// A boxed, sendable I/O future borrowing the driver.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
@@ -156,18 +157,6 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// `supports_backing`): what `blockdev-snapshot` asks of an overlay.
     fn supports_backing(&self) -> bool {
         false
-    }
-
-    /// Whether a new persistent dirty bitmap `name` of `granularity`
-    /// could be stored in the image (QEMU's
-    /// `bdrv_co_can_store_new_dirty_bitmap` callback). The default: the
-    /// driver stores no bitmaps.
-    fn can_store_new_dirty_bitmap(
-        &self,
-        _name: &str,
-        _granularity: u64,
-    ) -> Result<(), crate::dirty::StoreRefusal> {
-        Err(crate::dirty::StoreRefusal::Unsupported)
     }
 
     /// Reads `len` bytes at `offset`.
@@ -317,4 +306,62 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// A drained section over the node ended (QEMU's `.bdrv_drain_end`).
     fn drained_end(&self) {}
+
+    // Persistent dirty bitmaps (see [`crate::stored_bitmap`]). The
+    // defaults are a format without them.
+
+    /// The persistent bitmaps the driver read at open (QEMU's
+    /// `qcow2_load_dirty_bitmaps`): taken once, later calls return none.
+    /// On a read-only node the core should keep them read-only.
+    fn take_loaded_bitmaps(&self) -> Vec<StoredBitmap> {
+        Vec::new()
+    }
+
+    /// Whether a new bitmap `name` of `granularity` can be made
+    /// persistent (QEMU's `.bdrv_co_can_store_new_dirty_bitmap`), given
+    /// the names of the node's persistent bitmaps now (`existing`). The
+    /// error is QEMU's whole message, node name included (the default is
+    /// `bdrv_can_store_new_dirty_bitmap`'s for a format without them); a
+    /// bitmap of that name already in memory is the caller's check.
+    fn can_store_new_bitmap(
+        &self,
+        node_name: &str,
+        name: &str,
+        granularity: u64,
+        existing: &[&str],
+    ) -> Result<(), BlockError> {
+        let _ = (name, granularity, existing);
+        Err(BlockError::unsupported(format!(
+            "Can't store persistent bitmaps to {node_name}: Operation not supported"
+        )))
+    }
+
+    /// Writes `bitmaps` into the image (QEMU's
+    /// `qcow2_store_persistent_dirty_bitmaps`): each replaces the stored
+    /// bitmap of its name (which must be one this node marked in use) or
+    /// is added; inconsistent ones are skipped; stored bitmaps not in the
+    /// list stay as they are. Stored bitmaps are no longer marked in use,
+    /// so call it when they stop changing (close, inactivation).
+    fn store_bitmaps<'a>(&'a self, bitmaps: &'a [StoredBitmap]) -> BitmapFuture<'a, ()> {
+        let _ = bitmaps;
+        Box::pin(async {
+            Err(BlockError::unsupported(
+                "persistent dirty bitmaps are not supported",
+            ))
+        })
+    }
+
+    /// Deletes the stored bitmap `name` from the image (QEMU's
+    /// `.bdrv_co_remove_persistent_dirty_bitmap`); an absent one is not
+    /// an error.
+    fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> BitmapFuture<'a, ()> {
+        let _ = name;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Registers what [`BlockDriver::close`] stores (`None`: nothing).
+    /// A driver without persistent bitmaps ignores it.
+    fn set_bitmap_source(&self, source: Option<BitmapSource>) {
+        let _ = source;
+    }
 }

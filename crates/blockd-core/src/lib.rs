@@ -22,6 +22,7 @@
 //! * [`chain`] — walking backing chains; [`blocker`] — operation blockers;
 //!   [`bitmap`] — dirty bitmaps; [`dirty`] — named dirty bitmaps on nodes
 //!   ([`sha256`] hashes them as QEMU does);
+//!   [`stored_bitmap`] — persistent bitmaps as drivers store them;
 //!   [`throttle`] — leaky buckets (job speed, I/O limits).
 //! * [`error`] — control-path errors; [`runstate`] — running/paused.
 //! * `resize` — `block_resize`'s truncate with QEMU's checks.
@@ -54,6 +55,7 @@ pub mod root;
 pub mod runstate;
 pub mod sha256;
 pub mod snapshot;
+pub mod stored_bitmap;
 pub mod threshold;
 pub mod throttle;
 pub mod tracked;
@@ -69,3 +71,4 @@ pub use node::{BlockNode, DetectZeroes, ExplicitOptions, NodeOptions};
 pub use perm::{ChildRole, Perm, PermPair};
 pub use reopen::{ReopenRequest, ReopenSpec};
 pub use root::{Root, RootKind};
+pub use stored_bitmap::{BitmapSource, StoredBitmap};

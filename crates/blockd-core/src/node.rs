@@ -179,7 +179,7 @@ pub struct BlockNode {
     /// core does not interpret them.
     open_options: Mutex<serde_json::Value>,
     /// Named dirty bitmaps, marked by every write that reaches the node.
-    dirty: NodeBitmaps,
+    dirty: Arc<NodeBitmaps>,
     /// Statistics.
     pub stats: Stats,
     pub(crate) threshold: crate::threshold::WriteThreshold,
@@ -247,7 +247,7 @@ impl BlockNode {
             parents: Mutex::new(Vec::new()),
             cumulative: Mutex::new(PermPair::FREE),
             open_options: Mutex::new(serde_json::Value::Null),
-            dirty: NodeBitmaps::default(),
+            dirty: Arc::new(NodeBitmaps::default()),
             stats: Stats::default(),
             threshold: Default::default(),
         }
@@ -332,6 +332,15 @@ impl BlockNode {
     /// The node's named dirty bitmaps.
     pub fn dirty_bitmaps(&self) -> &NodeBitmaps {
         &self.dirty
+    }
+
+    /// Takes the persistent bitmaps the driver read at open into the
+    /// node's named bitmaps, and lets the driver store them at close
+    /// (QEMU's `qcow2_load_dirty_bitmaps` at open and
+    /// `qcow2_store_persistent_dirty_bitmaps` at close). Once, after the
+    /// node is made; see [`crate::dirty::attach_persistent`].
+    pub fn attach_persistent_bitmaps(&self) {
+        crate::dirty::attach_persistent(self, &self.dirty);
     }
 
     /// Marks a finished write of `[offset, offset + len)` in the dirty

@@ -562,6 +562,7 @@ pub(crate) fn open_node<'a>(
         };
         let node = BlockNode::with_children(name, auto, nopts, explicit, driver, ctx.children);
         node.set_open_options(json);
+        node.attach_persistent_bitmaps();
         created
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use blockd_core::dirty::{default_granularity, Check, NamedBitmap, StoreRefusal};
+use blockd_core::dirty::{default_granularity, Check, NamedBitmap};
 use blockd_core::{BlockError, BlockNode};
 
 use crate::state::State;
@@ -110,22 +110,18 @@ pub fn add(st: &State, a: AddArgs<'_>) -> R<Added> {
     };
     if a.persistent {
         // QEMU's bdrv_can_store_new_dirty_bitmap.
-        match bs.driver().can_store_new_dirty_bitmap(a.name, granularity) {
-            Ok(()) => {}
-            Err(StoreRefusal::Unsupported) => {
-                return Err(BlockError::unsupported(format!(
-                    "Can't store persistent bitmaps to {}: Operation not supported",
-                    device_or_node_name(st, &bs)
-                )))
-            }
-            Err(StoreRefusal::Refused(why)) => {
-                return Err(BlockError::invalid(format!(
-                    "Can't make bitmap '{}' persistent in '{}': {why}",
-                    a.name,
-                    device_or_node_name(st, &bs)
-                )))
-            }
-        }
+        let list = bs.dirty_bitmaps().list();
+        let existing: Vec<&str> = list
+            .iter()
+            .filter(|b| b.persistent())
+            .map(|b| b.name())
+            .collect();
+        bs.driver().can_store_new_bitmap(
+            &device_or_node_name(st, &bs),
+            a.name,
+            granularity,
+            &existing,
+        )?;
     }
     let bitmap = bs
         .dirty_bitmaps()
@@ -164,11 +160,16 @@ pub async fn remove_prepare(st: &State, node: &str, name: &str) -> R<Removing> {
     let (bs, bm) = lookup(st, node, name)?;
     bm.check(Check::BUSY.or(Check::RO))?;
     bm.set_busy(true);
-    let r = Removing {
+    if bm.persistent() {
+        if let Err(e) = bs.driver().remove_persistent_bitmap(name).await {
+            bm.set_busy(false);
+            return Err(e);
+        }
+    }
+    Ok(Removing {
         node: bs,
         bitmap: bm,
-    };
-    Ok(r)
+    })
 }
 
 /// The bits a bitmap had before a clear or merge; [`Restore::abort`]

@@ -2,7 +2,8 @@
 //! and, for dirty images, its refcount rebuild).
 //!
 //! References are counted the way QEMU counts them: the header cluster,
-//! the refcount table and blocks, the snapshot table, and for each L1
+//! the refcount table and blocks, the snapshot table, the bitmaps
+//! (directory, tables, data clusters), and for each L1
 //! table (the active one and each snapshot's) the L1 table itself, every
 //! L2 table it points at and every host cluster those L2 tables point at.
 //!
@@ -96,6 +97,13 @@ async fn count_references(
         rep,
         "snapshot table",
     );
+    let (refs, bad) = super::bitmaps::store::references(m).await?;
+    for (off, len, what) in refs {
+        c.inc(off, len, rep, what);
+    }
+    for msg in bad {
+        rep.corrupt(msg);
+    }
     let mut l1s = vec![(m.l1_offset, m.l1.clone())];
     for s in m.snapshots.clone() {
         let bytes = u64::from(s.l1_size) * 8;

@@ -17,11 +17,15 @@
 //! * [`check`] — the consistency check and the refcount repair of dirty
 //!   images.
 //! * [`create`] — writing a new image (`blockdev-create`).
+//! * [`bitmaps`] — persistent dirty bitmaps (the bitmaps extension):
+//!   loaded at open, stored at close through the bitmap source the core
+//!   registers (`set_bitmap_source`), removed on demand.
 //!
 //! Supported: clusters of 512 B to 2 MiB, any refcount width (1–64 bits),
 //! zero clusters, reading zlib-compressed clusters, lazy refcounts, internal
 //! snapshots (taken and deleted; shared clusters are copied on write), backing
-//! files. Refused with a clear error: encryption, external data files,
+//! files, persistent dirty bitmaps (the image side; the in-memory bitmaps
+//! are the core's). Refused with a clear error: encryption, external data files,
 //! extended L2 entries (subclusters), zstd compression, unknown
 //! incompatible features.
 //!
@@ -32,12 +36,12 @@
 //! become reusable only at a flush, while no guest I/O is in flight
 //! (the `reuse` lock), so an in-flight read never sees a cluster reused.
 
+pub mod bitmaps;
 pub mod check;
 pub mod create;
 pub mod header;
 
 mod backing;
-mod bitmap_limits;
 mod cache;
 mod meta;
 mod refcount;
@@ -47,6 +51,8 @@ mod snapshot;
 
 #[cfg(test)]
 mod backing_tests;
+#[cfg(test)]
+mod bitmaps_tests;
 #[cfg(test)]
 mod interop_tests;
 #[cfg(test)]
@@ -62,16 +68,17 @@ use reopen::Settings;
 
 use blockd_core::driver::{FinishFuture, PrepareFuture};
 use blockd_core::perm::default_perms;
+use blockd_core::stored_bitmap::BitmapFuture;
 use blockd_core::{
-    BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children, DriverInfo,
-    IoFuture, IoLimits, PermPair, ReopenRequest, ReqFlags, Staged,
+    BitmapSource, BlockDriver, BlockError, BlockStatus, Child, ChildRef, ChildRole, Children,
+    DriverInfo, IoFuture, IoLimits, PermPair, ReopenRequest, ReqFlags, Staged, StoredBitmap,
 };
 use bytes::Bytes;
 
 use crate::open::OpenCtx;
 use crate::options::Qcow2Options;
 use header::{ImageHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE};
-use header::{INCOMPAT_DIRTY, INCOMPAT_EXTL2, OFF_AUTOCLEAR};
+use header::{AUTOCLEAR_MASK, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use meta::Meta;
 use refcount::{Refcounts, REFT_OFFSET_MASK};
 
@@ -191,6 +198,12 @@ pub struct Qcow2Driver {
     shown: Shown,
     /// The last decompressed cluster: (host offset, data).
     decompressed: Mutex<Option<(u64, Bytes)>>,
+    /// The bitmaps read at open, until the core takes them.
+    loaded_bitmaps: Mutex<Vec<StoredBitmap>>,
+    /// What [`BlockDriver::close`] stores.
+    bitmap_source: Mutex<Option<BitmapSource>>,
+    /// The bitmap directory as on disk, for queries (shared with `meta`).
+    bitmap_info: Arc<Mutex<Vec<bitmaps::DirEntry>>>,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -432,17 +445,30 @@ pub async fn open(
     m.has_backing = backing.is_some();
     m.snapshots = snapshots;
     m.snapshot_table = (h.snapshots_offset, snap_len);
+    // The bitmaps extension (QEMU's qcow2_read_extensions): a stale one
+    // is ignored, and dropped from the header below when writable.
+    let mut stale = false;
+    if let Some(raw) = ext.kept.iter().find(|e| e.ty == bitmaps::EXT_BITMAPS) {
+        match bitmaps::parse_ext(&raw.data, h.autoclear_features, h.version, cs)? {
+            bitmaps::ExtState::Valid(b) => m.bitmaps = Some(b),
+            bitmaps::ExtState::Stale => stale = true,
+        }
+    }
+    let (loaded, header_updated) = bitmaps::store::load(&mut m, !read_only).await?;
     if !read_only {
         let fail = |what: &str, e: io::Error| BlockError::io(what.to_string(), e);
-        if h.version >= 3 && h.autoclear_features != 0 {
-            // blockd maintains no autoclear feature (bitmaps): clearing the
-            // bits tells other readers that data is stale, as QEMU does.
-            io.write(OFF_AUTOCLEAR, 0u64.to_be_bytes().to_vec())
-                .await
-                .map_err(|e| fail("Could not update qcow2 header", e))?;
-            io.sync()
-                .await
-                .map_err(|e| fail("Could not update qcow2 header", e))?;
+        if !header_updated {
+            // As QEMU: a stale bitmaps extension is dropped, and unknown
+            // autoclear bits are cleared (other programs' features are
+            // stale once blockd wrote the image).
+            let r = if stale {
+                bitmaps::store::update_header(&mut m, false).await
+            } else if h.autoclear_features & !AUTOCLEAR_MASK != 0 {
+                bitmaps::store::clear_unknown_autoclear(&mut m, h.autoclear_features).await
+            } else {
+                Ok(())
+            };
+            r.map_err(|e| fail("Could not update qcow2 header", e))?;
         }
         if h.incompatible_features & INCOMPAT_DIRTY != 0 {
             check::rebuild_refcounts(&mut m)
@@ -453,6 +479,7 @@ pub async fn open(
                 .map_err(|e| fail("Could not repair dirty image", e))?;
         }
     }
+    let bitmap_info = m.bitmap_info.clone();
     let shown = Shown {
         backing: Mutex::new(Recorded {
             file: backing_file,
@@ -476,6 +503,9 @@ pub async fn open(
             dirty,
             shown,
             decompressed: Mutex::new(None),
+            loaded_bitmaps: Mutex::new(loaded),
+            bitmap_info,
+            bitmap_source: Mutex::new(None),
         },
         read_only,
     ))
@@ -522,14 +552,20 @@ impl BlockDriver for Qcow2Driver {
         let s = &self.shown;
         let backing = s.backing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let data = if s.version >= 3 {
-            serde_json::json!({
+            let mut d = serde_json::json!({
                 "compat": "1.1",
                 "compression-type": "zlib",
                 "lazy-refcounts": s.lazy_bit,
-                "refcount-bits": s.refcount_bits,
-                "corrupt": s.corrupt,
-                "extended-l2": false,
-            })
+            });
+            // As stored on disk (QEMU's qcow2_get_bitmap_info_list).
+            let list = self.bitmap_info.lock().unwrap_or_else(|e| e.into_inner());
+            if !list.is_empty() {
+                d["bitmaps"] = bitmaps::info_list(&list);
+            }
+            d["refcount-bits"] = s.refcount_bits.into();
+            d["corrupt"] = s.corrupt.into();
+            d["extended-l2"] = false.into();
+            d
         } else {
             serde_json::json!({
                 "compat": "0.10",
@@ -544,14 +580,6 @@ impl BlockDriver for Qcow2Driver {
             backing_filename: backing.file,
             backing_format: backing.format,
         }
-    }
-
-    fn can_store_new_dirty_bitmap(
-        &self,
-        name: &str,
-        granularity: u64,
-    ) -> Result<(), blockd_core::dirty::StoreRefusal> {
-        bitmap_limits::can_store_new(&self.geo, name, granularity)
     }
 
     fn read(&self, offset: u64, len: usize) -> IoFuture<'_, Bytes> {
@@ -627,6 +655,10 @@ impl BlockDriver for Qcow2Driver {
         self.commit_reopen(staged);
     }
 
+    fn reopen_abort(&self, staged: Staged) {
+        self.abort_reopen(staged);
+    }
+
     fn reopen_finish(&self) -> FinishFuture<'_> {
         Box::pin(self.finish_reopen())
     }
@@ -636,8 +668,77 @@ impl BlockDriver for Qcow2Driver {
             if self.read_only.load(Ordering::Acquire) {
                 return Ok(());
             }
+            let source = self
+                .bitmap_source
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             let mut m = self.meta.lock().await;
+            if let Some(source) = source {
+                // QEMU's qcow2_inactivate: a failure loses the bitmaps
+                // (they stay marked in use), not the close.
+                if let Err(e) = bitmaps::store::store(&mut m, &source()).await {
+                    tracing::error!("Lost persistent bitmaps during inactivation of node: {e}");
+                }
+            }
             m.close().await
         })
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<StoredBitmap> {
+        std::mem::take(
+            &mut *self
+                .loaded_bitmaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    fn can_store_new_bitmap(
+        &self,
+        node_name: &str,
+        name: &str,
+        granularity: u64,
+        existing: &[&str],
+    ) -> Result<(), BlockError> {
+        bitmaps::can_store_new(
+            self.geo.version,
+            node_name,
+            name,
+            granularity,
+            existing,
+            self.geo.size,
+            self.geo.cs,
+        )
+    }
+
+    fn store_bitmaps<'a>(&'a self, list: &'a [StoredBitmap]) -> BitmapFuture<'a, ()> {
+        Box::pin(async move {
+            let mut m = self.meta.lock().await;
+            if self.read_only.load(Ordering::Acquire) && list.iter().any(|b| !b.inconsistent) {
+                return Err(BlockError::new(
+                    blockd_core::ErrorKind::PermissionConflict,
+                    "No write access",
+                ));
+            }
+            bitmaps::store::store(&mut m, list).await
+        })
+    }
+
+    fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> BitmapFuture<'a, ()> {
+        Box::pin(async move {
+            let mut m = self.meta.lock().await;
+            if self.read_only.load(Ordering::Acquire) && m.bitmaps.is_some() {
+                return Err(BlockError::new(
+                    blockd_core::ErrorKind::PermissionConflict,
+                    "Failed to update bitmap extension: Operation not permitted",
+                ));
+            }
+            bitmaps::store::remove(&mut m, name).await
+        })
+    }
+
+    fn set_bitmap_source(&self, source: Option<BitmapSource>) {
+        *self.bitmap_source.lock().unwrap_or_else(|e| e.into_inner()) = source;
     }
 }

@@ -4,15 +4,18 @@
 //! * **Runtime options** (`lazy-refcounts`, `pass-discard-*`,
 //!   `discard-no-unref`, the cache sizes, `cache-clean-interval`) are
 //!   checked as at open and take effect at commit.
-//! * **Read-write to read-only**: prepare writes every dirty table back,
+//! * **Read-write to read-only**: prepare stores the persistent bitmaps
+//!   the core's bitmap source gives (QEMU's `qcow2_reopen_bitmaps_ro`:
+//!   they are no longer marked in use), writes every dirty table back,
 //!   applies pending frees and marks the image clean (the node still holds
 //!   its write permission then), so nothing is left to write once it is
 //!   read-only.
 //! * **Read-only to read-write**: prepare refuses an image marked corrupt;
 //!   once the write permission is held, [`Qcow2Driver`]'s `reopen_finish`
-//!   does what opening read-write does: clears the autoclear bits (blockd
-//!   maintains none of their features) and repairs the refcounts of an
-//!   image left dirty by a crash with lazy refcounts.
+//!   does what opening read-write does: clears unknown autoclear bits,
+//!   marks the stored bitmaps in use (QEMU's `qcow2_reopen_bitmaps_rw`)
+//!   and repairs the refcounts of an image left dirty by a crash with lazy
+//!   refcounts.
 //! * **Backing changes** (made by the graph): the driver looks `backing`
 //!   up at every use; commit records whether there is one, which decides
 //!   whether an unallocated cluster reads from it or as zeroes.
@@ -28,9 +31,9 @@ use std::time::Duration;
 use blockd_core::{BlockError, ErrorKind, ReopenRequest, Staged};
 use tokio::sync::OwnedMutexGuard;
 
-use super::check;
-use super::header::{INCOMPAT_DIRTY, OFF_AUTOCLEAR};
+use super::header::{AUTOCLEAR_MASK, INCOMPAT_DIRTY, OFF_AUTOCLEAR};
 use super::meta::Meta;
+use super::{bitmaps, check};
 use super::{cache_sizes, check as check_options, Geo, Qcow2Driver};
 use crate::options::{DriverOptions, Qcow2Options};
 
@@ -101,6 +104,8 @@ struct Qcow2Staged {
     settings: Option<Settings>,
     read_only: bool,
     has_backing: bool,
+    /// Prepare stored the bitmaps (they are no longer marked in use).
+    stored_bitmaps: bool,
 }
 
 fn io_err(what: &str, e: io::Error) -> BlockError {
@@ -133,10 +138,22 @@ impl Qcow2Driver {
         let mut m = self.meta.clone().lock_owned().await;
         let lazy_off = settings.as_ref().is_some_and(|s| !s.lazy) && m.lazy;
         let writable_now = !self.read_only.load(Ordering::Acquire);
+        let mut stored_bitmaps = false;
         if writable_now && (req.becomes_read_only() || lazy_off) {
             // Everything on disk before the write permission goes (or
             // before lazy refcounts stop covering a crash).
             let _excl = self.reuse.write().await;
+            if req.becomes_read_only() {
+                let source = self
+                    .bitmap_source
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(source) = source {
+                    bitmaps::store::store(&mut m, &source()).await?;
+                    stored_bitmaps = true;
+                }
+            }
             m.close()
                 .await
                 .map_err(|e| io_err("Could not flush qcow2 metadata", e))?;
@@ -146,6 +163,7 @@ impl Qcow2Driver {
             settings,
             read_only: req.new.read_only,
             has_backing: req.child("backing").is_some(),
+            stored_bitmaps,
         }))
     }
 
@@ -158,6 +176,29 @@ impl Qcow2Driver {
         }
         st.meta.has_backing = st.has_backing;
         self.read_only.store(st.read_only, Ordering::Release);
+    }
+
+    /// Drops a prepared reopen. If prepare stored the bitmaps, the node
+    /// stays writable and they keep changing, so they are marked in use
+    /// again, by a task that holds the metadata lock from here (no request
+    /// runs before). QEMU instead leaves them stored and read-only in
+    /// memory after an abort (`qcow2_reopen_abort` does nothing for them),
+    /// which makes later writes to the node fail.
+    pub(super) fn abort_reopen(&self, staged: Staged) {
+        let Ok(st) = staged.downcast::<Qcow2Staged>() else {
+            return;
+        };
+        if !st.stored_bitmaps {
+            return;
+        }
+        let mut m = st.meta;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = bitmaps::store::mark_all_in_use(&mut m).await {
+                    tracing::error!("qcow2: {}", e.msg);
+                }
+            });
+        }
     }
 
     /// After becoming writable: what opening read-write does. On error
@@ -178,14 +219,14 @@ impl Qcow2Driver {
         let fail = |e| io_err("Could not reopen qcow2 image read-write", e);
         if self.geo.version >= 3 {
             let ac = self.file_io().read(OFF_AUTOCLEAR, 8).await.map_err(fail)?;
-            if ac.iter().any(|&b| b != 0) {
-                self.file_io()
-                    .write(OFF_AUTOCLEAR, vec![0; 8])
+            let ac = u64::from_be_bytes(ac[..8].try_into().expect("8 bytes"));
+            if ac & !AUTOCLEAR_MASK != 0 {
+                bitmaps::store::clear_unknown_autoclear(&mut m, ac)
                     .await
                     .map_err(fail)?;
-                self.file_io().sync().await.map_err(fail)?;
             }
         }
+        bitmaps::store::mark_all_in_use(&mut m).await?;
         if m.incompat & INCOMPAT_DIRTY != 0 {
             check::rebuild_refcounts(&mut m).await.map_err(fail)?;
             m.mark_clean().await.map_err(fail)?;

@@ -265,6 +265,11 @@ pub struct Meta {
     pub snapshots: Vec<SnapEntry>,
     /// The snapshot table: (offset, bytes).
     pub snapshot_table: (u64, u64),
+    /// The valid bitmaps extension, if any (its clusters count in
+    /// refcounts; see `bitmaps`).
+    pub bitmaps: Option<super::bitmaps::BitmapsExt>,
+    /// The bitmap directory as on disk (for queries; set where it changes).
+    pub bitmap_info: Arc<std::sync::Mutex<Vec<super::bitmaps::DirEntry>>>,
     /// `cache-clean-interval`.
     pub clean_interval: Option<Duration>,
     last_clean: Instant,
@@ -303,6 +308,8 @@ impl Meta {
             has_backing: false,
             snapshots: Vec::new(),
             snapshot_table: (0, 0),
+            bitmaps: None,
+            bitmap_info: Arc::default(),
             clean_interval: None,
             last_clean: Instant::now(),
             clean_stamps: (0, 0),
