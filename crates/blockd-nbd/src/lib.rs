@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 pub use blockd_core::{BlockStatus, IoFuture};
 
+pub mod client;
 mod commands;
 mod export;
 mod handshake;

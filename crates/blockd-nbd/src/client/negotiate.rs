@@ -1,0 +1,258 @@
+//! The client's side of the handshake, as QEMU's `nbd_receive_negotiate`
+//! (nbd/client.c) does it: fixed newstyle, `NBD_OPT_STRUCTURED_REPLY`,
+//! `NBD_OPT_SET_META_CONTEXT` (`base:allocation` and an optional
+//! `x-dirty-bitmap` context), then `NBD_OPT_GO` asking for
+//! `NBD_INFO_BLOCK_SIZE`.
+//!
+//! Errors are worded as QEMU words them ("Bad initial magic received:
+//! 0x...", "Requested export not available", ...).
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::proto::*;
+
+/// What the server told about the export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Length in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+    /// Structured replies are in use.
+    pub structured: bool,
+    /// Minimum block size (1 if the server gave none).
+    pub min_block: u32,
+    /// Preferred block size.
+    pub opt_block: u32,
+    /// Maximum payload size.
+    pub max_block: u32,
+    /// Context id of `base:allocation`, if the server selected it.
+    pub base_allocation: Option<u32>,
+    /// Context id of the `x-dirty-bitmap` context, if asked and selected.
+    pub dirty_bitmap: Option<u32>,
+}
+
+fn eof(what: &str, e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        format!("{what}: Unexpected end-of-file before all data were read")
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+async fn send_opt<W: AsyncWrite + Unpin>(w: &mut W, opt: u32, data: &[u8]) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(16 + data.len());
+    buf.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    buf.extend_from_slice(&opt.to_be_bytes());
+    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    buf.extend_from_slice(data);
+    w.write_all(&buf)
+        .await
+        .map_err(|e| format!("Failed to send option request header: {e}"))?;
+    w.flush()
+        .await
+        .map_err(|e| format!("Failed to send option request header: {e}"))
+}
+
+/// One option reply: its type and payload.
+async fn read_rep<R: AsyncRead + Unpin>(r: &mut R, opt: u32) -> Result<(u32, Vec<u8>), String> {
+    let mut h = [0u8; 20];
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| eof("Failed to read option reply", e))?;
+    let magic = u64::from_be_bytes(h[0..8].try_into().unwrap());
+    let ropt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    if magic != REP_MAGIC {
+        return Err("Unexpected option reply magic".into());
+    }
+    if ropt != opt {
+        return Err(format!(
+            "Unexpected option type {ropt} ({}), expected {opt} ({})",
+            opt_name(ropt),
+            opt_name(opt)
+        ));
+    }
+    if len as usize > MAX_STRING_SIZE * 2 + 64 {
+        return Err(format!("server reply for option {opt} is too long"));
+    }
+    let mut data = vec![0u8; len as usize];
+    r.read_exact(&mut data)
+        .await
+        .map_err(|e| eof("Failed to read option reply", e))?;
+    Ok((ty, data))
+}
+
+/// QEMU's `nbd_handle_reply_err` for an error reply to a required option.
+fn rep_error(ty: u32, opt: u32, data: &[u8]) -> String {
+    let msg = String::from_utf8_lossy(data);
+    let base = match ty {
+        REP_ERR_UNKNOWN => return "Requested export not available".to_string(),
+        REP_ERR_POLICY => format!("Denied by server for option {opt} ({})", opt_name(opt)),
+        REP_ERR_TLS_REQD => "TLS negotiation required before option".to_string(),
+        REP_ERR_SHUTDOWN => "Server shutting down before option".to_string(),
+        REP_ERR_BLOCK_SIZE_REQD => "Server requires INFO_BLOCK_SIZE for option".to_string(),
+        REP_ERR_INVALID => format!(
+            "Server rejected option {opt} ({}) as invalid",
+            opt_name(opt)
+        ),
+        _ => format!(
+            "Unknown error returned by server for option {opt} ({})",
+            opt_name(opt)
+        ),
+    };
+    if msg.is_empty() {
+        base
+    } else {
+        format!("{base}: {msg}")
+    }
+}
+
+/// Negotiates with a server on `stream` for `export`; `bitmap` is the
+/// `x-dirty-bitmap` context to select as well.
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    bitmap: Option<&str>,
+) -> Result<ExportInfo, String> {
+    let mut b8 = [0u8; 8];
+    s.read_exact(&mut b8)
+        .await
+        .map_err(|e| eof("Failed to read initial magic", e))?;
+    let magic = u64::from_be_bytes(b8);
+    if magic != NBDMAGIC {
+        return Err(format!("Bad initial magic received: 0x{magic:x}"));
+    }
+    s.read_exact(&mut b8)
+        .await
+        .map_err(|e| eof("Failed to read server magic", e))?;
+    let magic = u64::from_be_bytes(b8);
+    if magic != IHAVEOPT {
+        // Oldstyle servers cannot name exports; QEMU refuses them too
+        // once an export name is given, blockd always.
+        return Err(format!("Bad server magic received: 0x{magic:x}"));
+    }
+    let mut b2 = [0u8; 2];
+    s.read_exact(&mut b2)
+        .await
+        .map_err(|e| eof("Failed to read server flags", e))?;
+    let gflags = u16::from_be_bytes(b2);
+    if gflags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err("Server does not support fixed newstyle negotiation".into());
+    }
+    let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+    if gflags & FLAG_NO_ZEROES != 0 {
+        cflags |= FLAG_C_NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes())
+        .await
+        .map_err(|e| format!("Failed to send clientflags field: {e}"))?;
+
+    let mut info = ExportInfo::default();
+    // Structured replies (optional: without them, reads use simple
+    // replies and block status is unknown).
+    send_opt(s, OPT_STRUCTURED_REPLY, &[]).await?;
+    let (ty, _) = read_rep(s, OPT_STRUCTURED_REPLY).await?;
+    info.structured = ty == REP_ACK;
+
+    if info.structured {
+        let mut queries: Vec<&str> = vec!["base:allocation"];
+        if let Some(b) = bitmap {
+            queries.push(b);
+        }
+        let mut data = Vec::new();
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in &queries {
+            data.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            data.extend_from_slice(q.as_bytes());
+        }
+        send_opt(s, OPT_SET_META_CONTEXT, &data).await?;
+        loop {
+            let (ty, d) = read_rep(s, OPT_SET_META_CONTEXT).await?;
+            match ty {
+                REP_ACK => break,
+                REP_META_CONTEXT if d.len() >= 4 => {
+                    let id = u32::from_be_bytes(d[0..4].try_into().unwrap());
+                    let name = String::from_utf8_lossy(&d[4..]);
+                    if name == "base:allocation" {
+                        info.base_allocation = Some(id);
+                    } else if Some(name.as_ref()) == bitmap {
+                        info.dirty_bitmap = Some(id);
+                    }
+                }
+                REP_META_CONTEXT => return Err("Unexpected meta context reply".into()),
+                // A server without meta contexts: block status stays unknown.
+                t if t & REP_FLAG_ERROR != 0 => break,
+                _ => return Err(format!("Unexpected reply type {ty} to set meta context")),
+            }
+        }
+        if bitmap.is_some() && info.dirty_bitmap.is_none() {
+            // QEMU's nbd_client_handshake: the server did not select the
+            // bitmap context (QSD reports -EINVAL so).
+            return Err("Could not open image: Invalid argument".into());
+        }
+    } else if bitmap.is_some() {
+        return Err("Could not open image: Invalid argument".into());
+    }
+
+    // NBD_OPT_GO with NBD_INFO_BLOCK_SIZE.
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&1u16.to_be_bytes());
+    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_opt(s, OPT_GO, &data).await?;
+    let mut have_export = false;
+    loop {
+        let (ty, d) = read_rep(s, OPT_GO).await?;
+        match ty {
+            REP_ACK => break,
+            REP_INFO if d.len() >= 2 => {
+                let it = u16::from_be_bytes([d[0], d[1]]);
+                match it {
+                    INFO_EXPORT if d.len() == 12 => {
+                        info.size = u64::from_be_bytes(d[2..10].try_into().unwrap());
+                        info.flags = u16::from_be_bytes([d[10], d[11]]);
+                        have_export = true;
+                    }
+                    INFO_BLOCK_SIZE if d.len() == 14 => {
+                        let g = |i: usize| u32::from_be_bytes(d[i..i + 4].try_into().unwrap());
+                        let (min, opt, max) = (g(2), g(6), g(10));
+                        if !min.is_power_of_two() || min > 1 << 16 {
+                            return Err(format!(
+                                "server minimum block size {min} is not a power of two"
+                            ));
+                        }
+                        if !opt.is_power_of_two() || opt < min {
+                            return Err(format!("server preferred block size {opt} is not valid"));
+                        }
+                        if max < min.min(MAX_BUFFER_SIZE) || max % min != 0 {
+                            return Err(format!("server maximum block size {max} is not valid"));
+                        }
+                        info.min_block = min;
+                        info.opt_block = opt;
+                        info.max_block = max;
+                    }
+                    INFO_EXPORT | INFO_BLOCK_SIZE => {
+                        return Err(format!(
+                            "remaining export info type {it} has unexpected length"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            t if t & REP_FLAG_ERROR != 0 => return Err(rep_error(t, OPT_GO, &d)),
+            _ => return Err(format!("unexpected reply type {ty} to option go")),
+        }
+    }
+    if !have_export {
+        return Err("broken server omitted NBD_INFO_EXPORT".into());
+    }
+    if info.min_block == 0 {
+        info.min_block = 1;
+    }
+    Ok(info)
+}
