@@ -108,7 +108,9 @@ impl NbdDriver {
         if info.flags & FLAG_READ_ONLY != 0 && !read_only {
             if !auto_read_only {
                 conn.disconnect().await;
-                return Err("NBD export is read-only".into());
+                // QEMU: bdrv_apply_auto_read_only fails with -EACCES, which
+                // bdrv_open words as below (recorded against QSD 10.0.2).
+                return Err("Could not open image: Permission denied".into());
             }
             ro = true;
         }

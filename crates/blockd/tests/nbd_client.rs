@@ -1,0 +1,333 @@
+//! The `nbd` client driver against real NBD servers: `qemu-nbd` and a
+//! second blockd process. Data written through an nbd node (by a mirror
+//! job, or by qemu-io through blockd's re-export of the node) must read
+//! back identically with `qemu-img compare`, and a mirror of a sparse
+//! source into the remote must keep the remote image sparse (write-zeroes
+//! goes over the wire as NBD_CMD_WRITE_ZEROES, never as zero data).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blockd_testkit::{Pattern, QmpClient};
+use common::Server;
+use serde_json::{json, Value};
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().expect("run tool")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// qemu-nbd serving `img` (raw) as `exp` on `sock`, killed on drop.
+struct QemuNbd(Child);
+
+impl QemuNbd {
+    fn start(img: &Path, sock: &Path) -> QemuNbd {
+        let child = Command::new("qemu-nbd")
+            .args(["-t", "-e", "8", "-f", "raw", "-x", "exp", "-k"])
+            .arg(sock)
+            .arg(img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-nbd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd(child)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have_qemu() -> bool {
+    ["qemu-nbd", "qemu-img", "qemu-io"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok())
+}
+
+fn wait(c: &mut QmpClient, pat: Value) -> Value {
+    c.wait_event(&Pattern::new(pat).unwrap(), Duration::from_secs(60))
+        .expect("event")
+}
+
+/// Bytes `qemu-img map` reports as data in a raw image.
+fn mapped_data(img: &Path) -> u64 {
+    let out = ok(&run(
+        "qemu-img",
+        &[
+            "map",
+            "-U",
+            "-f",
+            "raw",
+            "--output=json",
+            img.to_str().unwrap(),
+        ],
+    ));
+    let v: Value = serde_json::from_str(&out).expect("map json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn mirror_of_a_sparse_disk_into_qemu_nbd_is_identical_and_sparse() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("nbdc-mirror");
+    let src = srv.dir.join("src.qcow2");
+    let tgt = srv.dir.join("tgt.raw");
+    let s = src.to_str().unwrap();
+    ok(&run("qemu-img", &["create", "-q", "-f", "qcow2", s, "64M"]));
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xaa 0 1M",
+            "-c",
+            "write -P 0xbb 32M 512k",
+            "-c",
+            "write -z 40M 1M",
+            s,
+        ],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", tgt.to_str().unwrap(), "64M"],
+    ));
+    // the target has old data everywhere the source is sparse
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 8M 8M",
+            "-c",
+            "write -P 0x22 40M 1M",
+            tgt.to_str().unwrap(),
+        ],
+    ));
+    let nbd = srv.dir.join("q.sock");
+    let _qnbd = QemuNbd::start(&tgt, &nbd);
+    let mut c = srv.client();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "qcow2", "node-name": "src",
+                    "file": {"driver": "file", "filename": src}})),
+    )
+    .unwrap();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "tgt", "export": "exp",
+                    "server": {"type": "unix", "path": nbd}})),
+    )
+    .unwrap();
+    c.execute(
+        "blockdev-mirror",
+        Some(json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full"})),
+    )
+    .unwrap();
+    wait(
+        &mut c,
+        json!({"event": "BLOCK_JOB_READY", "data": {"device": "m0"}}),
+    );
+    c.execute("block-job-complete", Some(json!({"device": "m0"})))
+        .unwrap();
+    let done = wait(
+        &mut c,
+        json!({"event": "BLOCK_JOB_COMPLETED", "data": {"device": "m0"}}),
+    );
+    assert!(done["data"].get("error").is_none(), "mirror failed: {done}");
+    c.execute("blockdev-del", Some(json!({"node-name": "src"})))
+        .ok();
+    c.execute("blockdev-del", Some(json!({"node-name": "tgt"})))
+        .unwrap();
+
+    ok(&run(
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            s,
+            tgt.to_str().unwrap(),
+        ],
+    ));
+    // only the source's 1.5 MiB of data is data in the target
+    let data = mapped_data(&tgt);
+    assert!(
+        data <= 2 << 20,
+        "target not sparse: {data} bytes of data\n{}",
+        ok(&run(
+            "qemu-img",
+            &[
+                "map",
+                "-U",
+                "-f",
+                "raw",
+                "--output=json",
+                tgt.to_str().unwrap()
+            ]
+        ))
+    );
+    assert!(data >= 1536 << 10, "data missing: {data}");
+}
+
+#[test]
+fn nbd_node_on_another_blockd_reads_and_writes_through() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    // "remote" blockd exports a raw image; "local" blockd's nbd node points
+    // at it and is exported again, where qemu-io writes and reads.
+    let remote = Server::start("nbdc-remote");
+    let img = remote.dir.join("disk.raw");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "16M"],
+    ));
+    let rsock = remote.dir.join("nbd");
+    let mut rc = remote.client();
+    rc.execute(
+        "blockdev-add",
+        Some(json!({"driver": "raw", "node-name": "r0",
+                    "file": {"driver": "file", "filename": img}})),
+    )
+    .unwrap();
+    rc.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": rsock}}})),
+    )
+    .unwrap();
+    rc.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e0", "node-name": "r0", "name": "d", "writable": true})),
+    )
+    .unwrap();
+
+    let local = Server::start("nbdc-local");
+    let lsock = local.dir.join("nbd");
+    let mut lc = local.client();
+    lc.execute(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "n0", "export": "d",
+                    "server": {"type": "unix", "path": rsock}})),
+    )
+    .unwrap();
+    lc.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": lsock}}})),
+    )
+    .unwrap();
+    lc.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e1", "node-name": "n0", "name": "again", "writable": true})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///again?socket={}", lsock.display());
+    // many requests in flight at once (qemu-img bench, depth 16), then data
+    ok(&run(
+        "qemu-img",
+        &[
+            "bench", "-w", "-d", "16", "-c", "2000", "-s", "4k", "-f", "raw", &url,
+        ],
+    ));
+    ok(&run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 3M",
+            "-c",
+            "write -z 8M 1M",
+            "-c",
+            "write -P 0x7e 12M 4k",
+            "-c",
+            "flush",
+            &url,
+        ],
+    ));
+    // the block status of the nbd node is exact through two NBD hops
+    let map = ok(&run(
+        "qemu-img",
+        &["map", "-f", "raw", "--output=json", &url],
+    ));
+    let v: Value = serde_json::from_str(&map).unwrap();
+    let zero_at_8m = v.as_array().unwrap().iter().any(|e| {
+        e["start"].as_u64().unwrap() <= 8 << 20
+            && e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap() >= 9 << 20
+            && e["zero"] == true
+    });
+    assert!(zero_at_8m, "zeroed range not reported as zero: {map}");
+    let local_copy = local.dir.join("copy.raw");
+    ok(&run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            local_copy.to_str().unwrap(),
+        ],
+    ));
+    ok(&run(
+        "qemu-img",
+        &[
+            "compare",
+            "-U",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            local_copy.to_str().unwrap(),
+        ],
+    ));
+    ok(&run(
+        "qemu-io",
+        &[
+            "-U",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 1M 3M",
+            "-c",
+            "read -P 0x7e 12M 4k",
+            img.to_str().unwrap(),
+        ],
+    ));
+}
