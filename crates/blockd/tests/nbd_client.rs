@@ -331,3 +331,169 @@ fn nbd_node_on_another_blockd_reads_and_writes_through() {
         ],
     ));
 }
+
+/// QEMU's reconnect behaviour (iotests 264 and nbd-reconnect-on-open):
+/// `open-timeout` waits for a server that starts late; with
+/// `reconnect-delay`, a request made while the server is gone waits for it
+/// and succeeds once it is back; after the delay requests fail with EIO;
+/// a server back later serves later requests again.
+#[test]
+fn reconnect_delay_and_open_timeout() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("nbdc-reconn");
+    let img = srv.dir.join("disk.raw");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"],
+    ));
+    let qsock = srv.dir.join("q.sock");
+    // the server appears a second after blockdev-add started waiting
+    let (img2, qsock2) = (img.clone(), qsock.clone());
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        QemuNbd::start(&img2, &qsock2)
+    });
+    let mut c = srv.client();
+    let t0 = Instant::now();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "n0", "export": "exp",
+                    "server": {"type": "unix", "path": qsock},
+                    "open-timeout": 10, "reconnect-delay": 4})),
+    )
+    .unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    let mut qnbd = late.join().unwrap();
+    let lsock = srv.dir.join("nbd");
+    c.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": lsock}}})),
+    )
+    .unwrap();
+    c.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "d", "writable": true})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///d?socket={}", lsock.display());
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x41 0 64k", &url],
+    ));
+
+    // the server goes away; a write waits for it and lands when it is back
+    drop(qnbd);
+    let _ = std::fs::remove_file(&qsock);
+    let url2 = url.clone();
+    let writer = std::thread::spawn(move || {
+        run(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x42 1M 64k", &url2],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !writer.is_finished(),
+        "the write did not wait for the server"
+    );
+    qnbd = QemuNbd::start(&img, &qsock);
+    ok(&writer.join().unwrap());
+    ok(&run(
+        "qemu-io",
+        &[
+            "-U",
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x42 1M 64k",
+            "-c",
+            "read -P 0x41 0 64k",
+            img.to_str().unwrap(),
+        ],
+    ));
+
+    // gone for longer than reconnect-delay: requests fail with EIO
+    drop(qnbd);
+    let _ = std::fs::remove_file(&qsock);
+    std::thread::sleep(Duration::from_secs(5));
+    let t1 = Instant::now();
+    let o = run("qemu-io", &["-f", "raw", "-c", "read 0 4k", &url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("Input/output error"), "expected EIO: {out}");
+    assert!(
+        t1.elapsed() < Duration::from_secs(3),
+        "the failing read waited"
+    );
+
+    // back later: later requests are served again
+    let _qnbd = QemuNbd::start(&img, &qsock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = run("qemu-io", &["-f", "raw", "-c", "read -P 0x42 1M 64k", &url]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success()
+            && !out.contains("error")
+            && !out.contains("Pattern verification failed")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reconnect: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Without `reconnect-delay`, a lost server fails requests at once.
+#[test]
+fn without_reconnect_delay_requests_fail_at_once() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("nbdc-noreconn");
+    let img = srv.dir.join("disk.raw");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"],
+    ));
+    let qsock = srv.dir.join("q.sock");
+    let qnbd = QemuNbd::start(&img, &qsock);
+    let mut c = srv.client();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "n0", "export": "exp",
+                    "server": {"type": "unix", "path": qsock}})),
+    )
+    .unwrap();
+    let lsock = srv.dir.join("nbd");
+    c.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": lsock}}})),
+    )
+    .unwrap();
+    c.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "d"})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///d?socket={}", lsock.display());
+    ok(&run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0 0 64k", &url],
+    ));
+    drop(qnbd);
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = Instant::now();
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 4k", &url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("Input/output error"), "expected EIO: {out}");
+    assert!(t1.elapsed() < Duration::from_secs(3));
+    c.execute("block-export-del", Some(json!({"id": "e0"})))
+        .unwrap();
+    wait(&mut c, json!({"event": "BLOCK_EXPORT_DELETED"}));
+    c.execute("blockdev-del", Some(json!({"node-name": "n0"})))
+        .unwrap();
+}

@@ -111,6 +111,8 @@ impl Connection {
         let s2 = shared.clone();
         let structured = info.structured;
         let reader = tokio::spawn(async move {
+            // Reply headers are small reads: buffer them.
+            let r: ReadHalf = Box::new(tokio::io::BufReader::with_capacity(256 << 10, r));
             let res = read_loop(r, &s2, structured).await;
             if let Err(e) = res {
                 tracing::debug!(error = %e, "nbd client: connection lost");
