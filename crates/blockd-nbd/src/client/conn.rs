@@ -224,6 +224,11 @@ impl Connection {
             let _ = w.write_all(&h).await;
             let _ = w.flush().await;
             let _ = w.shutdown().await;
+            drop(w);
+            // The server closes its end after NBD_CMD_DISC: wait for that
+            // (briefly), so that the server has let the client go when the
+            // node's removal returns.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.closed()).await;
         }
         self.reader.abort();
         self.shared.kill();

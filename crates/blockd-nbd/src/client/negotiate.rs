@@ -251,8 +251,15 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     if !have_export {
         return Err("broken server omitted NBD_INFO_EXPORT".into());
     }
+    // QEMU's nbd_refresh_limits for a server without NBD_INFO_BLOCK_SIZE:
+    // byte granularity with structured replies (reads cannot be short),
+    // else sectors; the largest request is NBD_MAX_BUFFER_SIZE.
     if info.min_block == 0 {
-        info.min_block = 1;
+        info.min_block = if info.structured { 1 } else { 512 };
+        info.opt_block = info.opt_block.max(4096);
+    }
+    if info.max_block == 0 {
+        info.max_block = MAX_BUFFER_SIZE;
     }
     Ok(info)
 }
