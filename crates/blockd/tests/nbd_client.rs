@@ -491,8 +491,11 @@ fn without_reconnect_delay_requests_fail_at_once() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(out.contains("Input/output error"), "expected EIO: {out}");
     assert!(t1.elapsed() < Duration::from_secs(3));
-    c.execute("block-export-del", Some(json!({"id": "e0", "mode": "hard"})))
-        .unwrap();
+    c.execute(
+        "block-export-del",
+        Some(json!({"id": "e0", "mode": "hard"})),
+    )
+    .unwrap();
     wait(&mut c, json!({"event": "BLOCK_EXPORT_DELETED"}));
     c.execute("blockdev-del", Some(json!({"node-name": "n0"})))
         .unwrap();

@@ -296,6 +296,11 @@ async fn read_loop(mut r: ReadHalf, shared: &Shared, structured: bool) -> io::Re
                 let cookie = r.read_u64().await?;
                 let len = r.read_u32().await? as usize;
                 let mut p = take(shared, cookie)?;
+                // Data chunks are bounded by the request; anything else
+                // this large is a broken server (QEMU's limit).
+                if ty != REPLY_TYPE_OFFSET_DATA && len > MAX_BUFFER_SIZE as usize {
+                    return Err(proto_err(format!("server sent a {len}-byte chunk")));
+                }
                 chunk(&mut r, &mut p, ty, len).await?;
                 if flags & REPLY_FLAG_DONE != 0 {
                     finish(p);
@@ -373,5 +378,125 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
             "unexpected reply chunk type {ty} of length {len} for {}",
             cmd_name(p.cmd)
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ExportInfo {
+        ExportInfo {
+            size: 1 << 20,
+            structured: true,
+            min_block: 1,
+            max_block: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    async fn read_req(s: &mut (impl AsyncRead + Unpin)) -> (u16, u64, u64, u32) {
+        let mut h = [0u8; 28];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            REQUEST_MAGIC
+        );
+        (
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            u32::from_be_bytes(h[24..28].try_into().unwrap()),
+        )
+    }
+
+    fn chunk_hdr(flags: u16, ty: u16, cookie: u64, len: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&ty.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    /// Two reads in flight; the server answers the second first, the
+    /// first in a data chunk and a hole chunk; then a server error.
+    #[tokio::test]
+    async fn replies_are_demultiplexed_by_cookie() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_READ, 0, 0, 8, None, 0).await });
+        let (cmd, ca, off, len) = read_req(&mut server).await;
+        assert_eq!((cmd, off, len), (CMD_READ, 0, 8));
+        let c2 = conn.clone();
+        let b = tokio::spawn(async move { c2.request(CMD_READ, 0, 100, 4, None, 0).await });
+        let (_, cb, off, _) = read_req(&mut server).await;
+        assert_eq!(off, 100);
+        let mut out = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cb, 12);
+        out.extend_from_slice(&100u64.to_be_bytes());
+        out.extend_from_slice(b"bbbb");
+        out.extend(chunk_hdr(0, REPLY_TYPE_OFFSET_DATA, ca, 12));
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(b"aaaa");
+        out.extend(chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, ca, 12));
+        out.extend_from_slice(&4u64.to_be_bytes());
+        out.extend_from_slice(&4u32.to_be_bytes());
+        server.write_all(&out).await.unwrap();
+        let rb = b.await.unwrap().unwrap();
+        assert_eq!(&rb.data.unwrap()[..], b"bbbb");
+        let ra = a.await.unwrap().unwrap();
+        assert_eq!(&ra.data.unwrap()[..], b"aaaa\0\0\0\0");
+
+        let c3 = conn.clone();
+        let e = tokio::spawn(async move { c3.request(CMD_FLUSH, 0, 0, 0, None, 0).await });
+        let (cmd, ce, _, _) = read_req(&mut server).await;
+        assert_eq!(cmd, CMD_FLUSH);
+        let mut out = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, ce, 6);
+        out.extend_from_slice(&NBD_ENOSPC.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        server.write_all(&out).await.unwrap();
+        match e.await.unwrap() {
+            Err(ConnError::Server(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A lost connection fails the requests in flight and later ones.
+    #[tokio::test]
+    async fn a_lost_connection_fails_everything() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_READ, 0, 0, 8, None, 0).await });
+        read_req(&mut server).await;
+        drop(server);
+        assert!(matches!(a.await.unwrap(), Err(ConnError::Lost)));
+        conn.closed().await;
+        assert!(matches!(
+            conn.request(CMD_FLUSH, 0, 0, 0, None, 0).await,
+            Err(ConnError::Lost)
+        ));
+    }
+
+    /// A reply with an unknown cookie is a protocol error: the connection
+    /// is dropped rather than a wrong request completed.
+    #[tokio::test]
+    async fn an_unknown_cookie_breaks_the_connection() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_FLUSH, 0, 0, 0, None, 0).await });
+        let (_, cookie, _, _) = read_req(&mut server).await;
+        server
+            .write_all(&chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie + 7, 0))
+            .await
+            .unwrap();
+        assert!(matches!(a.await.unwrap(), Err(ConnError::Lost)));
+        assert!(conn.is_dead());
     }
 }

@@ -263,3 +263,108 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     }
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn opt(s: &mut (impl AsyncRead + Unpin)) -> (u32, Vec<u8>) {
+        assert_eq!(s.read_u64().await.unwrap(), IHAVEOPT);
+        let o = s.read_u32().await.unwrap();
+        let n = s.read_u32().await.unwrap();
+        let mut d = vec![0u8; n as usize];
+        s.read_exact(&mut d).await.unwrap();
+        (o, d)
+    }
+
+    async fn rep(s: &mut (impl AsyncWrite + Unpin), o: u32, ty: u32, d: &[u8]) {
+        let mut v = Vec::new();
+        v.extend_from_slice(&REP_MAGIC.to_be_bytes());
+        v.extend_from_slice(&o.to_be_bytes());
+        v.extend_from_slice(&ty.to_be_bytes());
+        v.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        v.extend_from_slice(d);
+        s.write_all(&v).await.unwrap();
+    }
+
+    /// A fake server: structured replies, base:allocation as id 7, GO
+    /// with block sizes; or `unknown` for a missing export.
+    async fn fake(mut s: tokio::io::DuplexStream, unknown: bool) {
+        s.write_all(&NBDMAGIC.to_be_bytes()).await.unwrap();
+        s.write_all(&IHAVEOPT.to_be_bytes()).await.unwrap();
+        s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.read_u32().await.unwrap(),
+            FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
+        );
+        let (o, _) = opt(&mut s).await;
+        assert_eq!(o, OPT_STRUCTURED_REPLY);
+        rep(&mut s, o, REP_ACK, &[]).await;
+        let (o, d) = opt(&mut s).await;
+        assert_eq!(o, OPT_SET_META_CONTEXT);
+        assert!(d.ends_with(b"base:allocation"));
+        let mut m = 7u32.to_be_bytes().to_vec();
+        m.extend_from_slice(b"base:allocation");
+        rep(&mut s, o, REP_META_CONTEXT, &m).await;
+        rep(&mut s, o, REP_ACK, &[]).await;
+        let (o, d) = opt(&mut s).await;
+        assert_eq!(o, OPT_GO);
+        assert_eq!(&d[4..7], b"exp");
+        if unknown {
+            rep(&mut s, o, REP_ERR_UNKNOWN, &[]).await;
+            return;
+        }
+        let mut e = INFO_EXPORT.to_be_bytes().to_vec();
+        e.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        e.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).to_be_bytes());
+        rep(&mut s, o, REP_INFO, &e).await;
+        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [512u32, 4096, 1 << 20] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        rep(&mut s, o, REP_INFO, &b).await;
+        rep(&mut s, o, REP_ACK, &[]).await;
+    }
+
+    #[tokio::test]
+    async fn negotiates_go_with_block_sizes_and_base_allocation() {
+        let (mut c, s) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(fake(s, false));
+        let info = negotiate(&mut c, "exp", None).await.unwrap();
+        srv.await.unwrap();
+        assert_eq!(info.size, 1 << 20);
+        assert!(info.structured);
+        assert_eq!(info.base_allocation, Some(7));
+        assert_eq!(
+            (info.min_block, info.opt_block, info.max_block),
+            (512, 4096, 1 << 20)
+        );
+        assert_ne!(info.flags & FLAG_SEND_FLUSH, 0);
+    }
+
+    #[tokio::test]
+    async fn a_missing_export_is_qemus_message() {
+        let (mut c, s) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(fake(s, true));
+        let e = negotiate(&mut c, "exp", None).await.unwrap_err();
+        srv.await.unwrap();
+        assert_eq!(e, "Requested export not available");
+    }
+
+    #[tokio::test]
+    async fn not_nbd_and_eof_are_qemus_messages() {
+        let (mut c, mut s) = tokio::io::duplex(1 << 16);
+        s.write_all(b"HELLO, this is not NBD").await.unwrap();
+        let e = negotiate(&mut c, "exp", None).await.unwrap_err();
+        assert_eq!(e, "Bad initial magic received: 0x48454c4c4f2c2074");
+        let (mut c, s) = tokio::io::duplex(1 << 16);
+        drop(s);
+        let e = negotiate(&mut c, "exp", None).await.unwrap_err();
+        assert_eq!(
+            e,
+            "Failed to read initial magic: Unexpected end-of-file before all data were read"
+        );
+    }
+}
