@@ -187,17 +187,12 @@ impl Connection {
         if self.is_dead() {
             self.shared.kill();
         }
-        let mut h = [0u8; 28];
-        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h[4..6].copy_from_slice(&flags.to_be_bytes());
-        h[6..8].copy_from_slice(&cmd.to_be_bytes());
-        h[8..16].copy_from_slice(&cookie.to_be_bytes());
-        h[16..24].copy_from_slice(&offset.to_be_bytes());
-        h[24..28].copy_from_slice(&(len as u32).to_be_bytes());
+        let (h, hlen) = header(self.info.extended, flags, cmd, cookie, offset, len);
+        let h = &h[..hlen];
         let sent = {
             let mut w = self.writer.lock().await;
             let r = async {
-                w.write_all(&h).await?;
+                w.write_all(h).await?;
                 if let Some(p) = &payload {
                     w.write_all(p).await?;
                 }
@@ -217,11 +212,9 @@ impl Connection {
     /// Sends `NBD_CMD_DISC` and closes the connection.
     pub async fn disconnect(&self) {
         if !self.is_dead() {
-            let mut h = [0u8; 28];
-            h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            h[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
+            let (h, hlen) = header(self.info.extended, 0, CMD_DISC, 0, 0, 0);
             let mut w = self.writer.lock().await;
-            let _ = w.write_all(&h).await;
+            let _ = w.write_all(&h[..hlen]).await;
             let _ = w.flush().await;
             let _ = w.shutdown().await;
             drop(w);
@@ -238,6 +231,35 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// A request header, compact (28 bytes) or extended (32 bytes).
+fn header(
+    ext: bool,
+    flags: u16,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> ([u8; 32], usize) {
+    let mut h = [0u8; 32];
+    let magic = if ext {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    h[0..4].copy_from_slice(&magic.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    if ext {
+        h[24..32].copy_from_slice(&len.to_be_bytes());
+        (h, 32)
+    } else {
+        h[24..28].copy_from_slice(&(len as u32).to_be_bytes());
+        (h, 28)
     }
 }
 
@@ -290,11 +312,20 @@ async fn read_loop(mut r: ReadHalf, shared: &Shared, structured: bool) -> io::Re
                 }
                 finish(p);
             }
-            STRUCTURED_REPLY_MAGIC => {
+            STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
                 let flags = r.read_u16().await?;
                 let ty = r.read_u16().await?;
                 let cookie = r.read_u64().await?;
-                let len = r.read_u32().await? as usize;
+                let len = if magic == EXTENDED_REPLY_MAGIC {
+                    let _offset = r.read_u64().await?;
+                    let l = r.read_u64().await?;
+                    if l > u32::MAX as u64 {
+                        return Err(proto_err(format!("server sent a {l}-byte chunk")));
+                    }
+                    l as usize
+                } else {
+                    r.read_u32().await? as usize
+                };
                 let mut p = take(shared, cookie)?;
                 // Data chunks are bounded by the request; anything else
                 // this large is a broken server (QEMU's limit).
@@ -344,6 +375,22 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
                 let l = r.read_u32().await? as u64;
                 let f = r.read_u32().await?;
                 ext.push((l, f));
+            }
+            if id == p.context {
+                p.extents = ext;
+            }
+            Ok(())
+        }
+        REPLY_TYPE_BLOCK_STATUS_EXT
+            if p.cmd == CMD_BLOCK_STATUS && len >= 24 && (len - 8) % 16 == 0 =>
+        {
+            let id = r.read_u32().await?;
+            let _count = r.read_u32().await?;
+            let mut ext = Vec::with_capacity((len - 8) / 16);
+            for _ in 0..(len - 8) / 16 {
+                let l = r.read_u64().await?;
+                let f = r.read_u64().await?;
+                ext.push((l, f as u32));
             }
             if id == p.context {
                 p.extents = ext;

@@ -104,6 +104,7 @@ impl NbdDriver {
             }
         };
         let info = conn.info().clone();
+        tracing::debug!(?info, "nbd client: negotiated");
         let mut ro = read_only;
         if info.flags & FLAG_READ_ONLY != 0 && !read_only {
             if !auto_read_only {

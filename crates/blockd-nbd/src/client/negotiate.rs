@@ -20,6 +20,8 @@ pub struct ExportInfo {
     pub flags: u16,
     /// Structured replies are in use.
     pub structured: bool,
+    /// Extended (64-bit) headers are in use (structured replies too).
+    pub extended: bool,
     /// Minimum block size (1 if the server gave none).
     pub min_block: u32,
     /// Preferred block size.
@@ -150,11 +152,18 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|e| format!("Failed to send clientflags field: {e}"))?;
 
     let mut info = ExportInfo::default();
-    // Structured replies (optional: without them, reads use simple
-    // replies and block status is unknown).
-    send_opt(s, OPT_STRUCTURED_REPLY, &[]).await?;
-    let (ty, _) = read_rep(s, OPT_STRUCTURED_REPLY).await?;
-    info.structured = ty == REP_ACK;
+    // Extended headers if the server has them (they imply structured
+    // replies), else structured replies (optional too: without them,
+    // reads use simple replies and block status is unknown).
+    send_opt(s, OPT_EXTENDED_HEADERS, &[]).await?;
+    let (ty, _) = read_rep(s, OPT_EXTENDED_HEADERS).await?;
+    info.extended = ty == REP_ACK;
+    info.structured = info.extended;
+    if !info.extended {
+        send_opt(s, OPT_STRUCTURED_REPLY, &[]).await?;
+        let (ty, _) = read_rep(s, OPT_STRUCTURED_REPLY).await?;
+        info.structured = ty == REP_ACK;
+    }
 
     if info.structured {
         let mut queries: Vec<&str> = vec!["base:allocation"];
@@ -299,6 +308,9 @@ mod tests {
             s.read_u32().await.unwrap(),
             FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES
         );
+        let (o, _) = opt(&mut s).await;
+        assert_eq!(o, OPT_EXTENDED_HEADERS);
+        rep(&mut s, o, REP_ERR_UNSUP, &[]).await;
         let (o, _) = opt(&mut s).await;
         assert_eq!(o, OPT_STRUCTURED_REPLY);
         rep(&mut s, o, REP_ACK, &[]).await;
