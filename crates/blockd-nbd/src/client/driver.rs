@@ -390,6 +390,23 @@ impl BlockDriver for NbdDriver {
         })
     }
 
+    /// QEMU's `nbd_client_reopen_prepare`: a read-only export stays
+    /// read-only.
+    fn reopen_prepare<'a>(
+        &'a self,
+        req: &'a blockd_core::reopen::ReopenRequest<'a>,
+    ) -> blockd_core::driver::PrepareFuture<'a> {
+        Box::pin(async move {
+            if !req.new.read_only && self.info.flags & FLAG_READ_ONLY != 0 {
+                return Err(blockd_core::BlockError::new(
+                    blockd_core::ErrorKind::PermissionConflict,
+                    "Can't reopen read-only NBD mount as read/write",
+                ));
+            }
+            Ok(Box::new(()) as blockd_core::Staged)
+        })
+    }
+
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let prev = self.inner.state.send_replace(State::Closed);
