@@ -592,3 +592,68 @@ fn mirror_into_nbdkit_memory() {
     let _ = kit.kill();
     let _ = kit.wait();
 }
+
+/// A server that comes back with a different export (another size) is
+/// not taken: requests fail until the original export is back.
+#[test]
+fn reconnect_refuses_a_different_export() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("nbdc-other");
+    let img = srv.dir.join("disk.raw");
+    let other = srv.dir.join("other.raw");
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "8M"],
+    ));
+    ok(&run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", other.to_str().unwrap(), "16M"],
+    ));
+    let qsock = srv.dir.join("q.sock");
+    let qnbd = QemuNbd::start(&img, &qsock);
+    let mut c = srv.client();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "nbd", "node-name": "n0", "export": "exp",
+                    "server": {"type": "unix", "path": qsock}, "reconnect-delay": 1})),
+    )
+    .unwrap();
+    let lsock = srv.dir.join("nbd");
+    c.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": lsock}}})),
+    )
+    .unwrap();
+    c.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "d"})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///d?socket={}", lsock.display());
+    drop(qnbd);
+    let _ = std::fs::remove_file(&qsock);
+    let q2 = QemuNbd::start(&other, &qsock);
+    std::thread::sleep(Duration::from_secs(2));
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 4k", &url]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("Input/output error"), "expected EIO: {out}");
+    drop(q2);
+    let _ = std::fs::remove_file(&qsock);
+    let _q3 = QemuNbd::start(&img, &qsock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = run(
+            "qemu-io",
+            &["-r", "-f", "raw", "-c", "read -P 0 0 4k", &url],
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success() && !out.contains("error") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reconnect: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -182,6 +182,7 @@ impl NbdDriver {
 /// `reconnect-delay`, and reconnects (every second, as QEMU retries
 /// with a backoff up to that order).
 async fn supervise(inner: Arc<Inner>, mut conn: Arc<Connection>) {
+    let first = conn.info().clone();
     loop {
         conn.closed().await;
         if matches!(*inner.state.borrow(), State::Closed) {
@@ -214,6 +215,19 @@ async fn supervise(inner: Arc<Inner>, mut conn: Arc<Connection>) {
                 return;
             }
             match connect_once(&inner).await {
+                // The export must still be the one the node was opened on
+                // (its size and writability), else keep trying.
+                Ok(c)
+                    if c.info().size != first.size
+                        || (c.info().flags & FLAG_READ_ONLY) > (first.flags & FLAG_READ_ONLY) =>
+                {
+                    tracing::warn!(
+                        export = %inner.export,
+                        "nbd client: the server came back with a different export"
+                    );
+                    c.disconnect().await;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
                 Ok(c) => {
                     conn = c;
                     break;
