@@ -109,11 +109,10 @@ impl Connection {
             died: Notify::new(),
         });
         let s2 = shared.clone();
-        let structured = info.structured;
         let reader = tokio::spawn(async move {
             // Reply headers are small reads: buffer them.
             let r: ReadHalf = Box::new(tokio::io::BufReader::with_capacity(256 << 10, r));
-            let res = read_loop(r, &s2, structured).await;
+            let res = read_loop(r, &s2).await;
             if let Err(e) = res {
                 tracing::debug!(error = %e, "nbd client: connection lost");
             }
@@ -295,8 +294,7 @@ fn finish(p: Pending) {
     let _ = p.tx.send(r);
 }
 
-async fn read_loop(mut r: ReadHalf, shared: &Shared, structured: bool) -> io::Result<()> {
-    let _ = structured;
+async fn read_loop(mut r: ReadHalf, shared: &Shared) -> io::Result<()> {
     loop {
         let magic = r.read_u32().await?;
         match magic {

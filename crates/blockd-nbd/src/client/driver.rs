@@ -284,7 +284,7 @@ impl BlockDriver for NbdDriver {
                 return Ok(Bytes::new());
             }
             let r = self.run(CMD_READ, 0, offset, len as u64, None, 0).await?;
-            Ok(r.data.unwrap_or_default())
+            r.data.filter(|d| d.len() == len).ok_or_else(eio)
         })
     }
 
