@@ -12,6 +12,7 @@ pub mod blkdebug;
 pub mod create;
 pub mod file;
 pub mod implicit;
+pub mod nbd;
 pub mod null;
 pub mod open;
 pub mod options;

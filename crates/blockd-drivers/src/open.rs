@@ -413,6 +413,7 @@ pub(crate) fn check_tree(
             crate::blkdebug::check(b)
         }
         DriverOptions::Null(n) => crate::null::check(n),
+        DriverOptions::Nbd(n) => crate::nbd::check(n),
         DriverOptions::Throttle(t) => check_ref(&t.file),
         DriverOptions::Qcow2(q) => {
             check_ref(&q.file)?;
@@ -551,6 +552,11 @@ pub(crate) fn open_node<'a>(
                 Box::new(d)
             }
             DriverOptions::Null(n) => Box::new(crate::null::open(n)?),
+            DriverOptions::Nbd(n) => {
+                let (d, ro) = crate::nbd::open(n, &ctx.node).await?;
+                nopts.read_only = ro;
+                Box::new(d)
+            }
             DriverOptions::Raw(r) => Box::new(crate::raw::open(r, &mut ctx).await?),
             DriverOptions::Throttle(t) => Box::new(crate::throttle::open(t, &mut ctx).await?),
             DriverOptions::Blkdebug(b) => Box::new(crate::blkdebug::open(b, &mut ctx).await?),

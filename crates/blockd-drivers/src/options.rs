@@ -256,6 +256,65 @@ pub struct Qcow2Options {
     pub data_file: Option<BlockdevRef>,
 }
 
+/// `InetSocketAddress` (the members blockd's schema has).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InetAddr {
+    /// Host name or address.
+    pub host: String,
+    /// Port number or service name.
+    pub port: String,
+    /// Accepted, unused.
+    pub numeric: Option<bool>,
+    /// Accepted, unused.
+    pub ipv4: Option<bool>,
+    /// Accepted, unused.
+    pub ipv6: Option<bool>,
+}
+
+/// `SocketAddress` (flat form).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SocketAddr {
+    /// TCP.
+    Inet(InetAddr),
+    /// A Unix socket path.
+    Unix {
+        /// The path.
+        path: String,
+    },
+    /// A connected socket: a descriptor number.
+    Fd {
+        /// The descriptor (number or name).
+        str: String,
+    },
+}
+
+/// `BlockdevOptionsNbd`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdOptions {
+    /// The server.
+    pub server: SocketAddr,
+    /// Export name (default: the empty name).
+    pub export: Option<String>,
+    /// TLS credentials: refused (no TLS yet).
+    #[serde(rename = "tls-creds")]
+    pub tls_creds: Option<String>,
+    /// TLS host name: only meaningful with `tls-creds`.
+    #[serde(rename = "tls-hostname")]
+    pub tls_hostname: Option<String>,
+    /// Meta context to report as block status.
+    #[serde(rename = "x-dirty-bitmap")]
+    pub x_dirty_bitmap: Option<String>,
+    /// Seconds requests wait for a lost server to come back.
+    #[serde(rename = "reconnect-delay")]
+    pub reconnect_delay: Option<u32>,
+    /// Seconds the first connection is retried.
+    #[serde(rename = "open-timeout")]
+    pub open_timeout: Option<u32>,
+}
+
 /// The driver and its own options (the union's variants).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "driver")]
@@ -266,6 +325,9 @@ pub enum DriverOptions {
     /// `file`.
     #[serde(rename = "file")]
     File(FileOptions),
+    /// `nbd`.
+    #[serde(rename = "nbd")]
+    Nbd(NbdOptions),
     /// `null-co`.
     #[serde(rename = "null-co")]
     Null(NullOptions),
@@ -286,6 +348,7 @@ impl DriverOptions {
         match self {
             DriverOptions::Blkdebug(_) => "blkdebug",
             DriverOptions::File(_) => "file",
+            DriverOptions::Nbd(_) => "nbd",
             DriverOptions::Null(_) => "null-co",
             DriverOptions::Qcow2(_) => "qcow2",
             DriverOptions::Raw(_) => "raw",

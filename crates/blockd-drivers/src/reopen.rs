@@ -285,7 +285,7 @@ fn plan_entry(
                 None => {}
             }
         }
-        DriverOptions::File(_) | DriverOptions::Null(_) => {}
+        DriverOptions::File(_) | DriverOptions::Null(_) | DriverOptions::Nbd(_) => {}
     }
     for (name, _, _) in &children {
         plan.changed_edges.insert((node.id(), name.clone()));

@@ -18,7 +18,8 @@
 //! The server does not know about block nodes: an export reads and writes
 //! through an [`ExportIo`], which the QMP layer implements over a node.
 //!
-//! Modules: [`proto`] (wire constants, errno mapping); the rest is private:
+//! Modules: [`proto`] (wire constants, errno mapping), [`client`] (the NBD
+//! client and the `nbd` block driver); the rest is private:
 //! `server` (listener, export table), `export` (one export and its
 //! clients), `handshake` (option haggling), `transmission` (request
 //! parsing and checks), `commands` (running requests), `reply` (reply
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use blockd_core::{BlockStatus, IoFuture};
 
+pub mod client;
 mod commands;
 mod export;
 mod handshake;

@@ -1,0 +1,547 @@
+//! One negotiated connection in transmission phase (QEMU's
+//! `nbd_co_send_request` / `nbd_receive_replies` in block/nbd.c): any
+//! number of callers send requests under a write lock, each with its own
+//! cookie; one reader task reads replies and hands each to the request
+//! that waits for it, so many requests are in flight at once.
+//!
+//! When the connection breaks (or the server breaks the protocol), every
+//! waiting request fails with [`ConnError::Lost`] and so does every later
+//! one; the caller decides whether to reconnect.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Notify};
+
+use super::negotiate::ExportInfo;
+use crate::proto::*;
+
+/// Boxed read half.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// Boxed write half.
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Why a request failed.
+#[derive(Debug)]
+pub enum ConnError {
+    /// The server answered with an error (an errno).
+    Server(io::Error),
+    /// The connection is gone; the request may be retried on a new one.
+    Lost,
+}
+
+/// A request's answer.
+#[derive(Debug, Default)]
+pub struct Reply {
+    /// Read data (`NBD_CMD_READ`).
+    pub data: Option<Bytes>,
+    /// Block status extents of the context asked for: (length, flags).
+    pub extents: Vec<(u64, u32)>,
+}
+
+struct Pending {
+    cmd: u16,
+    offset: u64,
+    len: u64,
+    buf: Option<BytesMut>,
+    context: u32,
+    extents: Vec<(u64, u32)>,
+    error: Option<i32>,
+    tx: oneshot::Sender<Result<Reply, ConnError>>,
+}
+
+struct Shared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    dead: AtomicBool,
+    died: Notify,
+}
+
+impl Shared {
+    fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        let all: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for p in all {
+            let _ = p.tx.send(Err(ConnError::Lost));
+        }
+        self.died.notify_waiters();
+    }
+}
+
+/// A connection in transmission phase.
+pub struct Connection {
+    info: ExportInfo,
+    writer: tokio::sync::Mutex<WriteHalf>,
+    shared: Arc<Shared>,
+    next_cookie: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+/// NBD errors to errnos (QEMU's `nbd_errno_to_system_errno`).
+fn nbd_to_errno(e: u32) -> i32 {
+    match e {
+        NBD_EPERM => libc::EPERM,
+        NBD_EIO => libc::EIO,
+        NBD_ENOMEM => libc::ENOMEM,
+        NBD_ENOSPC => libc::ENOSPC,
+        NBD_EOVERFLOW => libc::EOVERFLOW,
+        NBD_ENOTSUP => libc::ENOTSUP,
+        NBD_ESHUTDOWN => libc::ESHUTDOWN,
+        _ => libc::EINVAL,
+    }
+}
+
+impl Connection {
+    /// Starts transmission on a negotiated connection.
+    pub fn start(info: ExportInfo, r: ReadHalf, w: WriteHalf) -> Arc<Connection> {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            died: Notify::new(),
+        });
+        let s2 = shared.clone();
+        let reader = tokio::spawn(async move {
+            // Reply headers are small reads: buffer them.
+            let r: ReadHalf = Box::new(tokio::io::BufReader::with_capacity(256 << 10, r));
+            let res = read_loop(r, &s2).await;
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "nbd client: connection lost");
+            }
+            s2.kill();
+        });
+        Arc::new(Connection {
+            info,
+            writer: tokio::sync::Mutex::new(w),
+            shared,
+            next_cookie: AtomicU64::new(1),
+            reader,
+        })
+    }
+
+    /// The export as negotiated.
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the connection is gone.
+    pub async fn closed(&self) {
+        loop {
+            let n = self.shared.died.notified();
+            if self.is_dead() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Sends one request and waits for its reply. `context` is the meta
+    /// context whose extents a block status request returns.
+    pub async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: Option<Bytes>,
+        context: u32,
+    ) -> Result<Reply, ConnError> {
+        if self.is_dead() {
+            return Err(ConnError::Lost);
+        }
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let buf = (cmd == CMD_READ).then(|| BytesMut::zeroed(len as usize));
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                cookie,
+                Pending {
+                    cmd,
+                    offset,
+                    len,
+                    buf,
+                    context,
+                    extents: Vec::new(),
+                    error: None,
+                    tx,
+                },
+            );
+        // The reader may have died between the check and the insert.
+        if self.is_dead() {
+            self.shared.kill();
+        }
+        let (h, hlen) = header(self.info.extended, flags, cmd, cookie, offset, len);
+        let h = &h[..hlen];
+        let sent = {
+            let mut w = self.writer.lock().await;
+            let r = async {
+                w.write_all(h).await?;
+                if let Some(p) = &payload {
+                    w.write_all(p).await?;
+                }
+                w.flush().await
+            }
+            .await;
+            r
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "nbd client: send failed");
+            self.reader.abort();
+            self.shared.kill();
+        }
+        rx.await.unwrap_or(Err(ConnError::Lost))
+    }
+
+    /// Sends `NBD_CMD_DISC` and closes the connection.
+    pub async fn disconnect(&self) {
+        if !self.is_dead() {
+            let (h, hlen) = header(self.info.extended, 0, CMD_DISC, 0, 0, 0);
+            let mut w = self.writer.lock().await;
+            let _ = w.write_all(&h[..hlen]).await;
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+            drop(w);
+            // The server closes its end after NBD_CMD_DISC: wait for that
+            // (briefly), so that the server has let the client go when the
+            // node's removal returns.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.closed()).await;
+        }
+        self.reader.abort();
+        self.shared.kill();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A request header, compact (28 bytes) or extended (32 bytes).
+fn header(
+    ext: bool,
+    flags: u16,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> ([u8; 32], usize) {
+    let mut h = [0u8; 32];
+    let magic = if ext {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
+    h[0..4].copy_from_slice(&magic.to_be_bytes());
+    h[4..6].copy_from_slice(&flags.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    if ext {
+        h[24..32].copy_from_slice(&len.to_be_bytes());
+        (h, 32)
+    } else {
+        h[24..28].copy_from_slice(&(len as u32).to_be_bytes());
+        (h, 28)
+    }
+}
+
+fn proto_err(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn take(shared: &Shared, cookie: u64) -> io::Result<Pending> {
+    shared
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&cookie)
+        .ok_or_else(|| proto_err(format!("unexpected cookie {cookie:#x}")))
+}
+
+fn put(shared: &Shared, cookie: u64, p: Pending) {
+    shared
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(cookie, p);
+}
+
+fn finish(p: Pending) {
+    let r = match p.error {
+        Some(e) => Err(ConnError::Server(io::Error::from_raw_os_error(e))),
+        None => Ok(Reply {
+            data: p.buf.map(BytesMut::freeze),
+            extents: p.extents,
+        }),
+    };
+    let _ = p.tx.send(r);
+}
+
+async fn read_loop(mut r: ReadHalf, shared: &Shared) -> io::Result<()> {
+    loop {
+        let magic = r.read_u32().await?;
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                let err = r.read_u32().await?;
+                let cookie = r.read_u64().await?;
+                let mut p = take(shared, cookie)?;
+                if err != 0 {
+                    p.error = Some(nbd_to_errno(err));
+                    p.buf = None;
+                } else if let Some(b) = p.buf.as_mut() {
+                    r.read_exact(b).await?;
+                }
+                finish(p);
+            }
+            STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => {
+                let flags = r.read_u16().await?;
+                let ty = r.read_u16().await?;
+                let cookie = r.read_u64().await?;
+                let len = if magic == EXTENDED_REPLY_MAGIC {
+                    let _offset = r.read_u64().await?;
+                    let l = r.read_u64().await?;
+                    if l > u32::MAX as u64 {
+                        return Err(proto_err(format!("server sent a {l}-byte chunk")));
+                    }
+                    l as usize
+                } else {
+                    r.read_u32().await? as usize
+                };
+                let mut p = take(shared, cookie)?;
+                // Data chunks are bounded by the request; anything else
+                // this large is a broken server (QEMU's limit).
+                if ty != REPLY_TYPE_OFFSET_DATA && len > MAX_BUFFER_SIZE as usize {
+                    return Err(proto_err(format!("server sent a {len}-byte chunk")));
+                }
+                chunk(&mut r, &mut p, ty, len).await?;
+                if flags & REPLY_FLAG_DONE != 0 {
+                    finish(p);
+                } else {
+                    put(shared, cookie, p);
+                }
+            }
+            m => return Err(proto_err(format!("invalid reply magic {m:#x}"))),
+        }
+    }
+}
+
+/// Reads one structured chunk's payload into the request it answers.
+async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Result<()> {
+    match ty {
+        REPLY_TYPE_NONE if len == 0 => Ok(()),
+        REPLY_TYPE_OFFSET_DATA if p.cmd == CMD_READ && len >= 8 => {
+            let off = r.read_u64().await?;
+            let n = (len - 8) as u64;
+            if off < p.offset || off + n > p.offset + p.len {
+                return Err(proto_err("server sent data outside the request"));
+            }
+            let s = (off - p.offset) as usize;
+            let b = p.buf.as_mut().expect("read buffer");
+            r.read_exact(&mut b[s..s + n as usize]).await?;
+            Ok(())
+        }
+        REPLY_TYPE_OFFSET_HOLE if p.cmd == CMD_READ && len == 12 => {
+            let off = r.read_u64().await?;
+            let n = r.read_u32().await? as u64;
+            if off < p.offset || off + n > p.offset + p.len {
+                return Err(proto_err("server sent a hole outside the request"));
+            }
+            // The buffer starts zeroed.
+            Ok(())
+        }
+        REPLY_TYPE_BLOCK_STATUS if p.cmd == CMD_BLOCK_STATUS && len >= 12 && (len - 4) % 8 == 0 => {
+            let id = r.read_u32().await?;
+            let mut ext = Vec::with_capacity((len - 4) / 8);
+            for _ in 0..(len - 4) / 8 {
+                let l = r.read_u32().await? as u64;
+                let f = r.read_u32().await?;
+                ext.push((l, f));
+            }
+            if id == p.context {
+                p.extents = ext;
+            }
+            Ok(())
+        }
+        REPLY_TYPE_BLOCK_STATUS_EXT
+            if p.cmd == CMD_BLOCK_STATUS && len >= 24 && (len - 8) % 16 == 0 =>
+        {
+            let id = r.read_u32().await?;
+            let _count = r.read_u32().await?;
+            let mut ext = Vec::with_capacity((len - 8) / 16);
+            for _ in 0..(len - 8) / 16 {
+                let l = r.read_u64().await?;
+                let f = r.read_u64().await?;
+                ext.push((l, f as u32));
+            }
+            if id == p.context {
+                p.extents = ext;
+            }
+            Ok(())
+        }
+        REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET if len >= 6 => {
+            let mut d = vec![0u8; len];
+            r.read_exact(&mut d).await?;
+            let e = u32::from_be_bytes(d[0..4].try_into().unwrap());
+            let msglen = u16::from_be_bytes([d[4], d[5]]) as usize;
+            if 6 + msglen > len {
+                return Err(proto_err("invalid error chunk"));
+            }
+            if msglen > 0 {
+                tracing::debug!(
+                    msg = %String::from_utf8_lossy(&d[6..6 + msglen]),
+                    "nbd client: server error"
+                );
+            }
+            p.error.get_or_insert(nbd_to_errno(e));
+            Ok(())
+        }
+        t if t & (1 << 15) != 0 => {
+            // Unknown error chunk type: an error all the same.
+            let mut d = vec![0u8; len];
+            r.read_exact(&mut d).await?;
+            p.error.get_or_insert(libc::EINVAL);
+            Ok(())
+        }
+        _ => Err(proto_err(format!(
+            "unexpected reply chunk type {ty} of length {len} for {}",
+            cmd_name(p.cmd)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ExportInfo {
+        ExportInfo {
+            size: 1 << 20,
+            structured: true,
+            min_block: 1,
+            max_block: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    async fn read_req(s: &mut (impl AsyncRead + Unpin)) -> (u16, u64, u64, u32) {
+        let mut h = [0u8; 28];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            REQUEST_MAGIC
+        );
+        (
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            u32::from_be_bytes(h[24..28].try_into().unwrap()),
+        )
+    }
+
+    fn chunk_hdr(flags: u16, ty: u16, cookie: u64, len: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&ty.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    /// Two reads in flight; the server answers the second first, the
+    /// first in a data chunk and a hole chunk; then a server error.
+    #[tokio::test]
+    async fn replies_are_demultiplexed_by_cookie() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_READ, 0, 0, 8, None, 0).await });
+        let (cmd, ca, off, len) = read_req(&mut server).await;
+        assert_eq!((cmd, off, len), (CMD_READ, 0, 8));
+        let c2 = conn.clone();
+        let b = tokio::spawn(async move { c2.request(CMD_READ, 0, 100, 4, None, 0).await });
+        let (_, cb, off, _) = read_req(&mut server).await;
+        assert_eq!(off, 100);
+        let mut out = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cb, 12);
+        out.extend_from_slice(&100u64.to_be_bytes());
+        out.extend_from_slice(b"bbbb");
+        out.extend(chunk_hdr(0, REPLY_TYPE_OFFSET_DATA, ca, 12));
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(b"aaaa");
+        out.extend(chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, ca, 12));
+        out.extend_from_slice(&4u64.to_be_bytes());
+        out.extend_from_slice(&4u32.to_be_bytes());
+        server.write_all(&out).await.unwrap();
+        let rb = b.await.unwrap().unwrap();
+        assert_eq!(&rb.data.unwrap()[..], b"bbbb");
+        let ra = a.await.unwrap().unwrap();
+        assert_eq!(&ra.data.unwrap()[..], b"aaaa\0\0\0\0");
+
+        let c3 = conn.clone();
+        let e = tokio::spawn(async move { c3.request(CMD_FLUSH, 0, 0, 0, None, 0).await });
+        let (cmd, ce, _, _) = read_req(&mut server).await;
+        assert_eq!(cmd, CMD_FLUSH);
+        let mut out = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, ce, 6);
+        out.extend_from_slice(&NBD_ENOSPC.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        server.write_all(&out).await.unwrap();
+        match e.await.unwrap() {
+            Err(ConnError::Server(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// A lost connection fails the requests in flight and later ones.
+    #[tokio::test]
+    async fn a_lost_connection_fails_everything() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_READ, 0, 0, 8, None, 0).await });
+        read_req(&mut server).await;
+        drop(server);
+        assert!(matches!(a.await.unwrap(), Err(ConnError::Lost)));
+        conn.closed().await;
+        assert!(matches!(
+            conn.request(CMD_FLUSH, 0, 0, 0, None, 0).await,
+            Err(ConnError::Lost)
+        ));
+    }
+
+    /// A reply with an unknown cookie is a protocol error: the connection
+    /// is dropped rather than a wrong request completed.
+    #[tokio::test]
+    async fn an_unknown_cookie_breaks_the_connection() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let c1 = conn.clone();
+        let a = tokio::spawn(async move { c1.request(CMD_FLUSH, 0, 0, 0, None, 0).await });
+        let (_, cookie, _, _) = read_req(&mut server).await;
+        server
+            .write_all(&chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie + 7, 0))
+            .await
+            .unwrap();
+        assert!(matches!(a.await.unwrap(), Err(ConnError::Lost)));
+        assert!(conn.is_dead());
+    }
+}
