@@ -28,7 +28,7 @@ use blockd_core::{
 };
 use blockd_jobs::{FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType};
 
-use crate::common::{io_error, JobNodes, OnIoError, Pace, Writeback};
+use crate::common::{io_error, JobNodes, OnIoError, Pace};
 use crate::filters::{filter_node, CommitTop};
 use crate::{close, StartError, Started};
 
@@ -234,7 +234,6 @@ impl CommitJob {
                 .map_err(|e| blockd_core::error::strerror(&e))?;
         }
         let mut offset = 0;
-        let mut wb = Writeback::default();
         while offset < len {
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
@@ -270,27 +269,21 @@ impl CommitJob {
             }
             // Counted before it is copied: the bucket drains while the copy
             // runs, so the rate is the configured one.
-            let bytes = plan
-                .iter()
-                .filter(|s| !matches!(s.2, Chunk::Skip))
-                .map(|s| s.1)
-                .sum();
-            self.pace.account(bytes);
-            let results = wb
-                .alongside(futures::future::join_all(
-                    plan.iter().map(|&seg| self.copy_chunk(&base, seg)),
-                ))
-                .await;
-            wb.copied(bytes, &base, None);
+            self.pace.account(
+                plan.iter()
+                    .filter(|s| !matches!(s.2, Chunk::Skip))
+                    .map(|s| s.1)
+                    .sum(),
+            );
+            let results =
+                futures::future::join_all(plan.iter().map(|&seg| self.copy_chunk(&base, seg)))
+                    .await;
             let mut retry = false;
             for (&(off, n, _), r) in plan.iter().zip(results) {
                 match r {
                     Ok(_) => ctx.add_progress(n),
                     Err((read, e)) => match io_error(ctx, self.on_error, read, &e) {
-                        OnIoError::Fail(m) => {
-                            wb.finish().await;
-                            return Err(m);
-                        }
+                        OnIoError::Fail(m) => return Err(m),
                         OnIoError::Retry => {
                             offset = off;
                             retry = true;
@@ -307,10 +300,7 @@ impl CommitJob {
             if let Err(e) = planned {
                 // The allocation query itself failed at `offset`.
                 match io_error(ctx, self.on_error, true, &e) {
-                    OnIoError::Fail(m) => {
-                        wb.finish().await;
-                        return Err(m);
-                    }
+                    OnIoError::Fail(m) => return Err(m),
                     OnIoError::Retry => {}
                     OnIoError::Skip => {
                         let n = CHUNK.min(len - offset);
@@ -320,7 +310,6 @@ impl CommitJob {
                 }
             }
         }
-        wb.finish().await;
         Ok(())
     }
 
