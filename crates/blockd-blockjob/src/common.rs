@@ -169,3 +169,60 @@ pub fn io_error(
 }
 
 use OnIoError::Fail;
+
+/// Copied bytes between two background flushes of a job's target.
+const WRITEBACK_BYTES: u64 = 64 << 20;
+
+type FlushFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Flushes a job's target in the background while the copy goes on, one
+/// flush at a time, every [`WRITEBACK_BYTES`] copied: the page cache the
+/// copy fills is written back meanwhile instead of all at the job's final
+/// flush (or the base's reopen read-only), which otherwise waits for all
+/// of it at once. Errors are not reported here: the final flush reports
+/// them. QEMU has no equivalent; its jobs leave writeback to the kernel.
+#[derive(Default)]
+pub struct Writeback<'a> {
+    flush: Option<FlushFuture<'a>>,
+    unflushed: u64,
+}
+
+impl<'a> Writeback<'a> {
+    /// Runs `work` while the flush in flight (if any) goes on.
+    pub async fn alongside<F: std::future::Future>(&mut self, work: F) -> F::Output {
+        tokio::pin!(work);
+        loop {
+            match self.flush.as_mut() {
+                Some(f) => tokio::select! {
+                    r = &mut work => return r,
+                    () = f => self.flush = None,
+                },
+                None => return work.await,
+            }
+        }
+    }
+
+    /// Counts `n` copied bytes; past the threshold, with no flush in
+    /// flight, starts a flush of `root` (entering `gate` first, where the
+    /// root forwards for a node and holds nothing back itself).
+    pub fn copied(&mut self, n: u64, root: &'a Arc<Root>, gate: Option<&'a Arc<Root>>) {
+        self.unflushed += n;
+        if self.unflushed >= WRITEBACK_BYTES && self.flush.is_none() {
+            self.unflushed = 0;
+            self.flush = Some(Box::pin(async move {
+                let _g = match gate {
+                    Some(g) => Some(g.gate().enter().await),
+                    None => None,
+                };
+                let _ = root.start_writeback().await;
+            }));
+        }
+    }
+
+    /// Waits for the flush in flight, if any.
+    pub async fn finish(&mut self) {
+        if let Some(f) = self.flush.take() {
+            f.await;
+        }
+    }
+}

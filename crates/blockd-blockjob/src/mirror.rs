@@ -37,7 +37,7 @@ use blockd_jobs::{
 };
 use serde_json::{Map, Value};
 
-use crate::common::{io_error, JobNodes, OnIoError, Pace};
+use crate::common::{io_error, JobNodes, OnIoError, Pace, Writeback};
 use crate::filters::{filter_node, MirrorShared, MirrorTop};
 use crate::{close, StartError, Started};
 
@@ -442,6 +442,7 @@ impl MirrorJob {
     /// error, if any.
     async fn copy_dirty(&self, ctx: &JobCtx) -> Result<(), String> {
         let mut cursor = 0;
+        let mut wb = Writeback::default();
         loop {
             // QEMU's mirror_run: the total is what is done plus what is
             // dirty, written meanwhile included (so `len` >= `offset`);
@@ -450,6 +451,7 @@ impl MirrorJob {
                 .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
             self.pace.wait(ctx).await;
             if ctx.is_cancelled() {
+                wb.finish().await;
                 return Ok(());
             }
             let mut batch = Vec::with_capacity(MAX_IN_FLIGHT);
@@ -475,20 +477,26 @@ impl MirrorJob {
             if batch.is_empty() {
                 // New dirt may have appeared behind the cursor; the caller
                 // loops.
+                wb.finish().await;
                 return Ok(());
             }
             // Counted before it is copied: the bucket drains while the copy
             // runs, so the rate is the configured one.
-            self.pace.account(batch.iter().map(|&(_, n)| n).sum());
-            let results =
-                futures::future::join_all(batch.iter().map(|&(off, n)| self.copy(ctx, off, n)))
-                    .await;
+            let bytes: u64 = batch.iter().map(|&(_, n)| n).sum();
+            self.pace.account(bytes);
+            let copies =
+                futures::future::join_all(batch.iter().map(|&(off, n)| self.copy(ctx, off, n)));
+            let results = wb.alongside(copies).await;
+            wb.copied(bytes, &self.target_root, Some(self.main()));
             cursor = c;
             for (&(off, _), r) in batch.iter().zip(results) {
                 match r {
                     Step::Copied(n) => ctx.add_progress(n),
                     Step::Retry => cursor = cursor.min(off),
-                    Step::Failed(m) => return Err(m),
+                    Step::Failed(m) => {
+                        wb.finish().await;
+                        return Err(m);
+                    }
                 }
             }
         }

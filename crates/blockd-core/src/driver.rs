@@ -195,6 +195,15 @@ pub trait BlockDriver: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Starts writing back what completed writes left in caches, without
+    /// waiting for it (Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)`):
+    /// a hint that leaves a later flush less to do. Format drivers pass it
+    /// to their data child; the default does nothing. Not a flush: nothing
+    /// is stable when it returns.
+    fn start_writeback(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// What the range starting at `offset` holds (at most `len` bytes).
     /// The default: data, allocated, everywhere.
     fn block_status(&self, _offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {

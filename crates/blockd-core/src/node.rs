@@ -762,6 +762,11 @@ impl BlockNode {
         r
     }
 
+    /// See [`BlockDriver::start_writeback`].
+    pub async fn start_writeback(&self) -> io::Result<()> {
+        self.driver.start_writeback().await
+    }
+
     /// Flushes completed writes to stable storage (no-op with `cache.no-flush`).
     pub async fn flush(&self) -> io::Result<()> {
         let r = if self.bits() & bits::NO_FLUSH != 0 {

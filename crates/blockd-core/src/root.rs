@@ -402,6 +402,12 @@ impl Root {
         n.flush().await
     }
 
+    /// See [`crate::BlockDriver::start_writeback`].
+    pub async fn start_writeback(&self) -> io::Result<()> {
+        let (_g, n) = self.enter().await?;
+        n.start_writeback().await
+    }
+
     /// What a range holds.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let (_g, n) = self.enter().await?;

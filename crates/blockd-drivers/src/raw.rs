@@ -144,6 +144,10 @@ impl BlockDriver for RawDriver {
         Box::pin(async move { self.file.node().flush().await })
     }
 
+    fn start_writeback(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.file.node().start_writeback().await })
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(async move {
             let off = self.check(offset, len)?;

@@ -904,6 +904,10 @@ impl BlockDriver for FileDriver {
         Box::pin(blocking(&self.inner, |i| i.flush()))
     }
 
+    fn start_writeback(&self) -> IoFuture<'_, ()> {
+        Box::pin(blocking(&self.inner, |i| sys::start_writeback(i.h().raw())))
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         // SEEK_DATA/SEEK_HOLE answer from the filesystem's in-memory extent
         // maps: done inline, as QEMU does from its coroutine, rather than

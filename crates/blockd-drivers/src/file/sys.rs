@@ -257,6 +257,17 @@ pub(super) unsafe fn pwrite_full(
 }
 
 /// `fdatasync(2)`, retrying on EINTR.
+/// `sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)`: starts writeback of
+/// the whole file's dirty pages without waiting for it.
+pub(super) fn start_writeback(fd: RawFd) -> io::Result<()> {
+    // SAFETY: sync_file_range has no memory-safety preconditions.
+    if unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) } == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
 pub(super) fn fdatasync(fd: RawFd) -> io::Result<()> {
     loop {
         // SAFETY: fdatasync has no memory-safety preconditions.

@@ -602,6 +602,10 @@ impl BlockDriver for Qcow2Driver {
         Box::pin(self.do_flush())
     }
 
+    fn start_writeback(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move { self.file.node().start_writeback().await })
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         Box::pin(self.do_block_status(offset, len))
     }
