@@ -372,12 +372,64 @@ fn bind(path: &Path) -> Result<UnixListener, StartError> {
     // SAFETY: umask only swaps the process mask; nothing else in this
     // process creates files while the server is starting.
     let old = unsafe { libc::umask(0o177) };
-    let r = UnixListener::bind(path);
+    // Listen under a temporary name, then move the socket into place: a
+    // client that sees the path can connect at once (bind creates the
+    // file before listen, so waiting for the file alone could meet
+    // ECONNREFUSED). Where the temporary name would be too long, bind in
+    // place.
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.bind",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let staged = tmp.as_os_str().len() <= 107;
+    if staged {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let r = UnixListener::bind(if staged { &tmp } else { path });
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let l = r.map_err(|e| StartError(format!("cannot listen on '{shown}': {e}")))?;
+    if staged {
+        if let Err(e) = rename_noreplace(&tmp, path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StartError(if e.kind() == ErrorKind::AlreadyExists {
+                format!("QMP socket '{shown}' is in use by another server")
+            } else {
+                format!("cannot listen on '{shown}': {e}")
+            }));
+        }
+    }
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     Ok(l)
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: another server that bound `to` since
+/// the check above keeps it.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidInput, e))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The socket used when no `--qmp`/`--monitor` is given:
