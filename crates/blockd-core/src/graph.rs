@@ -322,19 +322,7 @@ impl BlockGraph {
         }
         let _drained = self.drained_begin(&[old.clone(), new.clone()]).await;
         let _g = self.lock();
-        let below_new: HashSet<u64> = topo_order(std::slice::from_ref(new))
-            .iter()
-            .map(|n| n.id())
-            .collect();
-        let moved: Vec<Arc<Child>> = old
-            .parents()
-            .into_iter()
-            .filter(|e| match e.parent() {
-                Some(Parent::Node(p)) => p.upgrade().is_some_and(|p| !below_new.contains(&p.id())),
-                Some(Parent::Root(_)) => true,
-                None => false,
-            })
-            .collect();
+        let moved = movable_parents(old, new);
         for e in &moved {
             move_edge(e, old, new);
         }
@@ -378,19 +366,7 @@ impl BlockGraph {
         node: &Arc<BlockNode>,
     ) -> Result<(), BlockError> {
         let _g = self.lock();
-        let below_new: HashSet<u64> = topo_order(std::slice::from_ref(overlay))
-            .iter()
-            .map(|n| n.id())
-            .collect();
-        let moved: Vec<Arc<Child>> = node
-            .parents()
-            .into_iter()
-            .filter(|e| match e.parent() {
-                Some(Parent::Node(p)) => p.upgrade().is_some_and(|p| !below_new.contains(&p.id())),
-                Some(Parent::Root(_)) => true,
-                None => false,
-            })
-            .collect();
+        let moved = movable_parents(node, overlay);
         let backing = Child::new("backing", ChildRole::COW, node.clone());
         backing.set_parent(Parent::Node(Arc::downgrade(overlay)));
         node.link_parent(&backing);
@@ -462,4 +438,22 @@ fn remove_unreferenced(g: &mut Inner, node: &Arc<BlockNode>, removed: &mut Vec<A
             remove_unreferenced(g, &child, removed);
         }
     }
+}
+
+/// The parent edges of `old` that can move onto `new` (QEMU's
+/// `should_update_child`): roots, and nodes that are not `new` or below
+/// it, which would make a cycle.
+fn movable_parents(old: &BlockNode, new: &Arc<BlockNode>) -> Vec<Arc<Child>> {
+    let below_new: HashSet<u64> = topo_order(std::slice::from_ref(new))
+        .iter()
+        .map(|n| n.id())
+        .collect();
+    old.parents()
+        .into_iter()
+        .filter(|e| match e.parent() {
+            Some(Parent::Node(p)) => p.upgrade().is_some_and(|p| !below_new.contains(&p.id())),
+            Some(Parent::Root(_)) => true,
+            None => false,
+        })
+        .collect()
 }
