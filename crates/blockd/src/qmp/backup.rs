@@ -17,6 +17,8 @@ use serde::Deserialize;
 use super::blockjob::{
     busy, device_name, gen, job_options, lookup_bs, start_err, MirrorSyncMode, R,
 };
+use super::drive_job::{drive_backup_prepare, DriveBackup};
+use super::image::CreatedImage;
 use super::transaction::{run_one, TxnAction, TxnFuture};
 use crate::state::State;
 
@@ -218,20 +220,31 @@ pub(super) async fn backup_common(
         .map_err(start_err)
 }
 
-/// The `blockdev-backup` transaction action (QEMU's
-/// `BlockdevBackupState` with `blockdev_backup_drv`): the job is created
-/// in prepare, started in commit, cancelled in abort.
+/// What a backup action was asked for.
+pub(super) enum BackupArgs {
+    /// `blockdev-backup`.
+    Blockdev(BlockdevBackup),
+    /// `drive-backup`: the target is made or opened from a file name.
+    Drive(DriveBackup),
+}
+
+/// The `blockdev-backup` and `drive-backup` transaction actions (QEMU's
+/// `blockdev_backup_drv` and `drive_backup_drv`): the job is created in
+/// prepare, started in commit, cancelled in abort, which also deletes the
+/// image a `drive-backup` created.
 pub(super) struct BackupAction {
-    args: Option<BlockdevBackup>,
+    args: Option<BackupArgs>,
+    created: Option<CreatedImage>,
     job: Option<JobHandle>,
     drained: Option<DrainedSection>,
 }
 
 impl BackupAction {
     /// A new action.
-    pub(super) fn new(a: BlockdevBackup) -> Self {
+    pub(super) fn new(a: BackupArgs) -> Self {
         BackupAction {
             args: Some(a),
+            created: None,
             job: None,
             drained: None,
         }
@@ -241,8 +254,13 @@ impl BackupAction {
 impl TxnAction for BackupAction {
     fn prepare<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, R<()>> {
         Box::pin(async move {
-            let a = self.args.take().expect("prepared once");
-            self.job = Some(prepare(st, g, a, &mut self.drained).await?);
+            let job = match self.args.take().expect("prepared once") {
+                BackupArgs::Blockdev(a) => prepare(st, g, a, &mut self.drained).await?,
+                BackupArgs::Drive(a) => {
+                    drive_backup_prepare(st, g, a, &mut self.created, &mut self.drained).await?
+                }
+            };
+            self.job = Some(job);
             Ok(())
         })
     }
@@ -258,11 +276,14 @@ impl TxnAction for BackupAction {
     fn abort<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, ()> {
         Box::pin(async move {
             // QEMU's job_cancel_sync: the unstarted job aborts (its clean
-            // takes the filter out) and goes.
+            // takes the filter out and lets an opened target go) and goes.
             if let Some(h) = self.job.take() {
                 if let Err(e) = st.jobs.cancel(g, h.id(), true).await {
                     tracing::error!(job = h.id(), error = ?e, "cancelling a backup job of a failed transaction");
                 }
+            }
+            if let Some(c) = self.created.take() {
+                c.discard();
             }
         })
     }
@@ -280,7 +301,11 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "blockdev-backup",
         |cx: Ctx<State>, a: BlockdevBackup| async move {
-            run_one(&cx.state, Box::new(BackupAction::new(a))).await?;
+            run_one(
+                &cx.state,
+                Box::new(BackupAction::new(BackupArgs::Blockdev(a))),
+            )
+            .await?;
             R::Ok(Empty {})
         },
     );

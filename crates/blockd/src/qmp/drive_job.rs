@@ -32,14 +32,16 @@ use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::backup::{backup_common, BackupPerf, BitmapSyncMode, BlockdevBackup};
+use super::backup::{
+    backup_common, BackupAction, BackupArgs, BackupPerf, BitmapSyncMode, BlockdevBackup,
+};
 use super::block::{close_nodes, qerr};
 use super::blockjob::{
     busy, gen, lookup_bs, mirror_common, root_bs, BlockdevMirror, CreatedTarget, MirrorCopyMode,
     MirrorSyncMode, R,
 };
 use super::image::{create_image, CreatedImage, NewImage};
-use super::transaction::{run_one, TxnAction, TxnFuture};
+use super::transaction::run_one;
 use crate::state::State;
 
 /// QEMU's `NewImageMode`.
@@ -159,69 +161,6 @@ async fn drive_mirror(st: &State, a: DriveMirror) -> R<()> {
     r
 }
 
-/// The `drive-backup` transaction action (QEMU's `DriveBackupState` with
-/// `drive_backup_drv`; the command is a one-action transaction): prepare
-/// creates or opens the target and creates the job, commit starts it,
-/// abort cancels it and deletes the image it created.
-pub(super) struct DriveBackupAction {
-    args: Option<DriveBackup>,
-    created: Option<CreatedImage>,
-    job: Option<JobHandle>,
-    drained: Option<DrainedSection>,
-}
-
-impl DriveBackupAction {
-    /// A new action.
-    pub(super) fn new(a: DriveBackup) -> Self {
-        DriveBackupAction {
-            args: Some(a),
-            created: None,
-            job: None,
-            drained: None,
-        }
-    }
-}
-
-impl TxnAction for DriveBackupAction {
-    fn prepare<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, R<()>> {
-        Box::pin(async move {
-            let a = self.args.take().expect("prepared once");
-            let job = drive_backup_prepare(st, g, a, &mut self.created, &mut self.drained).await?;
-            self.job = Some(job);
-            Ok(())
-        })
-    }
-
-    fn commit<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
-        Box::pin(async move {
-            if let Some(h) = &self.job {
-                h.start();
-            }
-        })
-    }
-
-    fn abort<'a>(&'a mut self, st: &'a State, g: &'a ControlGuard) -> TxnFuture<'a, ()> {
-        Box::pin(async move {
-            // The unstarted job aborts; its clean lets the target go.
-            if let Some(h) = self.job.take() {
-                if let Err(e) = st.jobs.cancel(g, h.id(), true).await {
-                    tracing::error!(job = h.id(), error = ?e, "cancelling a drive-backup job of a failed transaction");
-                }
-            }
-            if let Some(c) = self.created.take() {
-                c.discard();
-            }
-        })
-    }
-
-    fn clean<'a>(&'a mut self, _st: &'a State, _g: &'a ControlGuard) -> TxnFuture<'a, ()> {
-        Box::pin(async move {
-            self.drained = None;
-            self.job = None;
-        })
-    }
-}
-
 async fn drive_mirror_inner(
     st: &State,
     a: DriveMirror,
@@ -302,7 +241,7 @@ async fn drive_mirror_inner(
 /// QEMU's `drive_backup_action`: the target made or opened, the job
 /// created (not started); the source drained until the transaction's
 /// clean.
-async fn drive_backup_prepare(
+pub(super) async fn drive_backup_prepare(
     st: &State,
     g: &ControlGuard,
     a: DriveBackup,
@@ -381,7 +320,8 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "drive-backup",
         |cx: Ctx<State>, a: DriveBackup| async move {
-            run_one(&cx.state, Box::new(DriveBackupAction::new(a))).await?;
+            let action = BackupAction::new(BackupArgs::Drive(a));
+            run_one(&cx.state, Box::new(action)).await?;
             R::Ok(Empty {})
         },
     );

@@ -27,10 +27,11 @@ use blockd_core::ControlGuard;
 use blockd_qmp::{Ctx, Dispatcher, Empty};
 use serde::Deserialize;
 
+use super::backup::BackupArgs;
 use super::backup::{BackupAction, BlockdevBackup};
 use super::bitmap::{Add, BitmapAction, BitmapTxn, Merge, Named};
 use super::blockjob::{gen, R};
-use super::drive_job::{DriveBackup, DriveBackupAction};
+use super::drive_job::DriveBackup;
 use super::snapshot::{BlockdevSnapshot, BlockdevSnapshotSync, ExternalSnapshot};
 use super::snapshot_internal::{InternalSnapshotAction, SnapshotInternal};
 use crate::state::State;
@@ -134,13 +135,15 @@ impl TransactionAction {
             TransactionAction::BlockDirtyBitmapEnable(a) => bitmap(BitmapAction::Enable(a, true)),
             TransactionAction::BlockDirtyBitmapDisable(a) => bitmap(BitmapAction::Enable(a, false)),
             TransactionAction::BlockDirtyBitmapMerge(a) => bitmap(BitmapAction::Merge(a)),
-            TransactionAction::BlockdevBackup(a) => Box::new(BackupAction::new(*a)),
+            TransactionAction::BlockdevBackup(a) => {
+                Box::new(BackupAction::new(BackupArgs::Blockdev(*a)))
+            }
             TransactionAction::BlockdevSnapshot(a) => Box::new(ExternalSnapshot::node(a)),
             TransactionAction::BlockdevSnapshotInternalSync(a) => {
                 Box::new(InternalSnapshotAction::new(a))
             }
             TransactionAction::BlockdevSnapshotSync(a) => Box::new(ExternalSnapshot::sync(a)),
-            TransactionAction::DriveBackup(a) => Box::new(DriveBackupAction::new(*a)),
+            TransactionAction::DriveBackup(a) => Box::new(BackupAction::new(BackupArgs::Drive(*a))),
         }
     }
 }
