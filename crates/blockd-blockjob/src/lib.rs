@@ -68,6 +68,26 @@ pub(crate) async fn close(nodes: Vec<Arc<BlockNode>>) {
     }
 }
 
+/// QEMU's `bdrv_set_backing_hd`: `node`'s backing child becomes
+/// `backing` (none: cut) through a reopen, which tells the driver; what
+/// lost its last user is closed.
+pub(crate) async fn set_backing(
+    graph: &BlockGraph,
+    control: &ControlGuard,
+    node: &Arc<BlockNode>,
+    backing: Option<Arc<BlockNode>>,
+) -> Result<(), String> {
+    let spec = blockd_core::ReopenSpec {
+        node: node.clone(),
+        options: node.options(),
+        children: vec![("backing".to_string(), blockd_core::ChildRole::COW, backing)],
+        driver_opts: None,
+    };
+    let released = graph.reopen(control, vec![spec]).await.map_err(|e| e.msg)?;
+    close(released).await;
+    Ok(())
+}
+
 /// The name of a job's filter node: the one given (checked as a
 /// node-name, and free) or a generated one.
 pub(crate) fn filter_name(

@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{
-    chain, BlockError, BlockGraph, BlockNode, ChildRole, ControlGuard, Perm, PermPair, ReopenSpec,
-    ReqFlags, Root, RootKind,
+    chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm, PermPair, ReqFlags, Root,
+    RootKind,
 };
 use blockd_jobs::{
     FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobStatus, JobType,
@@ -643,19 +643,7 @@ impl MirrorJob {
         if target.backing().is_some() {
             return Ok(());
         }
-        let spec = ReopenSpec {
-            node: target.clone(),
-            options: target.options(),
-            children: vec![("backing".to_string(), ChildRole::COW, Some(b.clone()))],
-            driver_opts: None,
-        };
-        let released = self
-            .graph
-            .reopen(control, vec![spec])
-            .await
-            .map_err(|e| e.msg)?;
-        close(released).await;
-        Ok(())
+        crate::set_backing(&self.graph, control, &target, Some(b.clone())).await
     }
 
     /// Takes `mirror_top` out (its users go back to what is below it).

@@ -12,9 +12,7 @@
 use std::sync::Arc;
 
 use blockd_core::qapi::BlockdevOnError;
-use blockd_core::{
-    chain, BlockError, BlockGraph, BlockNode, ChildRole, ControlGuard, Perm, ReopenSpec, Root,
-};
+use blockd_core::{chain, BlockError, BlockGraph, BlockNode, ControlGuard, Perm, Root};
 use blockd_jobs::{FinalizeFuture, JobCtx, JobDriver, JobFuture, JobManager, JobOptions, JobType};
 
 use crate::common::{io_error, JobNodes, OnIoError, Pace};
@@ -210,18 +208,7 @@ impl StreamJob {
             return Ok(());
         }
         self.nodes.remove_all(&self.graph);
-        let spec = ReopenSpec {
-            node: self.bs.clone(),
-            options: self.bs.options(),
-            children: vec![("backing".to_string(), ChildRole::COW, self.base.clone())],
-            driver_opts: None,
-        };
-        let released = self
-            .graph
-            .reopen(control, vec![spec])
-            .await
-            .map_err(|e| e.msg)?;
-        close(released).await;
+        crate::set_backing(&self.graph, control, &self.bs, self.base.clone()).await?;
         let (name, fmt) = match &self.base {
             Some(b) => (
                 Some(self.backing_file.clone().unwrap_or_else(|| b.filename())),
