@@ -423,15 +423,7 @@ impl BlockDriver for NbdDriver {
 
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let prev = self.inner.state.send_replace(State::Closed);
-            if let Some(s) = self
-                .supervisor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
-                s.abort();
-            }
+            let prev = self.shut_down();
             if let State::Connected(c) = prev {
                 if c.info().flags & FLAG_SEND_FLUSH != 0 && !c.is_dead() {
                     let _ = c.request(CMD_FLUSH, 0, 0, 0, None, 0).await;
@@ -445,7 +437,15 @@ impl BlockDriver for NbdDriver {
 
 impl Drop for NbdDriver {
     fn drop(&mut self) {
-        self.inner.state.send_replace(State::Closed);
+        self.shut_down();
+    }
+}
+
+impl NbdDriver {
+    /// Marks the driver closed and stops the reconnect supervisor;
+    /// returns the state it was in.
+    fn shut_down(&self) -> State {
+        let prev = self.inner.state.send_replace(State::Closed);
         if let Some(s) = self
             .supervisor
             .lock()
@@ -454,5 +454,6 @@ impl Drop for NbdDriver {
         {
             s.abort();
         }
+        prev
     }
 }
