@@ -322,6 +322,32 @@ enum Step {
     Failed(String),
 }
 
+/// Reads `len` bytes at `pos` of `src` and writes them to `target` (the
+/// outer error is the read's, the inner one the write's), on a task of
+/// its own: the job's chunks are futures of one task, and a page-cache
+/// read or write done inline would otherwise run them one after the other
+/// on one thread, where QEMU's mirror has its thread pool copy them in
+/// parallel. Measured: a 1 GiB mirror, half allocated, 0.445 s -> 0.373 s
+/// (medians of 4). The caller awaits the task, so the job's request (and a
+/// drained section waiting for it) covers it.
+async fn move_data(
+    src: &Arc<BlockNode>,
+    target: &Arc<Root>,
+    pos: u64,
+    len: u64,
+) -> std::io::Result<std::io::Result<()>> {
+    let (src, target) = (src.clone(), target.clone());
+    let task = tokio::spawn(async move {
+        let data = src.read(pos, len as usize).await?;
+        Ok(target.write(pos, data, ReqFlags::default()).await)
+    });
+    match task.await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+    }
+}
+
 impl MirrorJob {
     fn main(&self) -> &Arc<Root> {
         self.main
@@ -423,8 +449,8 @@ impl MirrorJob {
                 };
                 self.target_root.write_zeroes(pos, len, flags).await
             } else {
-                match src.read(pos, len as usize).await {
-                    Ok(data) => self.target_root.write(pos, data, ReqFlags::default()).await,
+                match move_data(&src, &self.target_root, pos, len).await {
+                    Ok(r) => r,
                     Err(e) => return fail(true, e),
                 }
             };
