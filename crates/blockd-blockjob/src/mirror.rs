@@ -463,66 +463,88 @@ impl MirrorJob {
     }
 
     /// Copies every dirty chunk once around (QEMU's `mirror_iteration`):
-    /// up to [`MAX_IN_FLIGHT`] chunks of at most [`MAX_IO_BYTES`] at a
-    /// time, no more than `buf_size` bytes in flight. Returns the job's
+    /// up to [`MAX_IN_FLIGHT`] chunks of at most [`MAX_IO_BYTES`] in
+    /// flight, no more than `buf_size` bytes. As in QEMU, a new chunk
+    /// starts as soon as one finishes, so the copy never waits for the
+    /// slowest of a batch. The pipeline empties before a pause point (a
+    /// pause or cancel request, an error, a `speed`): the job then parks,
+    /// or sleeps for its rate, with nothing in flight, and a rate-limited
+    /// job copies a tenth of a second's worth at a time, so progress moves
+    /// smoothly and the rate holds over short spans. Returns the job's
     /// error, if any.
     async fn copy_dirty(&self, ctx: &JobCtx) -> Result<(), String> {
+        let granularity = self.shared.bitmap.granularity();
         let mut cursor = 0;
         let mut wb = Writeback::default();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut in_flight = 0u64;
+        // The budget of the current round (rate-limited: of this batch).
+        let mut budget = 0u64;
+        let mut failed = None;
+        // Whether chunks may start: rate-limited, only once per pace wait.
+        let mut open = false;
         loop {
-            // QEMU's mirror_run: the total is what is done plus what is
-            // dirty, written meanwhile included (so `len` >= `offset`);
-            // none of the job's copies is in flight here.
-            self.shared
-                .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
-            self.pace.wait(ctx).await;
-            if ctx.is_cancelled() {
-                wb.finish().await;
-                return Ok(());
+            if running.is_empty() {
+                if let Some(m) = failed {
+                    wb.finish().await;
+                    return Err(m);
+                }
+                // QEMU's mirror_run: the total is what is done plus what is
+                // dirty, written meanwhile included (so `len` >= `offset`);
+                // none of the job's copies is in flight here.
+                self.shared
+                    .set_remaining(ctx, self.shared.bitmap.dirty_bytes());
+                self.pace.wait(ctx).await;
+                if ctx.is_cancelled() {
+                    wb.finish().await;
+                    return Ok(());
+                }
+                let speed = ctx.speed().max(0) as u64;
+                budget = if speed > 0 {
+                    self.buf_size.min((speed / 10).max(granularity))
+                } else {
+                    self.buf_size
+                };
+                open = true;
             }
-            let mut batch = Vec::with_capacity(MAX_IN_FLIGHT);
-            let mut budget = self.buf_size;
-            // Rate-limited: about a tenth of a second's worth at a time, so
-            // progress moves smoothly and the rate holds over short spans.
-            let speed = ctx.speed().max(0) as u64;
-            if speed > 0 {
-                budget = budget.min((speed / 10).max(self.shared.bitmap.granularity()));
-            }
-            let mut c = cursor;
-            while batch.len() < MAX_IN_FLIGHT && budget > 0 {
-                let max = MAX_IO_BYTES
-                    .min(budget)
-                    .max(self.shared.bitmap.granularity());
-                let Some((off, n)) = self.shared.bitmap.next_dirty_run(c, max) else {
+            let stop = failed.is_some() || ctx.pause_requested() || ctx.is_cancelled();
+            while open && !stop && running.len() < MAX_IN_FLIGHT && in_flight < budget {
+                let max = MAX_IO_BYTES.min(budget - in_flight).max(granularity);
+                let Some((off, n)) = self.shared.bitmap.next_dirty_run(cursor, max) else {
                     break;
                 };
-                batch.push((off, n));
-                budget = budget.saturating_sub(n);
-                c = off + n;
+                cursor = off + n;
+                in_flight += n;
+                // Counted before it is copied: the bucket drains while the
+                // copy runs, so the rate is the configured one.
+                self.pace.account(n);
+                running.push(async move { (off, n, self.copy(ctx, off, n).await) });
             }
-            if batch.is_empty() {
+            if ctx.speed() > 0 {
+                open = false;
+            }
+            if running.is_empty() {
+                if stop {
+                    // To the pause point (or the error) with nothing in
+                    // flight.
+                    continue;
+                }
                 // New dirt may have appeared behind the cursor; the caller
                 // loops.
                 wb.finish().await;
                 return Ok(());
             }
-            // Counted before it is copied: the bucket drains while the copy
-            // runs, so the rate is the configured one.
-            let bytes: u64 = batch.iter().map(|&(_, n)| n).sum();
-            self.pace.account(bytes);
-            let copies =
-                futures::future::join_all(batch.iter().map(|&(off, n)| self.copy(ctx, off, n)));
-            let results = wb.alongside(copies).await;
-            wb.copied(bytes, &self.target_root, Some(self.main()));
-            cursor = c;
-            for (&(off, _), r) in batch.iter().zip(results) {
-                match r {
-                    Step::Copied(n) => ctx.add_progress(n),
-                    Step::Retry => cursor = cursor.min(off),
-                    Step::Failed(m) => {
-                        wb.finish().await;
-                        return Err(m);
-                    }
+            let next = futures::StreamExt::next(&mut running);
+            let Some((off, n, step)) = wb.alongside(next).await else {
+                continue;
+            };
+            in_flight -= n;
+            wb.copied(n, &self.target_root, Some(self.main()));
+            match step {
+                Step::Copied(n) => ctx.add_progress(n),
+                Step::Retry => cursor = cursor.min(off),
+                Step::Failed(m) => {
+                    failed.get_or_insert(m);
                 }
             }
         }

@@ -154,6 +154,16 @@ impl JobCtx {
         self.shared.token.clone()
     }
 
+    /// Whether a pause is requested (QEMU's `job_should_pause`): the next
+    /// pause point parks. A body that keeps requests in flight across
+    /// pause points stops starting new ones when this is true, so that it
+    /// parks with none in flight.
+    pub fn pause_requested(&self) -> bool {
+        self.inner
+            .with_job(self.key, |rec, _| rec.pause_count > 0)
+            .unwrap_or(false)
+    }
+
     /// Whether `job-complete` was accepted for this job.
     pub fn completion_requested(&self) -> bool {
         self.inner
