@@ -208,7 +208,9 @@ async fn send_rep<W: AsyncWrite + Unpin>(
     for p in parts {
         buf.extend_from_slice(p);
     }
-    w.write_all(&buf).await
+    w.write_all(&buf).await?;
+    // A TLS stream keeps what it could not send until flushed.
+    w.flush().await
 }
 
 /// Per-connection negotiation state.
@@ -219,6 +221,107 @@ struct Haggle<'a, R, W> {
     mode: Mode,
     no_zeroes: bool,
     meta: MetaState,
+}
+
+/// What the client said in its flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hello {
+    /// `NBD_FLAG_C_FIXED_NEWSTYLE`.
+    fixed: bool,
+    /// `NBD_FLAG_C_NO_ZEROES`.
+    no_zeroes: bool,
+}
+
+/// Sends the greeting and reads the client's flags. `Ok(None)`: a port
+/// probe that went away (QEMU says nothing about those).
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Option<Hello>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = [0u8; 18];
+    greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    if w.write_all(&greeting).await.is_err() || w.flush().await.is_err() {
+        return Ok(None);
+    }
+    let mut b = [0u8; 4];
+    if r.read_exact(&mut b).await.is_err() {
+        return Ok(None);
+    }
+    let mut flags = u32::from_be_bytes(b);
+    let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+    flags &= !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    if flags != 0 {
+        return Err(fatal(format!("Unknown client flags 0x{flags:x} received")));
+    }
+    Ok(Some(Hello { fixed, no_zeroes }))
+}
+
+/// Reads one option header: (code, length).
+async fn opt_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u32, u32)> {
+    let mut hdr = [0u8; 16];
+    r.read_exact(&mut hdr).await?;
+    let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default());
+    if magic != IHAVEOPT {
+        return Err(fatal("Bad magic received"));
+    }
+    let code = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
+    let length = u32::from_be_bytes(hdr[12..16].try_into().unwrap_or_default());
+    if length > MAX_BUFFER_SIZE {
+        return Err(fatal(format!(
+            "len ({length}) is larger than max len ({MAX_BUFFER_SIZE})"
+        )));
+    }
+    Ok((code, length))
+}
+
+/// The options before TLS on a server that requires it (QEMU's
+/// `nbd_negotiate_options` while `client->ioc` is the plain socket):
+/// every option but `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_TLS_REQD`
+/// (so no export name or size leaks), `NBD_OPT_EXPORT_NAME`, which cannot
+/// be answered, ends the connection. `Ok(true)`: STARTTLS was
+/// acknowledged, the TLS handshake comes next; `Ok(false)`: the client
+/// sent `NBD_OPT_ABORT`.
+pub(crate) async fn before_tls<R, W>(r: &mut R, w: &mut W, hello: Hello) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let (code, length) = opt_header(r).await?;
+        if !hello.fixed {
+            return Err(fatal(format!("Unsupported option 0x{code:x}")));
+        }
+        match code {
+            OPT_STARTTLS if length > 0 => {
+                // A client that cannot start TLS right is dropped.
+                drain(r, length.into()).await?;
+                let msg = format!("option '{}' has unexpected length", opt_name(code));
+                send_rep(w, code, REP_ERR_INVALID, &[msg.as_bytes()]).await?;
+                return Err(fatal(msg));
+            }
+            OPT_STARTTLS => {
+                send_rep(w, code, REP_ACK, &[]).await?;
+                return Ok(true);
+            }
+            OPT_EXPORT_NAME => {
+                return Err(fatal(format!("Option 0x{code:x} not permitted before TLS")))
+            }
+            _ => {
+                drain(r, length.into()).await?;
+                let msg = format!("Option 0x{code:x} not permitted before TLS");
+                let sent = send_rep(w, code, REP_ERR_TLS_REQD, &[msg.as_bytes()]).await;
+                if code == OPT_ABORT {
+                    // The client may hang up before reading the answer.
+                    return Ok(false);
+                }
+                sent?;
+            }
+        }
+    }
 }
 
 /// Runs the handshake. `Ok(None)`: the client left cleanly (`NBD_OPT_ABORT`,
@@ -233,25 +336,24 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greeting = [0u8; 18];
-    greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    // Like QEMU, say nothing about port probes that go away.
-    if w.write_all(&greeting).await.is_err() {
+    let Some(hello) = greet(r, w).await? else {
         return Ok(None);
-    }
-    let mut b = [0u8; 4];
-    if r.read_exact(&mut b).await.is_err() {
-        return Ok(None);
-    }
-    let mut flags = u32::from_be_bytes(b);
-    let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
-    flags &= !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-    if flags != 0 {
-        return Err(fatal(format!("Unknown client flags 0x{flags:x} received")));
-    }
+    };
+    haggle(shared, r, w, hello).await
+}
+
+/// The option haggling after the flags (after STARTTLS with TLS).
+pub(crate) async fn haggle<R, W>(
+    shared: &Shared,
+    r: &mut R,
+    w: &mut W,
+    hello: Hello,
+) -> io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Hello { fixed, no_zeroes } = hello;
     let mut h = Haggle {
         shared,
         r,
@@ -265,19 +367,7 @@ where
         meta: MetaState::default(),
     };
     loop {
-        let mut hdr = [0u8; 16];
-        h.r.read_exact(&mut hdr).await?;
-        let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default());
-        if magic != IHAVEOPT {
-            return Err(fatal("Bad magic received"));
-        }
-        let code = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
-        let length = u32::from_be_bytes(hdr[12..16].try_into().unwrap_or_default());
-        if length > MAX_BUFFER_SIZE {
-            return Err(fatal(format!(
-                "len ({length}) is larger than max len ({MAX_BUFFER_SIZE})"
-            )));
-        }
+        let (code, length) = opt_header(h.r).await?;
         if !fixed && code != OPT_EXPORT_NAME {
             return Err(fatal(format!(
                 "Unsupported option {code} ({})",
@@ -329,6 +419,11 @@ where
                 Self::info(self.shared, &mut opt, self.w, self.mode, &mut self.meta).await
             }
             OPT_STARTTLS if length > 0 => Err(opt.unexpected_length()),
+            // Only reached over TLS when the server has TLS.
+            OPT_STARTTLS if self.shared.has_tls() => Err(OptFail::Reply(
+                REP_ERR_INVALID,
+                "TLS already enabled".into(),
+            )),
             OPT_STARTTLS => Err(OptFail::Reply(REP_ERR_POLICY, "TLS not configured".into())),
             OPT_STRUCTURED_REPLY if length > 0 => Err(opt.unexpected_length()),
             OPT_STRUCTURED_REPLY => match self.mode {
@@ -445,6 +540,7 @@ where
         buf[8..10].copy_from_slice(&Self::tx_flags(exp, mode, sel.count() > 0).to_be_bytes());
         let n = if no_zeroes { 10 } else { buf.len() };
         w.write_all(&buf[..n]).await?;
+        w.flush().await?;
         Ok(Step::Go(Negotiated {
             guard,
             mode,
