@@ -292,7 +292,7 @@ impl X509Creds {
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?;
             let b = if o.verify_peer {
-                b.with_client_cert_verifier(Arc::new(OfferClientAuth::new(&roots, prov.clone())))
+                b.with_client_cert_verifier(Arc::new(OfferClientAuth::new(prov.clone())))
             } else {
                 b.with_no_client_auth()
             };
