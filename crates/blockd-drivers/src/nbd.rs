@@ -63,11 +63,14 @@ fn tls(o: &NbdOptions, env: &Env) -> Result<Option<ClientTls>, BlockError> {
     let Some(id) = &o.tls_creds else {
         return Ok(None);
     };
-    let creds = env
-        .tls
-        .as_ref()
-        .and_then(|r| r.creds(id))
-        .ok_or_else(|| BlockError::not_found(format!("No TLS credentials with id '{id}'")))?;
+    let creds = match &env.tls {
+        Some(r) => r.lookup_creds(id).map_err(BlockError::not_found)?,
+        None => {
+            return Err(BlockError::not_found(format!(
+                "No TLS credentials with id '{id}'"
+            )))
+        }
+    };
     if creds.endpoint != Endpoint::Client {
         return Err(BlockError::invalid(
             "Expected TLS credentials for a client endpoint",

@@ -452,13 +452,28 @@ where
             .await
             .map_err(|e| io::Error::other(format!("TLS handshake failed: {e}")))?;
         let certs = stream.get_ref().1.peer_certificates();
-        verify::check_client(&tls.creds, certs, tls.authz.as_ref()).map_err(io::Error::other)?;
+        if let Err(e) = verify::check_client(&tls.creds, certs, tls.authz.as_ref()) {
+            refuse(stream.into_inner().0).await;
+            return Err(io::Error::other(e));
+        }
         let (r, mut w) = tokio::io::split(TlsIo(stream));
         let mut r = BufReader::with_capacity(64 << 10, r);
         Ok(handshake::haggle(shared, &mut r, &mut w, hello)
             .await?
             .map(|n| (n, (r, w))))
     }
+}
+
+/// Drops a refused client without a word: its side of the socket is shut
+/// down and what it sends meanwhile (its first option, right after the
+/// handshake) is read and dropped until it hangs up, for a while at most,
+/// so that it learns of the refusal when it reads, as QEMU's clients do
+/// from QEMU's server, rather than by a failed write.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    use tokio::io::AsyncWriteExt;
+    let _ = s.shutdown().await;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut s, &mut sink)).await;
 }
 
 type TlsStream<S> = TlsIo<tokio_rustls::server::TlsStream<S>>;

@@ -433,6 +433,9 @@ impl Objects {
         if l.iter().any(|o| o.id == id) {
             return Err(duplicate(id));
         }
+        if matches!(kind, ObjectKind::ThrottleGroup(_) | ObjectKind::IoThread(_)) {
+            self.tls.note_other(id);
+        }
         l.push(Object {
             id: id.to_string(),
             kind,

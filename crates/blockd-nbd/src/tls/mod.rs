@@ -64,6 +64,8 @@ pub trait Authz: Send + Sync {
 pub struct TlsRegistry {
     creds: Mutex<HashMap<String, Arc<X509Creds>>>,
     authz: Mutex<HashMap<String, Arc<dyn Authz>>>,
+    /// The ids of every other object, for QEMU's "not TLS credentials".
+    others: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,6 +83,24 @@ impl TlsRegistry {
         lock(&self.creds).get(id).cloned()
     }
 
+    /// QEMU's `nbd_get_tls_creds` lookup: the credentials called `id`,
+    /// or QEMU's message for an id that names nothing or something else.
+    pub fn lookup_creds(&self, id: &str) -> Result<Arc<X509Creds>, String> {
+        if let Some(c) = self.creds(id) {
+            return Ok(c);
+        }
+        if lock(&self.authz).contains_key(id) || lock(&self.others).contains(id) {
+            Err(format!("Object with id '{id}' is not TLS credentials"))
+        } else {
+            Err(format!("No TLS credentials with id '{id}'"))
+        }
+    }
+
+    /// Notes an object of another kind (so that its id is known).
+    pub fn note_other(&self, id: &str) {
+        lock(&self.others).insert(id.to_string());
+    }
+
     /// Registers credentials (replacing any of the same id).
     pub fn add_creds(&self, id: &str, c: Arc<X509Creds>) {
         lock(&self.creds).insert(id.to_string(), c);
@@ -96,6 +116,7 @@ impl TlsRegistry {
     pub fn remove(&self, id: &str) {
         lock(&self.creds).remove(id);
         lock(&self.authz).remove(id);
+        lock(&self.others).remove(id);
     }
 
     /// QEMU's `qauthz_is_allowed_by_id`: the object is looked up at every

@@ -313,14 +313,7 @@ fn listen_addr(cx: &Ctx<State>, addr: LegacyAddr) -> R<Listen> {
 /// QEMU's `nbd_get_tls_creds` for the server: the object must exist, be
 /// TLS credentials, and be a server's.
 fn server_tls(state: &State, id: &str, authz: Option<&str>) -> R<ServerTls> {
-    let is_object = state.objects.lock().iter().any(|o| o.id == id);
-    let Some(creds) = state.objects.tls().creds(id) else {
-        return Err(gen(if is_object {
-            format!("Object with id '{id}' is not TLS credentials")
-        } else {
-            format!("No TLS credentials with id '{id}'")
-        }));
-    };
+    let creds = state.objects.tls().lookup_creds(id).map_err(gen)?;
     if creds.endpoint != Endpoint::Server {
         return Err(gen("Expected TLS credentials for a server endpoint"));
     }
