@@ -453,8 +453,9 @@ where
             .map_err(|e| io::Error::other(format!("TLS handshake failed: {e}")))?;
         let certs = stream.get_ref().1.peer_certificates();
         if let Err(e) = verify::check_client(&tls.creds, certs, tls.authz.as_ref()) {
+            tracing::warn!("NBD client: option negotiation failed: {e}");
             refuse(stream.into_inner().0).await;
-            return Err(io::Error::other(e));
+            return Ok(None);
         }
         let (r, mut w) = tokio::io::split(TlsIo(stream));
         let mut r = BufReader::with_capacity(64 << 10, r);
