@@ -80,7 +80,7 @@ enum Step {
     Abort,
 }
 
-fn fatal(msg: impl Into<String>) -> io::Error {
+pub(crate) fn fatal(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
@@ -193,7 +193,7 @@ pub(crate) async fn drain<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> io::Re
 }
 
 /// Writes one option reply.
-async fn send_rep<W: AsyncWrite + Unpin>(
+pub(crate) async fn send_rep<W: AsyncWrite + Unpin>(
     w: &mut W,
     opt: u32,
     ty: u32,
@@ -227,9 +227,9 @@ struct Haggle<'a, R, W> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Hello {
     /// `NBD_FLAG_C_FIXED_NEWSTYLE`.
-    fixed: bool,
+    pub fixed: bool,
     /// `NBD_FLAG_C_NO_ZEROES`.
-    no_zeroes: bool,
+    pub no_zeroes: bool,
 }
 
 /// Sends the greeting and reads the client's flags. `Ok(None)`: a port
@@ -261,7 +261,7 @@ where
 }
 
 /// Reads one option header: (code, length).
-async fn opt_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u32, u32)> {
+pub(crate) async fn opt_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u32, u32)> {
     let mut hdr = [0u8; 16];
     r.read_exact(&mut hdr).await?;
     let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default());
@@ -276,52 +276,6 @@ async fn opt_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u32, u32)> {
         )));
     }
     Ok((code, length))
-}
-
-/// The options before TLS on a server that requires it (QEMU's
-/// `nbd_negotiate_options` while `client->ioc` is the plain socket):
-/// every option but `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_TLS_REQD`
-/// (so no export name or size leaks), `NBD_OPT_EXPORT_NAME`, which cannot
-/// be answered, ends the connection. `Ok(true)`: STARTTLS was
-/// acknowledged, the TLS handshake comes next; `Ok(false)`: the client
-/// sent `NBD_OPT_ABORT`.
-pub(crate) async fn before_tls<R, W>(r: &mut R, w: &mut W, hello: Hello) -> io::Result<bool>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        let (code, length) = opt_header(r).await?;
-        if !hello.fixed {
-            return Err(fatal(format!("Unsupported option 0x{code:x}")));
-        }
-        match code {
-            OPT_STARTTLS if length > 0 => {
-                // A client that cannot start TLS right is dropped.
-                drain(r, length.into()).await?;
-                let msg = format!("option '{}' has unexpected length", opt_name(code));
-                send_rep(w, code, REP_ERR_INVALID, &[msg.as_bytes()]).await?;
-                return Err(fatal(msg));
-            }
-            OPT_STARTTLS => {
-                send_rep(w, code, REP_ACK, &[]).await?;
-                return Ok(true);
-            }
-            OPT_EXPORT_NAME => {
-                return Err(fatal(format!("Option 0x{code:x} not permitted before TLS")))
-            }
-            _ => {
-                drain(r, length.into()).await?;
-                let msg = format!("Option 0x{code:x} not permitted before TLS");
-                let sent = send_rep(w, code, REP_ERR_TLS_REQD, &[msg.as_bytes()]).await;
-                if code == OPT_ABORT {
-                    // The client may hang up before reading the answer.
-                    return Ok(false);
-                }
-                sent?;
-            }
-        }
-    }
 }
 
 /// Runs the handshake. `Ok(None)`: the client left cleanly (`NBD_OPT_ABORT`,

@@ -22,7 +22,8 @@
 //! Modules: [`proto`] (wire constants, errno mapping), [`client`] (the NBD
 //! client and the `nbd` block driver); the rest is private:
 //! `server` (listener, export table), `export` (one export and its
-//! clients), `handshake` (option haggling), `transmission` (request
+//! clients), `handshake` (option haggling), `starttls` (the options
+//! before TLS), `transmission` (request
 //! parsing and checks), `commands` (running requests), `reply` (reply
 //! encoding and the writer task).
 
@@ -38,6 +39,7 @@ mod handshake;
 pub mod proto;
 mod reply;
 mod server;
+mod starttls;
 pub mod tls;
 mod transmission;
 

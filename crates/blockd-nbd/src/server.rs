@@ -20,7 +20,9 @@ use tokio_util::task::TaskTracker;
 use crate::export::Export;
 use crate::handshake::Negotiated;
 use crate::tls::{verify, ServerTls, TlsIo};
-use crate::{handshake, transmission, ExportConfig, Listen, ServerOptions, HANDSHAKE_TIMEOUT};
+use crate::{
+    handshake, starttls, transmission, ExportConfig, Listen, ServerOptions, HANDSHAKE_TIMEOUT,
+};
 
 /// State shared by the server handle, the accept loop and the connections.
 pub(crate) struct Shared {
@@ -440,7 +442,7 @@ where
         let Some(hello) = handshake::greet(&mut r, &mut w).await? else {
             return Ok(None);
         };
-        if !handshake::before_tls(&mut r, &mut w, hello).await? {
+        if !starttls::before_tls(&mut r, &mut w, hello).await? {
             return Ok(None);
         }
         let Some(cfg) = tls.creds.server.clone() else {

@@ -255,3 +255,95 @@ pub fn check_server(
     let parsed = ParsedCertificate::try_from(end).map_err(|_| mismatch())?;
     rustls::client::verify_server_name(&parsed, &name).map_err(|_| mismatch())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+
+    fn ca(name: &str) -> (KeyPair, rcgen::Certificate) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let c = p.self_signed(&key).unwrap();
+        (key, c)
+    }
+
+    fn leaf(
+        ca: &(KeyPair, rcgen::Certificate),
+        names: &[&str],
+        expired: bool,
+    ) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2020, 2, 1);
+        }
+        p.signed_by(&key, &ca.1, &ca.0).unwrap().der().clone()
+    }
+
+    fn roots(ca: &(KeyPair, rcgen::Certificate)) -> Arc<RootCertStore> {
+        let mut r = RootCertStore::empty();
+        r.add(ca.1.der().clone()).unwrap();
+        Arc::new(r)
+    }
+
+    #[test]
+    fn chains_fail_with_gnutls_reasons() {
+        let (a, b) = (ca("A"), ca("B"));
+        let good = leaf(&a, &["localhost"], false);
+        assert_eq!(chain(roots(&a), &[], true, &good, &[]), Ok(()));
+        assert_eq!(chain(roots(&a), &[], false, &good, &[]), Ok(()));
+        assert_eq!(
+            chain(roots(&b), &[], true, &good, &[]),
+            Err("The certificate hasn't got a known issuer")
+        );
+        let old = leaf(&a, &["localhost"], true);
+        assert_eq!(
+            chain(roots(&a), &[], false, &old, &[]),
+            Err("The certificate is not trusted")
+        );
+    }
+
+    fn creds(ca: &(KeyPair, rcgen::Certificate), verify_peer: bool) -> X509Creds {
+        X509Creds {
+            endpoint: super::super::Endpoint::Client,
+            verify_peer,
+            roots: roots(ca),
+            crls: Vec::new(),
+            server: None,
+            client: None,
+        }
+    }
+
+    #[test]
+    fn servers_are_checked_by_name_after_the_chain() {
+        let a = ca("A");
+        let c = creds(&a, true);
+        let cert = [leaf(&a, &["localhost", "127.0.0.1"], false)];
+        assert_eq!(check_server(&c, Some(&cert), Some("localhost")), Ok(()));
+        assert_eq!(check_server(&c, Some(&cert), Some("127.0.0.1")), Ok(()));
+        assert_eq!(
+            check_server(&c, Some(&cert), Some("otherhost")).unwrap_err(),
+            "Certificate does not match the hostname otherhost"
+        );
+        assert_eq!(
+            check_server(&c, Some(&cert), None).unwrap_err(),
+            "No hostname for certificate validation"
+        );
+        // Without verify-peer nothing is checked.
+        assert_eq!(
+            check_server(&creds(&ca("B"), false), Some(&cert), None),
+            Ok(())
+        );
+        assert_eq!(
+            check_client(&c, None, None).unwrap_err(),
+            "Verify failed: No certificate was found."
+        );
+    }
+}
