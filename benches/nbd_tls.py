@@ -58,6 +58,28 @@ def free_port():
     return p
 
 
+def start_qemu_nbd(d, img, port, tls):
+    args = ["qemu-nbd", "-r", "-t", "-e", "8", "-f", "raw", "-x", "e",
+            "--bind", "127.0.0.1", "-p", str(port)]
+    if tls:
+        args += ["--object", f"tls-creds-x509,id=t0,dir={d},endpoint=server",
+                 "--tls-creds", "t0"]
+    return wait_listening(subprocess.Popen(args + [img], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL), port)
+
+
+def wait_listening(p, port):
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return p
+        except OSError:
+            if time.time() > deadline or p.poll() is not None:
+                raise SystemExit("server did not start")
+            time.sleep(0.05)
+
+
 def start_blockd(blockd, d, img, port, tls):
     args = [blockd, "--qmp", os.path.join(d, f"qmp{port}.sock"),
             "--blockdev", f"file,node-name=f,filename={img},read-only=on",
@@ -68,15 +90,7 @@ def start_blockd(blockd, d, img, port, tls):
         srv += ",tls-creds=t0"
     args += ["--nbd-server", srv]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port)).close()
-            return p
-        except OSError:
-            if time.time() > deadline or p.poll() is not None:
-                raise SystemExit("blockd did not start")
-            time.sleep(0.05)
+    return wait_listening(p, port)
 
 
 def bench(d, port, tls, count, depth, client):
@@ -114,6 +128,8 @@ def main():
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--server", choices=["blockd", "qemu-nbd"], default="blockd",
+                    help="qemu-nbd: the same measurement of QEMU's server, for reference")
     a = ap.parse_args()
     global IMAGE_MIB
     IMAGE_MIB = a.size_mib
@@ -124,8 +140,12 @@ def main():
         img = os.path.join(d, "disk.raw")
         sh(f"head -c {a.size_mib}M /dev/urandom > {img}")
         plain_port, tls_port = free_port(), free_port()
-        procs.append(start_blockd(a.blockd, d, img, plain_port, False))
-        procs.append(start_blockd(a.blockd, d, img, tls_port, True))
+        if a.server == "blockd":
+            procs.append(start_blockd(a.blockd, d, img, plain_port, False))
+            procs.append(start_blockd(a.blockd, d, img, tls_port, True))
+        else:
+            procs.append(start_qemu_nbd(d, img, plain_port, False))
+            procs.append(start_qemu_nbd(d, img, tls_port, True))
         clients = ["nbdcopy", "qemu-io"]
         for c in clients:  # warm-up (page cache)
             bench(d, plain_port, False, 64, a.depth, c)

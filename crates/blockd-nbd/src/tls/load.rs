@@ -51,8 +51,23 @@ impl std::fmt::Debug for X509Creds {
     }
 }
 
+/// The ring provider, with AES-128-GCM preferred to AES-256-GCM: the
+/// data path's cost is the record cipher, and the shorter key schedule
+/// is faster on every CPU while being as safe for this use (TLS 1.3's
+/// mandatory suite).
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    let aes128 = |s: &rustls::SupportedCipherSuite| {
+        matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    };
+    // A stable sort: AES-128-GCM first, the rest in ring's order.
+    p.cipher_suites.sort_by_key(|s| !aes128(s));
+    Arc::new(p)
 }
 
 /// `strerror` without Rust's " (os error N)".
@@ -296,7 +311,9 @@ impl X509Creds {
             } else {
                 b.with_no_client_auth()
             };
-            let cfg = b.with_single_cert(chain, pk).map_err(|_| mismatch)?;
+            let mut cfg = b.with_single_cert(chain, pk).map_err(|_| mismatch)?;
+            // Our order (AES-128-GCM first), not GnuTLS's (AES-256 first).
+            cfg.ignore_client_order = true;
             creds.server = Some(Arc::new(cfg));
         } else {
             let b = ClientConfig::builder_with_provider(prov.clone())
