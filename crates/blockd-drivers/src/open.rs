@@ -56,6 +56,8 @@ pub struct Env {
     pub no_inline_writes: bool,
     /// Throttle groups (the `throttle` filter's `throttle-group`).
     pub throttle_groups: Option<Arc<ThrottleGroups>>,
+    /// TLS credentials (the `nbd` driver's `tls-creds`).
+    pub tls: Option<Arc<blockd_nbd::tls::TlsRegistry>>,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -553,7 +555,7 @@ pub(crate) fn open_node<'a>(
             }
             DriverOptions::Null(n) => Box::new(crate::null::open(n)?),
             DriverOptions::Nbd(n) => {
-                let (d, ro) = crate::nbd::open(n, &ctx.node).await?;
+                let (d, ro) = crate::nbd::open(n, &ctx.node, ctx.env()).await?;
                 nopts.read_only = ro;
                 Box::new(d)
             }

@@ -80,7 +80,7 @@ enum Step {
     Abort,
 }
 
-fn fatal(msg: impl Into<String>) -> io::Error {
+pub(crate) fn fatal(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
@@ -193,7 +193,7 @@ pub(crate) async fn drain<R: AsyncRead + Unpin>(r: &mut R, mut n: u64) -> io::Re
 }
 
 /// Writes one option reply.
-async fn send_rep<W: AsyncWrite + Unpin>(
+pub(crate) async fn send_rep<W: AsyncWrite + Unpin>(
     w: &mut W,
     opt: u32,
     ty: u32,
@@ -208,7 +208,9 @@ async fn send_rep<W: AsyncWrite + Unpin>(
     for p in parts {
         buf.extend_from_slice(p);
     }
-    w.write_all(&buf).await
+    w.write_all(&buf).await?;
+    // A TLS stream keeps what it could not send until flushed.
+    w.flush().await
 }
 
 /// Per-connection negotiation state.
@@ -219,6 +221,61 @@ struct Haggle<'a, R, W> {
     mode: Mode,
     no_zeroes: bool,
     meta: MetaState,
+}
+
+/// What the client said in its flags.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hello {
+    /// `NBD_FLAG_C_FIXED_NEWSTYLE`.
+    pub fixed: bool,
+    /// `NBD_FLAG_C_NO_ZEROES`.
+    pub no_zeroes: bool,
+}
+
+/// Sends the greeting and reads the client's flags. `Ok(None)`: a port
+/// probe that went away (QEMU says nothing about those).
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> io::Result<Option<Hello>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = [0u8; 18];
+    greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    if w.write_all(&greeting).await.is_err() || w.flush().await.is_err() {
+        return Ok(None);
+    }
+    let mut b = [0u8; 4];
+    if r.read_exact(&mut b).await.is_err() {
+        return Ok(None);
+    }
+    let mut flags = u32::from_be_bytes(b);
+    let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+    flags &= !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    if flags != 0 {
+        return Err(fatal(format!("Unknown client flags 0x{flags:x} received")));
+    }
+    Ok(Some(Hello { fixed, no_zeroes }))
+}
+
+/// Reads one option header: (code, length).
+pub(crate) async fn opt_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u32, u32)> {
+    let mut hdr = [0u8; 16];
+    r.read_exact(&mut hdr).await?;
+    let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default());
+    if magic != IHAVEOPT {
+        return Err(fatal("Bad magic received"));
+    }
+    let code = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
+    let length = u32::from_be_bytes(hdr[12..16].try_into().unwrap_or_default());
+    if length > MAX_BUFFER_SIZE {
+        return Err(fatal(format!(
+            "len ({length}) is larger than max len ({MAX_BUFFER_SIZE})"
+        )));
+    }
+    Ok((code, length))
 }
 
 /// Runs the handshake. `Ok(None)`: the client left cleanly (`NBD_OPT_ABORT`,
@@ -233,25 +290,24 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greeting = [0u8; 18];
-    greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    // Like QEMU, say nothing about port probes that go away.
-    if w.write_all(&greeting).await.is_err() {
+    let Some(hello) = greet(r, w).await? else {
         return Ok(None);
-    }
-    let mut b = [0u8; 4];
-    if r.read_exact(&mut b).await.is_err() {
-        return Ok(None);
-    }
-    let mut flags = u32::from_be_bytes(b);
-    let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
-    flags &= !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-    if flags != 0 {
-        return Err(fatal(format!("Unknown client flags 0x{flags:x} received")));
-    }
+    };
+    haggle(shared, r, w, hello).await
+}
+
+/// The option haggling after the flags (after STARTTLS with TLS).
+pub(crate) async fn haggle<R, W>(
+    shared: &Shared,
+    r: &mut R,
+    w: &mut W,
+    hello: Hello,
+) -> io::Result<Option<Negotiated>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Hello { fixed, no_zeroes } = hello;
     let mut h = Haggle {
         shared,
         r,
@@ -265,19 +321,7 @@ where
         meta: MetaState::default(),
     };
     loop {
-        let mut hdr = [0u8; 16];
-        h.r.read_exact(&mut hdr).await?;
-        let magic = u64::from_be_bytes(hdr[0..8].try_into().unwrap_or_default());
-        if magic != IHAVEOPT {
-            return Err(fatal("Bad magic received"));
-        }
-        let code = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
-        let length = u32::from_be_bytes(hdr[12..16].try_into().unwrap_or_default());
-        if length > MAX_BUFFER_SIZE {
-            return Err(fatal(format!(
-                "len ({length}) is larger than max len ({MAX_BUFFER_SIZE})"
-            )));
-        }
+        let (code, length) = opt_header(h.r).await?;
         if !fixed && code != OPT_EXPORT_NAME {
             return Err(fatal(format!(
                 "Unsupported option {code} ({})",
@@ -329,6 +373,11 @@ where
                 Self::info(self.shared, &mut opt, self.w, self.mode, &mut self.meta).await
             }
             OPT_STARTTLS if length > 0 => Err(opt.unexpected_length()),
+            // Only reached over TLS when the server has TLS.
+            OPT_STARTTLS if self.shared.has_tls() => Err(OptFail::Reply(
+                REP_ERR_INVALID,
+                "TLS already enabled".into(),
+            )),
             OPT_STARTTLS => Err(OptFail::Reply(REP_ERR_POLICY, "TLS not configured".into())),
             OPT_STRUCTURED_REPLY if length > 0 => Err(opt.unexpected_length()),
             OPT_STRUCTURED_REPLY => match self.mode {
@@ -445,6 +494,7 @@ where
         buf[8..10].copy_from_slice(&Self::tx_flags(exp, mode, sel.count() > 0).to_be_bytes());
         let n = if no_zeroes { 10 } else { buf.len() };
         w.write_all(&buf[..n]).await?;
+        w.flush().await?;
         Ok(Step::Go(Negotiated {
             guard,
             mode,

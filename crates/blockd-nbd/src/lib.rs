@@ -4,7 +4,8 @@
 //!
 //! * Fixed newstyle negotiation only (`NBD_FLAG_FIXED_NEWSTYLE |
 //!   NBD_FLAG_NO_ZEROES`); options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`,
-//!   `GO`, `STARTTLS` (refused: no TLS), `STRUCTURED_REPLY`,
+//!   `GO`, `STARTTLS` (with [`ServerOptions::tls`]: required before any
+//!   other option, see [`tls`]), `STRUCTURED_REPLY`,
 //!   `EXTENDED_HEADERS`, `LIST_META_CONTEXT` and `SET_META_CONTEXT`
 //!   (`base:allocation`, `qemu:allocation-depth`).
 //! * Commands `READ` (simple, or structured with holes as `OFFSET_HOLE`),
@@ -21,7 +22,8 @@
 //! Modules: [`proto`] (wire constants, errno mapping), [`client`] (the NBD
 //! client and the `nbd` block driver); the rest is private:
 //! `server` (listener, export table), `export` (one export and its
-//! clients), `handshake` (option haggling), `transmission` (request
+//! clients), `handshake` (option haggling), `starttls` (the options
+//! before TLS), `transmission` (request
 //! parsing and checks), `commands` (running requests), `reply` (reply
 //! encoding and the writer task).
 
@@ -37,6 +39,8 @@ mod handshake;
 pub mod proto;
 mod reply;
 mod server;
+mod starttls;
+pub mod tls;
 mod transmission;
 
 pub use server::NbdServer;
@@ -139,4 +143,6 @@ pub struct ServerOptions {
     /// clients wait in the listen backlog. Exports advertise
     /// `NBD_FLAG_CAN_MULTI_CONN` unless this is 1 (as QEMU does).
     pub max_connections: u32,
+    /// TLS required of every client (`tls-creds`, `tls-authz`).
+    pub tls: Option<tls::ServerTls>,
 }

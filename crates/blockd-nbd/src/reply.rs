@@ -150,7 +150,8 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
-            r = write_batch(&mut w, &batch) => r?,
+            // (A TLS stream needs the flush; a socket's does nothing.)
+            r = async { write_batch(&mut w, &batch).await?; w.flush().await } => r?,
         }
         // Dropping the replies releases their permits.
         batch.clear();

@@ -18,7 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::export::Export;
-use crate::{handshake, transmission, ExportConfig, Listen, ServerOptions, HANDSHAKE_TIMEOUT};
+use crate::handshake::Negotiated;
+use crate::tls::{verify, ServerTls, TlsIo};
+use crate::{
+    handshake, starttls, transmission, ExportConfig, Listen, ServerOptions, HANDSHAKE_TIMEOUT,
+};
 
 /// State shared by the server handle, the accept loop and the connections.
 pub(crate) struct Shared {
@@ -28,9 +32,16 @@ pub(crate) struct Shared {
     /// Every connection and request task.
     tracker: TaskTracker,
     multi_conn: bool,
+    /// TLS required of every client (`tls-creds`).
+    tls: Option<ServerTls>,
 }
 
 impl Shared {
+    /// Whether clients must start TLS.
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     fn table(&self) -> MutexGuard<'_, Vec<Arc<Export>>> {
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -100,6 +111,7 @@ impl NbdServer {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
             multi_conn: opts.max_connections != 1,
+            tls: opts.tls.clone(),
         });
         let limit = match opts.max_connections {
             0 => None,
@@ -334,6 +346,13 @@ async fn accept_loop(shared: Arc<Shared>, listeners: Vec<Listener>, limit: Optio
             r = accept(&listeners) => r,
         };
         match res {
+            Ok(Conn::Unix(s)) if shared.tls.is_some() => {
+                shared.spawn(tls_client(shared.clone(), s, permit));
+            }
+            Ok(Conn::Tcp(s)) if shared.tls.is_some() => {
+                let _ = s.set_nodelay(true);
+                shared.spawn(tls_client(shared.clone(), s, permit));
+            }
             Ok(Conn::Unix(s)) => {
                 let (r, w) = s.into_split();
                 shared.spawn(client(shared.clone(), r, w, permit));
@@ -389,6 +408,96 @@ where
         n = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&shared, &mut r, &mut w)) => n,
     };
     let neg = match neg {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!("NBD client: option negotiation failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("NBD client: handshake timed out");
+            return;
+        }
+    };
+    if let Err(e) = transmission::serve(&shared, r, w, neg).await {
+        tracing::warn!("NBD client: disconnected, due to: {e}");
+    }
+}
+
+/// The handshake of a client of a server with TLS, up to transmission:
+/// options before TLS, STARTTLS, the TLS handshake, the peer checks, then
+/// the rest of the options over TLS. `Ok(None)`: the client left, or was
+/// refused (dropped without a word, as QEMU does).
+async fn tls_handshake<S>(
+    shared: &Shared,
+    tls: &ServerTls,
+    mut s: S,
+) -> io::Result<Option<(Negotiated, TlsHalves<S>)>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        // Unbuffered: nothing of the TLS handshake may be read here.
+        let (mut r, mut w) = tokio::io::split(&mut s);
+        let Some(hello) = handshake::greet(&mut r, &mut w).await? else {
+            return Ok(None);
+        };
+        if !starttls::before_tls(&mut r, &mut w, hello).await? {
+            return Ok(None);
+        }
+        let Some(cfg) = tls.creds.server.clone() else {
+            return Err(io::Error::other("no server credentials"));
+        };
+        drop((r, w));
+        let stream = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(s)
+            .await
+            .map_err(|e| io::Error::other(format!("TLS handshake failed: {e}")))?;
+        let certs = stream.get_ref().1.peer_certificates();
+        if let Err(e) = verify::check_client(&tls.creds, certs, tls.authz.as_ref()) {
+            tracing::warn!("NBD client: option negotiation failed: {e}");
+            refuse(stream.into_inner().0).await;
+            return Ok(None);
+        }
+        let (r, mut w) = tokio::io::split(TlsIo(stream));
+        let mut r = BufReader::with_capacity(64 << 10, r);
+        Ok(handshake::haggle(shared, &mut r, &mut w, hello)
+            .await?
+            .map(|n| (n, (r, w))))
+    }
+}
+
+/// Drops a refused client without a word: its side of the socket is shut
+/// down and what it sends meanwhile (its first option, right after the
+/// handshake) is read and dropped until it hangs up, for a while at most,
+/// so that it learns of the refusal when it reads, as QEMU's clients do
+/// from QEMU's server, rather than by a failed write.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    use tokio::io::AsyncWriteExt;
+    let _ = s.shutdown().await;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::copy(&mut s, &mut sink)).await;
+}
+
+type TlsStream<S> = TlsIo<tokio_rustls::server::TlsStream<S>>;
+type TlsHalves<S> = (
+    BufReader<tokio::io::ReadHalf<TlsStream<S>>>,
+    tokio::io::WriteHalf<TlsStream<S>>,
+);
+
+/// One connection of a server with TLS, from greeting to close.
+async fn tls_client<S>(shared: Arc<Shared>, s: S, _permit: Option<OwnedSemaphorePermit>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(tls) = shared.tls.clone() else {
+        return;
+    };
+    let neg = tokio::select! {
+        _ = shared.cancel.cancelled() => return,
+        n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(&shared, &tls, s)) => n,
+    };
+    let (neg, (r, w)) = match neg {
         Ok(Ok(Some(n))) => n,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {

@@ -355,7 +355,10 @@ async fn extended_headers_advertise_block_status_payload() {
 async fn single_connection_servers_do_not_offer_multi_conn() {
     let s = NbdServer::start(
         Listen::Unix(sock_path("mc")),
-        ServerOptions { max_connections: 1 },
+        ServerOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();

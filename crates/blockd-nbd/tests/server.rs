@@ -190,7 +190,10 @@ async fn tcp_and_passed_descriptors() {
 async fn max_connections_holds_further_clients_back() {
     let s = NbdServer::start(
         Listen::Unix(sock_path("max")),
-        ServerOptions { max_connections: 2 },
+        ServerOptions {
+            max_connections: 2,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();

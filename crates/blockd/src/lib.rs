@@ -28,6 +28,7 @@ pub mod qmp;
 pub mod qom;
 pub mod schema;
 pub mod state;
+pub mod tls_objects;
 
 use state::State;
 

@@ -1,6 +1,7 @@
 //! User-creatable objects (QEMU's `qom/object_interfaces.c`, the
 //! `/objects` container): `throttle-group` (`block/throttle-groups.c`)
-//! and `iothread` (`iothread.c`), created with `object-add` or `--object`
+//! and `iothread` (`iothread.c`), the TLS and authorization objects
+//! ([`crate::tls_objects`]), created with `object-add` or `--object`
 //! and removed with `object-del`.
 //!
 //! An `iothread` object is accepted and keeps its properties, as QEMU
@@ -206,6 +207,10 @@ pub enum ObjectKind {
     ThrottleGroup(Arc<ThrottleGroup>),
     /// An `iothread`.
     IoThread(IoThread),
+    /// A `tls-creds-x509` (see [`crate::tls_objects`]).
+    TlsCredsX509(Box<crate::tls_objects::TlsCredsX509>),
+    /// An `authz-simple` or `authz-list`.
+    Authz(Arc<crate::tls_objects::AuthzObject>),
 }
 
 /// One object under `/objects`.
@@ -219,9 +224,11 @@ pub struct Object {
 impl Object {
     /// The QOM type name.
     pub fn type_name(&self) -> &'static str {
-        match self.kind {
+        match &self.kind {
             ObjectKind::ThrottleGroup(_) => "throttle-group",
             ObjectKind::IoThread(_) => "iothread",
+            ObjectKind::TlsCredsX509(_) => "tls-creds-x509",
+            ObjectKind::Authz(a) => a.type_name(),
         }
     }
 
@@ -242,6 +249,8 @@ impl Object {
                 }
             }
             ObjectKind::IoThread(t) => t.get(prop).map(Value::from),
+            ObjectKind::TlsCredsX509(c) => c.get(prop),
+            ObjectKind::Authz(a) => a.get(prop),
         };
         found.ok_or_else(|| format!("Property '{}.{prop}' not found", self.type_name()))
     }
@@ -271,6 +280,8 @@ impl Object {
                 }
             }
             ObjectKind::IoThread(t) => t.set(prop, value),
+            ObjectKind::TlsCredsX509(c) => c.set(prop, value),
+            ObjectKind::Authz(a) => a.set(prop, value),
         }
     }
 }
@@ -281,6 +292,9 @@ pub struct Objects {
     list: Mutex<Vec<Object>>,
     /// `/objects`' property table, for the listing order.
     order: Mutex<HashOrder>,
+    /// The TLS credentials and authorization objects, by id, for the NBD
+    /// server and driver.
+    tls: Arc<blockd_nbd::tls::TlsRegistry>,
 }
 
 /// Whether `id` is a well-formed QEMU identifier (`id_wellformed`).
@@ -292,6 +306,11 @@ impl Objects {
     /// The objects (to read).
     pub fn lock(&self) -> MutexGuard<'_, Vec<Object>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The TLS credentials and authorization objects, by id.
+    pub fn tls(&self) -> Arc<blockd_nbd::tls::TlsRegistry> {
+        self.tls.clone()
     }
 
     fn order(&self) -> MutexGuard<'_, HashOrder> {
@@ -387,6 +406,23 @@ impl Objects {
                 }
                 ObjectKind::IoThread(t)
             }
+            "tls-creds-x509" => {
+                let c = crate::tls_objects::TlsCredsX509::create(args);
+                self.check_id(id)?;
+                match c {
+                    Ok(c) => {
+                        self.tls.add_creds(id, c.creds.clone());
+                        ObjectKind::TlsCredsX509(Box::new(c))
+                    }
+                    Err(e) => return self.failed_completion(id, e),
+                }
+            }
+            "authz-simple" | "authz-list" => {
+                let a = Arc::new(crate::tls_objects::AuthzObject::create(ty, args)?);
+                self.check_id(id)?;
+                crate::tls_objects::register_authz(&self.tls, id, &a);
+                ObjectKind::Authz(a)
+            }
             other => {
                 return Err(format!(
                     "Parameter 'qom-type' does not accept value '{other}'"
@@ -396,6 +432,9 @@ impl Objects {
         let mut l = self.lock();
         if l.iter().any(|o| o.id == id) {
             return Err(duplicate(id));
+        }
+        if matches!(kind, ObjectKind::ThrottleGroup(_) | ObjectKind::IoThread(_)) {
+            self.tls.note_other(id);
         }
         l.push(Object {
             id: id.to_string(),
@@ -426,6 +465,7 @@ impl Objects {
         }
         l.remove(i);
         self.order().remove(id);
+        self.tls.remove(id);
         Ok(())
     }
 

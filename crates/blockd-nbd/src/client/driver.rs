@@ -19,8 +19,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::conn::{ConnError, Connection, Reply};
-use super::negotiate::{negotiate, ExportInfo};
-use super::{connect, filename, ClientOptions, ServerAddr};
+use super::negotiate::{negotiate, negotiate_tls, ExportInfo};
+use super::{connect, filename, ClientOptions, RawStream, ServerAddr};
 use crate::proto::*;
 
 #[derive(Clone)]
@@ -39,6 +39,7 @@ struct Inner {
     server: ServerAddr,
     export: String,
     bitmap: Option<String>,
+    tls: Option<crate::tls::ClientTls>,
     delay: Duration,
     state: watch::Sender<State>,
 }
@@ -64,10 +65,19 @@ fn eio() -> io::Error {
 }
 
 async fn connect_once(inner: &Inner) -> Result<Arc<Connection>, String> {
-    let (mut r, mut w) = connect(&inner.server).await?;
-    let info = {
-        let mut s = tokio::io::join(&mut r, &mut w);
-        negotiate(&mut s, &inner.export, inner.bitmap.as_deref()).await?
+    let raw = connect(&inner.server).await?;
+    let (export, bitmap) = (inner.export.as_str(), inner.bitmap.as_deref());
+    let (info, r, w) = match (&inner.tls, raw) {
+        (None, raw) => {
+            let (mut r, mut w) = raw.split();
+            let info = {
+                let mut s = tokio::io::join(&mut r, &mut w);
+                negotiate(&mut s, export, bitmap).await?
+            };
+            (info, r, w)
+        }
+        (Some(t), RawStream::Unix(s)) => negotiate_tls(s, t, export, bitmap).await?,
+        (Some(t), RawStream::Tcp(s)) => negotiate_tls(s, t, export, bitmap).await?,
     };
     Ok(Connection::start(info, r, w))
 }
@@ -87,6 +97,7 @@ impl NbdDriver {
             server: o.server,
             export: o.export.clone().unwrap_or_default(),
             bitmap: o.x_dirty_bitmap,
+            tls: o.tls,
             delay: o.reconnect_delay,
             state: tx,
         });

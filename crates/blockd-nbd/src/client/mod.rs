@@ -59,14 +59,40 @@ pub struct ClientOptions {
     pub reconnect_delay: Duration,
     /// How long the first connection may be retried.
     pub open_timeout: Duration,
+    /// TLS (`tls-creds`, `tls-hostname`): redone on every reconnect.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// A connected, not yet negotiated stream, split.
 pub(crate) type Halves = (conn::ReadHalf, conn::WriteHalf);
 
+/// A connected, not yet negotiated stream.
+pub(crate) enum RawStream {
+    /// Over a Unix socket (or a passed descriptor).
+    Unix(tokio::net::UnixStream),
+    /// Over TCP.
+    Tcp(tokio::net::TcpStream),
+}
+
+impl RawStream {
+    /// The stream's halves, boxed.
+    pub fn split(self) -> Halves {
+        match self {
+            RawStream::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            RawStream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
 /// Connects to `addr` (QEMU's `socket_connect`), with QEMU's message on
 /// failure: "Failed to connect to 'ADDR': STRERROR".
-pub(crate) async fn connect(addr: &ServerAddr) -> Result<Halves, String> {
+pub(crate) async fn connect(addr: &ServerAddr) -> Result<RawStream, String> {
     let fail = |e: io::Error| {
         format!(
             "Failed to connect to '{}': {}",
@@ -77,8 +103,7 @@ pub(crate) async fn connect(addr: &ServerAddr) -> Result<Halves, String> {
     match addr {
         ServerAddr::Unix(p) => {
             let s = tokio::net::UnixStream::connect(p).await.map_err(fail)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok(RawStream::Unix(s))
         }
         ServerAddr::Inet { host, port } => {
             let port_n: u16 = port.parse().map_err(|_| {
@@ -88,8 +113,7 @@ pub(crate) async fn connect(addr: &ServerAddr) -> Result<Halves, String> {
                 .await
                 .map_err(fail)?;
             let _ = s.set_nodelay(true);
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok(RawStream::Tcp(s))
         }
         ServerAddr::Fd(fd) => {
             let fd = fd
@@ -100,8 +124,7 @@ pub(crate) async fn connect(addr: &ServerAddr) -> Result<Halves, String> {
             let std = std::os::unix::net::UnixStream::from(fd);
             std.set_nonblocking(true).map_err(fail)?;
             let s = tokio::net::UnixStream::from_std(std).map_err(fail)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            Ok(RawStream::Unix(s))
         }
     }
 }

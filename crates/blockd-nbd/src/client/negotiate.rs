@@ -86,28 +86,21 @@ async fn read_rep<R: AsyncRead + Unpin>(r: &mut R, opt: u32) -> Result<(u32, Vec
     Ok((ty, data))
 }
 
-/// QEMU's `nbd_handle_reply_err` for an error reply to a required option.
-fn rep_error(ty: u32, opt: u32, data: &[u8]) -> String {
-    let msg = String::from_utf8_lossy(data);
-    let base = match ty {
-        REP_ERR_UNKNOWN => return "Requested export not available".to_string(),
-        REP_ERR_POLICY => format!("Denied by server for option {opt} ({})", opt_name(opt)),
-        REP_ERR_TLS_REQD => "TLS negotiation required before option".to_string(),
-        REP_ERR_SHUTDOWN => "Server shutting down before option".to_string(),
-        REP_ERR_BLOCK_SIZE_REQD => "Server requires INFO_BLOCK_SIZE for option".to_string(),
-        REP_ERR_INVALID => format!(
-            "Server rejected option {opt} ({}) as invalid",
-            opt_name(opt)
-        ),
-        _ => format!(
-            "Unknown error returned by server for option {opt} ({})",
-            opt_name(opt)
-        ),
-    };
-    if msg.is_empty() {
-        base
-    } else {
-        format!("{base}: {msg}")
+/// QEMU's `nbd_handle_reply_err` for an error reply to a required option
+/// (the server's own message is only a hint there, not in the error).
+fn rep_error(ty: u32, opt: u32, _data: &[u8]) -> String {
+    let name = opt_name(opt);
+    match ty {
+        REP_ERR_UNKNOWN => "Requested export not available".to_string(),
+        REP_ERR_POLICY => format!("Denied by server for option {opt} ({name})"),
+        REP_ERR_INVALID => format!("Invalid parameters for option {opt} ({name})"),
+        REP_ERR_PLATFORM => format!("Server lacks support for option {opt} ({name})"),
+        REP_ERR_TLS_REQD => format!("TLS negotiation required before option {opt} ({name})"),
+        REP_ERR_SHUTDOWN => format!("Server shutting down before option {opt} ({name})"),
+        REP_ERR_BLOCK_SIZE_REQD => {
+            format!("Server requires INFO_BLOCK_SIZE for option {opt} ({name})")
+        }
+        _ => format!("Unknown error code when asking for option {opt} ({name})"),
     }
 }
 
@@ -118,6 +111,67 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     export: &str,
     bitmap: Option<&str>,
 ) -> Result<ExportInfo, String> {
+    greet(s).await?;
+    options(s, export, bitmap).await
+}
+
+/// QEMU's `nbd_receive_starttls`: `NBD_OPT_STARTTLS`, which the server
+/// must acknowledge.
+async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), String> {
+    send_opt(s, OPT_STARTTLS, &[]).await?;
+    let (ty, d) = read_rep(s, OPT_STARTTLS).await?;
+    match ty {
+        REP_ACK if d.is_empty() => Ok(()),
+        REP_ACK => Err(format!(
+            "Option {OPT_STARTTLS} ('starttls') response length is {} (it should be zero)",
+            d.len()
+        )),
+        REP_ERR_UNSUP => Err("Server don't support STARTTLS option".into()),
+        t if t & REP_FLAG_ERROR != 0 => Err(rep_error(t, OPT_STARTTLS, &d)),
+        t => Err(format!(
+            "Server answered option {OPT_STARTTLS} (starttls) with unexpected reply {t}"
+        )),
+    }
+}
+
+/// Negotiates over TLS: greeting and STARTTLS in the clear, the TLS
+/// handshake, the server's certificate checked (QEMU's messages), then
+/// the options over TLS. Returns the export and the TLS stream's halves.
+pub async fn negotiate_tls<S>(
+    mut s: S,
+    tls: &crate::tls::ClientTls,
+    export: &str,
+    bitmap: Option<&str>,
+) -> Result<(ExportInfo, super::conn::ReadHalf, super::conn::WriteHalf), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use rustls::pki_types::ServerName;
+    greet(&mut s).await?;
+    starttls(&mut s).await?;
+    let Some(cfg) = tls.creds.client.clone() else {
+        return Err("Expected TLS credentials for a client endpoint".into());
+    };
+    // Names are checked after the handshake: this one only goes into SNI.
+    let name = tls
+        .hostname
+        .as_deref()
+        .and_then(|h| ServerName::try_from(h.to_string()).ok())
+        .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    let stream = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, s)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let certs = stream.get_ref().1.peer_certificates();
+    crate::tls::verify::check_server(&tls.creds, certs, tls.hostname.as_deref())?;
+    let mut s = crate::tls::TlsIo(stream);
+    let info = options(&mut s, export, bitmap).await?;
+    let (r, w) = tokio::io::split(s);
+    Ok((info, Box::new(r), Box::new(w)))
+}
+
+/// The greeting and the client's flags.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), String> {
     let mut b8 = [0u8; 8];
     s.read_exact(&mut b8)
         .await
@@ -150,7 +204,15 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(&cflags.to_be_bytes())
         .await
         .map_err(|e| format!("Failed to send clientflags field: {e}"))?;
+    Ok(())
+}
 
+/// The options after the flags (after STARTTLS with TLS).
+async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    bitmap: Option<&str>,
+) -> Result<ExportInfo, String> {
     let mut info = ExportInfo::default();
     // Extended headers if the server has them (they imply structured
     // replies), else structured replies (optional too: without them,

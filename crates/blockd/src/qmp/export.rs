@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use blockd_core::qapi::id_wellformed;
 use blockd_core::BlockBackend;
+use blockd_nbd::tls::{Endpoint, ServerTls};
 use blockd_nbd::{ExportConfig, Listen, NbdServer, ServerOptions};
 use blockd_qmp::{Ctx, Dispatcher, Empty, NoArgs, QmpError};
 use serde::Deserialize;
@@ -309,25 +310,38 @@ fn listen_addr(cx: &Ctx<State>, addr: LegacyAddr) -> R<Listen> {
     })
 }
 
+/// QEMU's `nbd_get_tls_creds` for the server: the object must exist, be
+/// TLS credentials, and be a server's.
+fn server_tls(state: &State, id: &str, authz: Option<&str>) -> R<ServerTls> {
+    let creds = state.objects.tls().lookup_creds(id).map_err(gen)?;
+    if creds.endpoint != Endpoint::Server {
+        return Err(gen("Expected TLS credentials for a server endpoint"));
+    }
+    Ok(ServerTls {
+        creds,
+        authz: authz.map(|a| (a.to_string(), state.objects.tls())),
+    })
+}
+
 /// Registers the export commands.
 pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "nbd-server-start",
         |cx: Ctx<State>, a: ServerStart| async move {
-            if let Some(c) = &a.tls_creds {
-                return Err(gen(format!("No TLS credentials with id '{c}'")));
-            }
-            if a.tls_authz.is_some() {
-                return Err(gen("'tls-authz' is only supported with 'tls-creds'"));
-            }
             let state = cx.state.clone();
             let mut ex = state.exports.lock().await;
             if ex.server.is_some() {
                 return Err(gen("NBD server already running"));
             }
+            // (Without tls-creds, QEMU accepts and ignores tls-authz.)
+            let tls = match &a.tls_creds {
+                Some(id) => Some(server_tls(&state, id, a.tls_authz.as_deref())?),
+                None => None,
+            };
             let listen = listen_addr(&cx, a.addr)?;
             let opts = ServerOptions {
                 max_connections: a.max_connections.unwrap_or(0),
+                tls,
             };
             let server = NbdServer::start(listen, opts).await.map_err(|e| {
                 gen(format!(

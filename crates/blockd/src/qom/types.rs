@@ -1,6 +1,7 @@
 //! The QOM types blockd has (QEMU's `TypeInfo` registrations in
 //! `qom/object.c`, `qom/container.c`, `qom/object_interfaces.c`,
-//! `event-loop-base.c`, `iothread.c`, `block/throttle-groups.c`) and the
+//! `event-loop-base.c`, `iothread.c`, `block/throttle-groups.c`,
+//! `authz/*.c`, `crypto/tlscreds*.c`) and the
 //! filters of `qom-list-types` (`object_class_get_list`,
 //! `object_class_foreach_tramp`, `object_class_dynamic_cast`).
 //!
@@ -9,7 +10,12 @@
 //!  ├── container                └── user-creatable (abstract)
 //!  ├── event-loop-base (abstract, user-creatable)
 //!  │   └── iothread
-//!  └── throttle-group (user-creatable)
+//!  ├── throttle-group (user-creatable)
+//!  ├── authz (abstract)
+//!  │   ├── authz-simple (user-creatable)
+//!  │   └── authz-list (user-creatable)
+//!  └── tls-creds (abstract)
+//!      └── tls-creds-x509 (user-creatable)
 //! ```
 //!
 //! The table keeps the order in which qemu-storage-daemon 10.0.2 lists
@@ -46,19 +52,29 @@ const fn ty(
 }
 
 /// blockd's types, in qemu-storage-daemon's listing order.
-pub const TYPES: [TypeInfo; 7] = [
+pub const TYPES: [TypeInfo; 12] = [
+    ty("authz-simple", Some("authz"), false, &["user-creatable"]),
     ty("container", Some("object"), false, &[]),
     TypeInfo {
         is_interface: true,
         ..ty("interface", None, true, &[])
     },
     ty("iothread", Some("event-loop-base"), false, &[]),
+    ty("authz", Some("object"), true, &[]),
+    ty("tls-creds", Some("object"), true, &[]),
+    ty("authz-list", Some("authz"), false, &["user-creatable"]),
     ty("event-loop-base", Some("object"), true, &["user-creatable"]),
     TypeInfo {
         is_interface: true,
         ..ty("user-creatable", Some("interface"), true, &[])
     },
     ty("object", None, true, &[]),
+    ty(
+        "tls-creds-x509",
+        Some("tls-creds"),
+        false,
+        &["user-creatable"],
+    ),
     ty("throttle-group", Some("object"), false, &["user-creatable"]),
 ];
 
@@ -102,7 +118,29 @@ pub fn list(implements_type: Option<&str>, include_abstract: bool) -> Vec<&'stat
 pub fn properties(name: &str) -> Option<&'static [(&'static str, &'static str)]> {
     const TYPE: (&str, &str) = ("type", "string");
     Some(match name {
-        "object" | "container" => &[TYPE],
+        "object" | "container" | "authz" => &[TYPE],
+        "authz-simple" => &[TYPE, ("identity", "string")],
+        "authz-list" => &[
+            TYPE,
+            ("policy", "QAuthZListPolicy"),
+            ("rules", "QAuthZListRule"),
+        ],
+        "tls-creds" => &[
+            TYPE,
+            ("endpoint", "QCryptoTLSCredsEndpoint"),
+            ("dir", "string"),
+            ("verify-peer", "bool"),
+            ("priority", "string"),
+        ],
+        "tls-creds-x509" => &[
+            TYPE,
+            ("endpoint", "QCryptoTLSCredsEndpoint"),
+            ("dir", "string"),
+            ("verify-peer", "bool"),
+            ("priority", "string"),
+            ("sanity-check", "bool"),
+            ("passwordid", "string"),
+        ],
         "event-loop-base" => &[
             TYPE,
             ("thread-pool-min", "int"),
@@ -159,38 +197,62 @@ mod tests {
     fn filters_as_qemu() {
         assert_eq!(
             names(list(None, false)),
-            ["container", "iothread", "throttle-group"]
+            [
+                "authz-simple",
+                "container",
+                "iothread",
+                "authz-list",
+                "tls-creds-x509",
+                "throttle-group"
+            ]
         );
         assert_eq!(
             names(list(Some("user-creatable"), false)),
-            ["iothread", "throttle-group"]
+            [
+                "authz-simple",
+                "iothread",
+                "authz-list",
+                "tls-creds-x509",
+                "throttle-group"
+            ]
         );
         assert_eq!(
             names(list(Some("user-creatable"), true)),
             [
+                "authz-simple",
                 "iothread",
+                "authz-list",
                 "event-loop-base",
                 "user-creatable",
+                "tls-creds-x509",
                 "throttle-group"
             ]
         );
         assert_eq!(
             names(list(Some("interface"), true)),
             [
+                "authz-simple",
                 "interface",
                 "iothread",
+                "authz-list",
                 "event-loop-base",
                 "user-creatable",
+                "tls-creds-x509",
                 "throttle-group"
             ]
         );
         assert_eq!(
             names(list(Some("object"), true)),
             [
+                "authz-simple",
                 "container",
                 "iothread",
+                "authz",
+                "tls-creds",
+                "authz-list",
                 "event-loop-base",
                 "object",
+                "tls-creds-x509",
                 "throttle-group"
             ]
         );
@@ -201,6 +263,15 @@ mod tests {
         assert_eq!(
             names(list(Some("throttle-group"), true)),
             ["throttle-group"]
+        );
+        // qemu-storage-daemon 10.0.2, restricted to blockd's types.
+        assert_eq!(
+            names(list(Some("tls-creds"), true)),
+            ["tls-creds", "tls-creds-x509"]
+        );
+        assert_eq!(
+            names(list(Some("authz"), true)),
+            ["authz-simple", "authz", "authz-list"]
         );
         assert!(list(Some("nope"), true).is_empty());
         assert!(list(Some(""), true).is_empty());
