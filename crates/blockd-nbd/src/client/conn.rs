@@ -4,6 +4,10 @@
 //! cookie; one reader task reads replies and hands each to the request
 //! that waits for it, so many requests are in flight at once.
 //!
+//! At most [`MAX_REQUESTS`] requests are in flight on a connection (QEMU's
+//! `MAX_NBD_REQUESTS`, 16): a request beyond that waits until one of them
+//! has its reply (`nbd_co_send_request` waits on `free_sema`).
+//!
 //! When the connection breaks (or the server breaks the protocol), every
 //! waiting request fails with [`ConnError::Lost`] and so does every later
 //! one; the caller decides whether to reconnect.
@@ -15,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use super::negotiate::ExportInfo;
 use crate::proto::*;
@@ -77,9 +81,15 @@ impl Shared {
     }
 }
 
+/// Requests in flight on one connection at most (QEMU's
+/// `MAX_NBD_REQUESTS`).
+pub const MAX_REQUESTS: usize = 16;
+
 /// A connection in transmission phase.
 pub struct Connection {
     info: ExportInfo,
+    /// One permit per request in flight.
+    slots: Semaphore,
     writer: tokio::sync::Mutex<WriteHalf>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
@@ -120,6 +130,7 @@ impl Connection {
         });
         Arc::new(Connection {
             info,
+            slots: Semaphore::new(MAX_REQUESTS),
             writer: tokio::sync::Mutex::new(w),
             shared,
             next_cookie: AtomicU64::new(1),
@@ -162,6 +173,14 @@ impl Connection {
         if self.is_dead() {
             return Err(ConnError::Lost);
         }
+        // Held until the reply is in (or the connection is gone).
+        let _slot = match self.slots.try_acquire() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = self.slots.acquire() => p.map_err(|_| ConnError::Lost)?,
+                _ = self.closed() => return Err(ConnError::Lost),
+            },
+        };
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let buf = (cmd == CMD_READ).then(|| BytesMut::zeroed(len as usize));
@@ -506,6 +525,74 @@ mod tests {
         match e.await.unwrap() {
             Err(ConnError::Server(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// At most MAX_REQUESTS requests go out; the next one is sent when a
+    /// reply frees a slot (QEMU's MAX_NBD_REQUESTS and free_sema).
+    #[tokio::test]
+    async fn requests_beyond_the_cap_wait_for_a_reply() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let mut tasks = Vec::new();
+        for _ in 0..MAX_REQUESTS + 4 {
+            let c = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                c.request(CMD_FLUSH, 0, 0, 0, None, 0).await
+            }));
+        }
+        let mut cookies = Vec::new();
+        for _ in 0..MAX_REQUESTS {
+            cookies.push(read_req(&mut server).await.1);
+        }
+        let more =
+            tokio::time::timeout(std::time::Duration::from_millis(200), read_req(&mut server))
+                .await;
+        assert!(more.is_err(), "a request beyond the cap was sent");
+        // one reply: exactly one more request goes out
+        let done = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookies[0], 0);
+        server.write_all(&done).await.unwrap();
+        cookies.push(read_req(&mut server).await.1);
+        let more =
+            tokio::time::timeout(std::time::Duration::from_millis(200), read_req(&mut server))
+                .await;
+        assert!(more.is_err(), "two requests went out for one reply");
+        // answer everything; the rest follow as slots free up
+        let mut answered = 1;
+        while answered < MAX_REQUESTS + 4 {
+            let c = cookies[answered];
+            let done = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, c, 0);
+            server.write_all(&done).await.unwrap();
+            answered += 1;
+            if cookies.len() < MAX_REQUESTS + 4 {
+                cookies.push(read_req(&mut server).await.1);
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    /// A request waiting for a slot fails when the connection is lost.
+    #[tokio::test]
+    async fn a_request_waiting_for_a_slot_fails_when_the_connection_goes() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let mut tasks = Vec::new();
+        for _ in 0..=MAX_REQUESTS {
+            let c = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                c.request(CMD_FLUSH, 0, 0, 0, None, 0).await
+            }));
+        }
+        for _ in 0..MAX_REQUESTS {
+            read_req(&mut server).await;
+        }
+        drop(server);
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(ConnError::Lost)));
         }
     }
 

@@ -9,6 +9,14 @@
 //! the supervisor keeps trying, so a server that comes back later serves
 //! later requests. A request the lost connection had in flight is resent
 //! on the new one, as QEMU's `nbd_co_request` does.
+//!
+//! `NBD_CMD_CACHE` is never sent, even when the server offers it
+//! (`NBD_FLAG_SEND_CACHE`): QEMU 10's client has no such request either
+//! (block/nbd.c registers no prefetch callback; `BDRV_REQ_PREFETCH` is a
+//! copy-on-read request that block/io.c serves by reading, so a prefetch
+//! through an nbd node is an `NBD_CMD_READ`). blockd's server still
+//! answers `NBD_CMD_CACHE` from clients that send it (libnbd's
+//! `nbd_cache`).
 
 use std::io;
 use std::sync::{Arc, Mutex};
