@@ -16,7 +16,9 @@
           block-job-cancel (libvirt's switch-over). The target is compared
           with the source (qemu-img compare) every round.
 
-Each metric is the median over the rounds (the server order flips every
+The reads also report the server's CPU time per request (`_cpu_us`,
+from /proc: user + system), which a busy machine disturbs less than the
+rates. Each metric is the median over the rounds (the server order flips every
 round); ratios are blockd/QSD for rates and QSD/blockd for times, so > 1
 means blockd is faster. --tls-dir (x509 credentials in QEMU's file names)
 puts TLS on the TCP connections between servers (mirror) and between the
@@ -54,6 +56,13 @@ READS = {
     "read1m_qd8": (2048, 1 << 20, 8, None),
 }
 TLS_ID = "tls0"
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port():
@@ -144,9 +153,12 @@ def reads_round(server, qnbd, tls_dir, scale):
         B.nbd_export(q, "e", "n", "again", writable=False)
         uri = B.nbd_uri("again", sock)
         for name, (count, size, depth, step) in READS.items():
-            r = B.img_bench(uri, "raw", max(1, int(count * scale)), size, depth,
-                            False, step, timeout=600)
+            count = max(1, int(count * scale))
+            c0 = cpu_s(srv.pid)
+            r = B.img_bench(uri, "raw", count, size, depth, False, step, timeout=600)
             out[name] = r["iops"] if size == 4096 else r["MBps"]
+            # the server's CPU time per request, in microseconds
+            out[name + "_cpu_us"] = (cpu_s(srv.pid) - c0) / count * 1e6
         q.close()
     return out
 
@@ -233,7 +245,7 @@ def main():
         ratios = {}
         for x in med["blockd"]:
             b, q = med["blockd"][x], med["qsd"][x]
-            ratios[x] = round(q / b if x.endswith("_s") else b / q, 2)
+            ratios[x] = round(q / b if x.endswith(("_s", "_us")) else b / q, 2)
         print(json.dumps({"rounds": a.rounds, "transport": a.transport,
                           "tls": bool(a.tls_dir), "median": med, "range": rng,
                           "blockd_better": ratios, "machine": B.machine_facts()},
