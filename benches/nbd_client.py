@@ -99,8 +99,7 @@ def make_image(d):
 def tls_object(q, tls_dir, endpoint):
     if tls_dir:
         q.cmd("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID,
-                             "endpoint": endpoint, "dir": tls_dir,
-                             "verify-peer": endpoint == "server"})
+                             "endpoint": endpoint, "dir": tls_dir})
 
 
 def nbd_node(node, server, export, tls_dir):
