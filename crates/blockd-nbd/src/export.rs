@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use blockd_core::dirty::NamedBitmap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::{
@@ -38,6 +38,8 @@ pub(crate) struct Export {
     /// server's token).
     pub kill: CancellationToken,
     state: Mutex<ExportState>,
+    /// Signalled whenever a client detaches.
+    detached: Notify,
 }
 
 #[derive(Default)]
@@ -86,6 +88,7 @@ impl Export {
             bitmaps: cfg.bitmaps,
             kill,
             state: Mutex::new(ExportState::default()),
+            detached: Notify::new(),
         })
     }
 
@@ -139,6 +142,22 @@ impl Export {
         self.state().clients
     }
 
+    /// Waits up to `limit` for the export to have no clients; returns how
+    /// many are left.
+    pub async fn wait_unused(&self, limit: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let n = self.detached.notified();
+            let left = self.clients();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, n).await.is_err() {
+                return self.clients();
+            }
+        }
+    }
+
     /// Marks the export removed (no new clients); with `hard`, disconnects
     /// its clients. The receiver fires when the last client is gone.
     pub fn remove(&self, hard: bool) -> oneshot::Receiver<()> {
@@ -185,5 +204,6 @@ impl Drop for ClientGuard {
         for w in waiters {
             let _ = w.send(());
         }
+        self.export.detached.notify_waiters();
     }
 }

@@ -172,6 +172,20 @@ impl NbdServer {
             .map_or(0, |e| e.clients())
     }
 
+    /// Number of clients attached to the export `name` once those whose
+    /// connection is ending have gone, waiting up to `limit` for that.
+    ///
+    /// QEMU handles a client's hang-up in the main loop before it runs a
+    /// QMP command that arrived later, so `block-export-del` right after a
+    /// client disconnected finds the export unused; here the connection's
+    /// task runs on another thread and may not have seen the hang-up yet.
+    pub async fn export_clients_settled(&self, name: &str, limit: Duration) -> usize {
+        match self.inner.shared.find(name.as_bytes()) {
+            Some(e) => e.wait_unused(limit).await,
+            None => 0,
+        }
+    }
+
     /// Whether an export called `name` exists (and is not being removed).
     pub fn has_export(&self, name: &str) -> bool {
         self.inner.shared.find(name.as_bytes()).is_some()

@@ -14,9 +14,17 @@
 //! write carries FUA), as QEMU does; an export of a device backend adds FUA
 //! itself, leaving the device's cache mode alone.
 //!
+//! Every [`WRITEBACK_BYTES`] written through an export, writeback of the
+//! node's data starts in the background (`start_writeback`, as the mirror
+//! does for its target): a disk filled over NBD, such as a migration's
+//! destination, then has little left for the client's final flush, which
+//! would otherwise write all of it back at once. QEMU leaves writeback to
+//! the kernel.
+//!
 //! Deleting an export stops new clients at once; `BLOCK_EXPORT_DELETED` is
 //! sent when its last client is gone.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockd_core::{BlockBackend, BlockStatus, IoFuture, Perm, PermPair, ReqFlags};
@@ -27,17 +35,45 @@ use serde_json::{json, Value};
 use crate::events::BlockExportDeleted;
 use crate::state::State;
 
+/// Bytes written through an export between two writeback starts.
+pub const WRITEBACK_BYTES: u64 = 64 << 20;
+
 /// The one export I/O path: requests through a backend.
 pub struct BackendIo {
     blk: Arc<BlockBackend>,
     fua: bool,
+    /// Bytes written since the last writeback start.
+    unwritten: AtomicU64,
+    /// Whether a writeback start is in flight.
+    writeback: Arc<AtomicBool>,
 }
 
 impl BackendIo {
     /// I/O through `blk`; with `fua`, every write carries FUA (an export
     /// of a device backend with `writethrough`).
     pub fn new(blk: Arc<BlockBackend>, fua: bool) -> Self {
-        BackendIo { blk, fua }
+        BackendIo {
+            blk,
+            fua,
+            unwritten: AtomicU64::new(0),
+            writeback: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts `n` written bytes; past [`WRITEBACK_BYTES`], starts
+    /// writeback in the background unless one is in flight.
+    fn written(&self, n: u64) {
+        let total = self.unwritten.fetch_add(n, Ordering::Relaxed) + n;
+        if total < WRITEBACK_BYTES || self.writeback.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.unwritten.store(0, Ordering::Relaxed);
+        let (blk, busy) = (self.blk.clone(), self.writeback.clone());
+        tokio::spawn(async move {
+            // Errors show at the next flush, which reports them.
+            let _ = blk.start_writeback().await;
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// The backend.
@@ -75,7 +111,14 @@ impl ExportIo for BackendIo {
             fua: fua || self.fua,
             ..ReqFlags::default()
         };
-        Box::pin(self.blk.write(offset, data, flags))
+        Box::pin(async move {
+            let n = data.len() as u64;
+            self.blk.write(offset, data, flags).await?;
+            if !flags.fua {
+                self.written(n);
+            }
+            Ok(())
+        })
     }
 
     fn write_zeroes(

@@ -3,6 +3,8 @@
 //! concurrent clients, and image locking between blockd and QEMU.
 
 mod common;
+#[path = "common/nbd_load.rs"]
+mod nbd_load;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -346,4 +348,56 @@ fn blkdebug_errors_reach_the_nbd_client() {
     let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
     assert!(out.contains("No space left on device"), "{out}");
     ok(&run("qemu-io", &["-f", "raw", "-c", "write 65536 512", &u]));
+}
+
+/// `block-export-del` right after a client hung up (with `NBD_CMD_DISC`
+/// or without) finds the export unused, as in QEMU, where the main loop
+/// handles the hang-up before a later QMP command; a client still
+/// connected (or with requests in flight) makes it fail with QEMU's
+/// "export 'ID' still in use".
+#[test]
+fn export_del_right_after_a_client_hung_up() {
+    let srv = Server::start("exp-del-hangup");
+    let sock = srv.dir.join("nbd");
+    let mut c = srv.client();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "null-co", "node-name": "n0", "size": 1 << 20})),
+    )
+    .unwrap();
+    c.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
+    )
+    .unwrap();
+    let add = json!({"type": "nbd", "id": "e", "node-name": "n0", "name": "x"});
+    for i in 0..40 {
+        c.execute("block-export-add", Some(add.clone())).unwrap();
+        let conn = nbd_load::Conn::connect(&sock, "x").expect("NBD connection");
+        if i % 2 == 0 {
+            conn.disconnect();
+        } else {
+            drop(conn);
+        }
+        c.execute("block-export-del", Some(json!({"id": "e"})))
+            .unwrap_or_else(|e| panic!("round {i}: {e}"));
+        c.wait_event(
+            &blockd_testkit::Pattern::new(json!({"event": "BLOCK_EXPORT_DELETED"})).unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    }
+    // a client that stays connected keeps the export in use
+    c.execute("block-export-add", Some(add)).unwrap();
+    let conn = nbd_load::Conn::connect(&sock, "x").expect("NBD connection");
+    match c.execute("block-export-del", Some(json!({"id": "e"}))) {
+        Err(blockd_testkit::ClientError::Qmp { class, desc, .. }) => {
+            assert_eq!(class, "GenericError");
+            assert_eq!(desc, "export 'e' still in use");
+        }
+        other => panic!("block-export-del with a client: {other:?}"),
+    }
+    conn.disconnect();
+    c.execute("block-export-del", Some(json!({"id": "e"})))
+        .unwrap();
 }

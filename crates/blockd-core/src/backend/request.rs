@@ -188,6 +188,12 @@ impl BlockBackend {
         .await
     }
 
+    /// Starts writeback of what completed writes left in caches, without
+    /// waiting for it (a hint; see [`crate::BlockDriver::start_writeback`]).
+    pub async fn start_writeback(&self) -> io::Result<()> {
+        self.root.start_writeback().await
+    }
+
     /// Flushes the medium.
     pub async fn flush(&self) -> io::Result<()> {
         if !self.front_end {

@@ -4,6 +4,10 @@
 //! cookie; one reader task reads replies and hands each to the request
 //! that waits for it, so many requests are in flight at once.
 //!
+//! At most [`MAX_REQUESTS`] requests are in flight on a connection (QEMU's
+//! `MAX_NBD_REQUESTS`, 16): a request beyond that waits until one of them
+//! has its reply (`nbd_co_send_request` waits on `free_sema`).
+//!
 //! When the connection breaks (or the server breaks the protocol), every
 //! waiting request fails with [`ConnError::Lost`] and so does every later
 //! one; the caller decides whether to reconnect.
@@ -13,9 +17,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use super::negotiate::ExportInfo;
 use crate::proto::*;
@@ -77,9 +81,15 @@ impl Shared {
     }
 }
 
+/// Requests in flight on one connection at most (QEMU's
+/// `MAX_NBD_REQUESTS`).
+pub const MAX_REQUESTS: usize = 16;
+
 /// A connection in transmission phase.
 pub struct Connection {
     info: ExportInfo,
+    /// One permit per request in flight.
+    slots: Semaphore,
     writer: tokio::sync::Mutex<WriteHalf>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
@@ -120,6 +130,7 @@ impl Connection {
         });
         Arc::new(Connection {
             info,
+            slots: Semaphore::new(MAX_REQUESTS),
             writer: tokio::sync::Mutex::new(w),
             shared,
             next_cookie: AtomicU64::new(1),
@@ -162,9 +173,18 @@ impl Connection {
         if self.is_dead() {
             return Err(ConnError::Lost);
         }
+        // Held until the reply is in (or the connection is gone).
+        let _slot = match self.slots.try_acquire() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                p = self.slots.acquire() => p.map_err(|_| ConnError::Lost)?,
+                _ = self.closed() => return Err(ConnError::Lost),
+            },
+        };
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let buf = (cmd == CMD_READ).then(|| BytesMut::zeroed(len as usize));
+        // Filled as data arrives (see `fill_at`); not zeroed up front.
+        let buf = (cmd == CMD_READ).then(|| BytesMut::with_capacity(len as usize));
         self.shared
             .pending
             .lock()
@@ -287,7 +307,11 @@ fn finish(p: Pending) {
     let r = match p.error {
         Some(e) => Err(ConnError::Server(io::Error::from_raw_os_error(e))),
         None => Ok(Reply {
-            data: p.buf.map(BytesMut::freeze),
+            data: p.buf.map(|mut b| {
+                // What no chunk covered is a hole: zeroes.
+                b.resize(p.len as usize, 0);
+                b.freeze()
+            }),
             extents: p.extents,
         }),
     };
@@ -306,7 +330,7 @@ async fn read_loop(mut r: ReadHalf, shared: &Shared) -> io::Result<()> {
                     p.error = Some(nbd_to_errno(err));
                     p.buf = None;
                 } else if let Some(b) = p.buf.as_mut() {
-                    r.read_exact(b).await?;
+                    fill_at(&mut r, b, 0, p.len as usize).await?;
                 }
                 finish(p);
             }
@@ -342,6 +366,30 @@ async fn read_loop(mut r: ReadHalf, shared: &Shared) -> io::Result<()> {
     }
 }
 
+/// Reads `n` bytes from `r` into `b[at..at + n]`. `b` holds what earlier
+/// chunks filled; data that continues it (the usual case: one chunk, or
+/// chunks in order) is read into its spare capacity without zeroing it
+/// first; a gap before `at` is zeroed (a hole, or a chunk still to come,
+/// which overwrites it).
+async fn fill_at(r: &mut ReadHalf, b: &mut BytesMut, at: usize, n: usize) -> io::Result<()> {
+    if at > b.len() {
+        b.resize(at, 0);
+    }
+    let end = at + n;
+    let inside = end.min(b.len());
+    if at < inside {
+        r.read_exact(&mut b[at..inside]).await?;
+    }
+    while b.len() < end {
+        let want = end - b.len();
+        let got = r.read_buf(&mut (&mut *b).limit(want)).await?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 /// Reads one structured chunk's payload into the request it answers.
 async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Result<()> {
     match ty {
@@ -354,8 +402,7 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
             }
             let s = (off - p.offset) as usize;
             let b = p.buf.as_mut().expect("read buffer");
-            r.read_exact(&mut b[s..s + n as usize]).await?;
-            Ok(())
+            fill_at(r, b, s, n as usize).await
         }
         REPLY_TYPE_OFFSET_HOLE if p.cmd == CMD_READ && len == 12 => {
             let off = r.read_u64().await?;
@@ -363,7 +410,13 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
             if off < p.offset || off + n > p.offset + p.len {
                 return Err(proto_err("server sent a hole outside the request"));
             }
-            // The buffer starts zeroed.
+            // Past what is filled, the final resize zeroes it.
+            let b = p.buf.as_mut().expect("read buffer");
+            let s = (off - p.offset) as usize;
+            let e = (s + n as usize).min(b.len());
+            if s < e {
+                b[s..e].fill(0);
+            }
             Ok(())
         }
         REPLY_TYPE_BLOCK_STATUS if p.cmd == CMD_BLOCK_STATUS && len >= 12 && (len - 4) % 8 == 0 => {
@@ -506,6 +559,143 @@ mod tests {
         match e.await.unwrap() {
             Err(ConnError::Server(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Read chunks in any order, with holes between, before and after
+    /// data, assemble into the right bytes; so does a simple reply.
+    #[tokio::test]
+    async fn read_chunks_in_any_order_and_holes_assemble() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let data = |off: u64, d: &[u8]| {
+            let mut v = (off).to_be_bytes().to_vec();
+            v.extend_from_slice(d);
+            v
+        };
+        let hole = |off: u64, n: u32| {
+            let mut v = off.to_be_bytes().to_vec();
+            v.extend_from_slice(&n.to_be_bytes());
+            v
+        };
+        // (chunks of [off, off + 12) as (is_data, offset, bytes or length))
+        type Chunk = (bool, u64, &'static [u8], u32);
+        let cases: [(&[Chunk], &[u8]); 4] = [
+            (
+                &[(true, 104, b"efgh", 0), (true, 100, b"abcd", 0)],
+                b"abcdefgh\0\0\0\0",
+            ),
+            (
+                &[(false, 100, b"", 4), (true, 104, b"efgh", 0)],
+                b"\0\0\0\0efgh\0\0\0\0",
+            ),
+            (
+                &[(true, 108, b"ijkl", 0), (false, 100, b"", 8)],
+                b"\0\0\0\0\0\0\0\0ijkl",
+            ),
+            (&[(true, 100, b"abcdefghijkl", 0)], b"abcdefghijkl"),
+        ];
+        for (chunks, want) in cases {
+            let c = conn.clone();
+            let t = tokio::spawn(async move { c.request(CMD_READ, 0, 100, 12, None, 0).await });
+            let (_, cookie, _, _) = read_req(&mut server).await;
+            let mut out = Vec::new();
+            for (i, &(is_data, off, d, n)) in chunks.iter().enumerate() {
+                let flags = if i + 1 == chunks.len() {
+                    REPLY_FLAG_DONE
+                } else {
+                    0
+                };
+                let (ty, payload) = if is_data {
+                    (REPLY_TYPE_OFFSET_DATA, data(off, d))
+                } else {
+                    (REPLY_TYPE_OFFSET_HOLE, hole(off, n))
+                };
+                out.extend(chunk_hdr(flags, ty, cookie, payload.len() as u32));
+                out.extend(payload);
+            }
+            server.write_all(&out).await.unwrap();
+            let got = t.await.unwrap().unwrap().data.unwrap();
+            assert_eq!(&got[..], want, "{chunks:?}");
+        }
+        // a simple reply
+        let c = conn.clone();
+        let t = tokio::spawn(async move { c.request(CMD_READ, 0, 0, 6, None, 0).await });
+        let (_, cookie, _, _) = read_req(&mut server).await;
+        let mut out = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(b"simple");
+        server.write_all(&out).await.unwrap();
+        assert_eq!(&t.await.unwrap().unwrap().data.unwrap()[..], b"simple");
+    }
+
+    /// At most MAX_REQUESTS requests go out; the next one is sent when a
+    /// reply frees a slot (QEMU's MAX_NBD_REQUESTS and free_sema).
+    #[tokio::test]
+    async fn requests_beyond_the_cap_wait_for_a_reply() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let mut tasks = Vec::new();
+        for _ in 0..MAX_REQUESTS + 4 {
+            let c = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                c.request(CMD_FLUSH, 0, 0, 0, None, 0).await
+            }));
+        }
+        let mut cookies = Vec::new();
+        for _ in 0..MAX_REQUESTS {
+            cookies.push(read_req(&mut server).await.1);
+        }
+        let more =
+            tokio::time::timeout(std::time::Duration::from_millis(200), read_req(&mut server))
+                .await;
+        assert!(more.is_err(), "a request beyond the cap was sent");
+        // one reply: exactly one more request goes out
+        let done = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookies[0], 0);
+        server.write_all(&done).await.unwrap();
+        cookies.push(read_req(&mut server).await.1);
+        let more =
+            tokio::time::timeout(std::time::Duration::from_millis(200), read_req(&mut server))
+                .await;
+        assert!(more.is_err(), "two requests went out for one reply");
+        // answer everything; the rest follow as slots free up
+        let mut answered = 1;
+        while answered < MAX_REQUESTS + 4 {
+            let c = cookies[answered];
+            let done = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, c, 0);
+            server.write_all(&done).await.unwrap();
+            answered += 1;
+            if cookies.len() < MAX_REQUESTS + 4 {
+                cookies.push(read_req(&mut server).await.1);
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    /// A request waiting for a slot fails when the connection is lost.
+    #[tokio::test]
+    async fn a_request_waiting_for_a_slot_fails_when_the_connection_goes() {
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let mut tasks = Vec::new();
+        for _ in 0..=MAX_REQUESTS {
+            let c = conn.clone();
+            tasks.push(tokio::spawn(async move {
+                c.request(CMD_FLUSH, 0, 0, 0, None, 0).await
+            }));
+        }
+        for _ in 0..MAX_REQUESTS {
+            read_req(&mut server).await;
+        }
+        drop(server);
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(ConnError::Lost)));
         }
     }
 

@@ -9,6 +9,14 @@
 //! the supervisor keeps trying, so a server that comes back later serves
 //! later requests. A request the lost connection had in flight is resent
 //! on the new one, as QEMU's `nbd_co_request` does.
+//!
+//! `NBD_CMD_CACHE` is never sent, even when the server offers it
+//! (`NBD_FLAG_SEND_CACHE`): QEMU 10's client has no such request either
+//! (block/nbd.c registers no prefetch callback; `BDRV_REQ_PREFETCH` is a
+//! copy-on-read request that block/io.c serves by reading, so a prefetch
+//! through an nbd node is an `NBD_CMD_READ`). blockd's server still
+//! answers `NBD_CMD_CACHE` from clients that send it (libnbd's
+//! `nbd_cache`).
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -20,6 +28,7 @@ use tokio::sync::watch;
 
 use super::conn::{ConnError, Connection, Reply};
 use super::negotiate::{negotiate, negotiate_tls, ExportInfo};
+use super::status_cache::StatusCache;
 use super::{connect, filename, ClientOptions, RawStream, ServerAddr};
 use crate::proto::*;
 
@@ -50,6 +59,8 @@ pub struct NbdDriver {
     info: ExportInfo,
     name: String,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A range known to be data (`base:allocation` only).
+    status: StatusCache,
 }
 
 impl std::fmt::Debug for NbdDriver {
@@ -135,6 +146,7 @@ impl NbdDriver {
                 info,
                 name,
                 supervisor: Mutex::new(Some(sup)),
+                status: StatusCache::default(),
             },
             ro,
         ))
@@ -338,14 +350,21 @@ impl BlockDriver for NbdDriver {
                 }
                 f |= CMD_FLAG_FAST_ZERO;
             }
+            self.status.invalidate(offset, len);
             let mut done = 0;
-            while done < len {
-                let n = (len - done).min(self.max_len());
-                self.run(CMD_WRITE_ZEROES, f, offset + done, n, None, 0)
-                    .await?;
-                done += n;
+            let r = async {
+                while done < len {
+                    let n = (len - done).min(self.max_len());
+                    self.run(CMD_WRITE_ZEROES, f, offset + done, n, None, 0)
+                        .await?;
+                    done += n;
+                }
+                Ok(())
             }
-            Ok(())
+            .await;
+            // A status request in flight meanwhile may have filled it.
+            self.status.invalidate(offset, len);
+            r
         })
     }
 
@@ -354,13 +373,19 @@ impl BlockDriver for NbdDriver {
             if self.info.flags & FLAG_SEND_TRIM == 0 {
                 return Ok(());
             }
+            self.status.invalidate(offset, len);
             let mut done = 0;
-            while done < len {
-                let n = (len - done).min(self.max_len());
-                self.run(CMD_TRIM, 0, offset + done, n, None, 0).await?;
-                done += n;
+            let r = async {
+                while done < len {
+                    let n = (len - done).min(self.max_len());
+                    self.run(CMD_TRIM, 0, offset + done, n, None, 0).await?;
+                    done += n;
+                }
+                Ok(())
             }
-            Ok(())
+            .await;
+            self.status.invalidate(offset, len);
+            r
         })
     }
 
@@ -389,8 +414,30 @@ impl BlockDriver for NbdDriver {
                 });
             };
             let n = len.min(self.max_len());
+            // base:allocation: answered from the cache, or asked about the
+            // rest of the export (see `status_cache`).
+            let cache = self.inner.bitmap.is_none();
+            if cache {
+                if let Some(d) = self.status.data_at(offset, n) {
+                    return Ok(BlockStatus {
+                        len: d,
+                        data: true,
+                        zero: false,
+                        allocated: true,
+                    });
+                }
+            }
+            let ask = if cache {
+                self.info
+                    .size
+                    .saturating_sub(offset)
+                    .min(self.max_len())
+                    .max(n)
+            } else {
+                n
+            };
             let r = self
-                .run(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, n, None, ctx)
+                .run(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, ask, None, ctx)
                 .await?;
             let Some(&(elen, flags)) = r.extents.first() else {
                 return Err(io::Error::new(
@@ -406,6 +453,9 @@ impl BlockDriver for NbdDriver {
             }
             let data = flags & STATE_HOLE == 0;
             let zero = flags & STATE_ZERO != 0;
+            if cache && data && !zero {
+                self.status.fill(offset, elen.min(ask));
+            }
             Ok(BlockStatus {
                 len: elen.min(n),
                 data,

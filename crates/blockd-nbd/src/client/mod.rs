@@ -15,6 +15,7 @@ use std::time::Duration;
 pub mod conn;
 pub mod driver;
 pub mod negotiate;
+mod status_cache;
 
 pub use driver::NbdDriver;
 pub use negotiate::ExportInfo;

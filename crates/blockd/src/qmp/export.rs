@@ -250,6 +250,10 @@ async fn add_export(state: &Arc<State>, n: NewExport) -> R<()> {
     Ok(())
 }
 
+/// How long `block-export-del` (safe mode) waits for clients whose
+/// connection is closing (see `NbdServer::export_clients_settled`).
+const CLIENT_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn del_export(state: &Arc<State>, id: &str, mode: Option<Mode>) -> R<()> {
     let mut ex = state.exports.lock().await;
     let entry = ex
@@ -261,12 +265,14 @@ async fn del_export(state: &Arc<State>, id: &str, mode: Option<Mode>) -> R<()> {
         return Err(gen(format!("Export '{id}' is already shutting down")));
     }
     let hard = mode == Some(Mode::Hard);
-    let clients = ex
-        .server
-        .as_ref()
-        .map(|s| s.export_clients(&entry.name))
-        .unwrap_or(0);
-    if !hard && clients > 0 {
+    let clients = match ex.server.as_ref() {
+        Some(s) if !hard => {
+            s.export_clients_settled(&entry.name, CLIENT_CLOSE_WAIT)
+                .await
+        }
+        _ => 0,
+    };
+    if clients > 0 {
         return Err(gen(format!("export '{id}' still in use")));
     }
     begin_removal(state, &mut ex, id, hard);
