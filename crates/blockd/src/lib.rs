@@ -27,6 +27,7 @@ pub mod objects;
 pub mod qmp;
 pub mod qom;
 pub mod schema;
+pub mod secret;
 pub mod state;
 
 use state::State;

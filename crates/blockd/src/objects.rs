@@ -206,6 +206,8 @@ pub enum ObjectKind {
     ThrottleGroup(Arc<ThrottleGroup>),
     /// An `iothread`.
     IoThread(IoThread),
+    /// A `secret` (see [`crate::secret`]).
+    Secret(Arc<crate::secret::Secret>),
 }
 
 /// One object under `/objects`.
@@ -222,6 +224,7 @@ impl Object {
         match self.kind {
             ObjectKind::ThrottleGroup(_) => "throttle-group",
             ObjectKind::IoThread(_) => "iothread",
+            ObjectKind::Secret(_) => "secret",
         }
     }
 
@@ -242,6 +245,11 @@ impl Object {
                 }
             }
             ObjectKind::IoThread(t) => t.get(prop).map(Value::from),
+            ObjectKind::Secret(s) => {
+                return s
+                    .get(prop)
+                    .unwrap_or_else(|| Err(format!("Property 'secret.{prop}' not found")))
+            }
         };
         found.ok_or_else(|| format!("Property '{}.{prop}' not found", self.type_name()))
     }
@@ -271,6 +279,12 @@ impl Object {
                 }
             }
             ObjectKind::IoThread(t) => t.set(prop, value),
+            // QEMU takes the value and keeps the loaded secret as it is.
+            ObjectKind::Secret(_) => match prop {
+                "data" | "file" | "format" | "keyid" | "iv" => Ok(()),
+                "type" => Err("Property 'secret.type' is not writable".into()),
+                _ => Err(format!("Property 'secret.{prop}' not found")),
+            },
         }
     }
 }
@@ -281,6 +295,8 @@ pub struct Objects {
     list: Mutex<Vec<Object>>,
     /// `/objects`' property table, for the listing order.
     order: Mutex<HashOrder>,
+    /// The `secret` objects' values, which drivers look up.
+    pub secrets: Arc<crate::secret::SecretStore>,
 }
 
 /// Whether `id` is a well-formed QEMU identifier (`id_wellformed`).
@@ -376,6 +392,17 @@ impl Objects {
                     Err(e) => return self.failed_completion(id, e),
                 }
             }
+            "secret" => {
+                let props: Map<String, Value> =
+                    props.map(|(k, v)| (k.clone(), v.clone())).collect();
+                self.check_id(id)?;
+                let s = match crate::secret::load(&props) {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => return self.failed_completion(id, e),
+                };
+                self.secrets.insert(id, s.clone());
+                ObjectKind::Secret(s)
+            }
             "iothread" => {
                 let mut t = IoThread::default();
                 for (k, v) in props {
@@ -423,6 +450,9 @@ impl Objects {
             if g.member_count() > 0 {
                 return Err(format!("object '{id}' is in use, can not be deleted"));
             }
+        }
+        if let ObjectKind::Secret(_) = &l[i].kind {
+            self.secrets.remove(id);
         }
         l.remove(i);
         self.order().remove(id);

@@ -69,6 +69,7 @@ impl State {
         );
         let run = Arc::new(RunState::default());
         let throttle_groups = ThrottleGroups::new();
+        let objects = crate::objects::Objects::default();
         State {
             machine: crate::machine::Machine::new(events.clone(), run.clone()),
             control,
@@ -81,9 +82,10 @@ impl State {
                 fdsets: Some(fdsets.clone()),
                 no_inline_writes,
                 throttle_groups: Some(throttle_groups.clone()),
+                secrets: Some(objects.secrets.clone()),
             },
             throttle_groups,
-            objects: crate::objects::Objects::default(),
+            objects,
             fdsets,
             version,
             schema_info: Arc::new(schema_info),

@@ -158,7 +158,7 @@ pub fn register(d: &mut Dispatcher<State>) {
                             aio_max_batch: p("aio-max-batch"),
                         })
                     }
-                    ObjectKind::ThrottleGroup(_) => None,
+                    ObjectKind::ThrottleGroup(_) | ObjectKind::Secret(_) => None,
                 });
                 out.extend(info.ok().flatten());
             }

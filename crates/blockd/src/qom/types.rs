@@ -9,6 +9,8 @@
 //!  ├── container                └── user-creatable (abstract)
 //!  ├── event-loop-base (abstract, user-creatable)
 //!  │   └── iothread
+//!  ├── secret_common (abstract, user-creatable)
+//!  │   └── secret
 //!  └── throttle-group (user-creatable)
 //! ```
 //!
@@ -46,13 +48,15 @@ const fn ty(
 }
 
 /// blockd's types, in qemu-storage-daemon's listing order.
-pub const TYPES: [TypeInfo; 7] = [
+pub const TYPES: [TypeInfo; 9] = [
+    ty("secret_common", Some("object"), true, &["user-creatable"]),
     ty("container", Some("object"), false, &[]),
     TypeInfo {
         is_interface: true,
         ..ty("interface", None, true, &[])
     },
     ty("iothread", Some("event-loop-base"), false, &[]),
+    ty("secret", Some("secret_common"), false, &[]),
     ty("event-loop-base", Some("object"), true, &["user-creatable"]),
     TypeInfo {
         is_interface: true,
@@ -103,6 +107,20 @@ pub fn properties(name: &str) -> Option<&'static [(&'static str, &'static str)]>
     const TYPE: (&str, &str) = ("type", "string");
     Some(match name {
         "object" | "container" => &[TYPE],
+        "secret_common" => &[
+            TYPE,
+            ("iv", "string"),
+            ("keyid", "string"),
+            ("format", "QCryptoSecretFormat"),
+        ],
+        "secret" => &[
+            TYPE,
+            ("iv", "string"),
+            ("keyid", "string"),
+            ("format", "QCryptoSecretFormat"),
+            ("file", "string"),
+            ("data", "string"),
+        ],
         "event-loop-base" => &[
             TYPE,
             ("thread-pool-min", "int"),
@@ -159,16 +177,18 @@ mod tests {
     fn filters_as_qemu() {
         assert_eq!(
             names(list(None, false)),
-            ["container", "iothread", "throttle-group"]
+            ["container", "iothread", "secret", "throttle-group"]
         );
         assert_eq!(
             names(list(Some("user-creatable"), false)),
-            ["iothread", "throttle-group"]
+            ["iothread", "secret", "throttle-group"]
         );
         assert_eq!(
             names(list(Some("user-creatable"), true)),
             [
+                "secret_common",
                 "iothread",
+                "secret",
                 "event-loop-base",
                 "user-creatable",
                 "throttle-group"
@@ -177,8 +197,10 @@ mod tests {
         assert_eq!(
             names(list(Some("interface"), true)),
             [
+                "secret_common",
                 "interface",
                 "iothread",
+                "secret",
                 "event-loop-base",
                 "user-creatable",
                 "throttle-group"
@@ -187,12 +209,18 @@ mod tests {
         assert_eq!(
             names(list(Some("object"), true)),
             [
+                "secret_common",
                 "container",
                 "iothread",
+                "secret",
                 "event-loop-base",
                 "object",
                 "throttle-group"
             ]
+        );
+        assert_eq!(
+            names(list(Some("secret_common"), true)),
+            ["secret_common", "secret"]
         );
         assert_eq!(
             names(list(Some("event-loop-base"), true)),
