@@ -500,7 +500,8 @@ where
         match cli::object_arg(o) {
             Ok(v) => objects.push(v),
             Err(e) => {
-                eprintln!("blockd: --object {o}: {e}");
+                // (The value is not echoed: it may hold a secret.)
+                eprintln!("blockd: --object: {e}");
                 return 1;
             }
         }

@@ -127,11 +127,11 @@ impl Secret {
     pub fn get(&self, prop: &str) -> Option<Result<Value, String>> {
         Some(match prop {
             "format" => Ok(self.format.into()),
-            "file" => Ok(self.file.clone().map_or(Value::Null, Value::from)),
+            "file" => Ok(self.file.clone().unwrap_or_default().into()),
             "data" => Err(
                 "Property 'secret.data' is not readable in blockd (a secret is never shown)".into(),
             ),
-            "keyid" | "iv" => Ok(Value::Null),
+            "keyid" | "iv" => Ok("".into()),
             _ => return None,
         })
     }

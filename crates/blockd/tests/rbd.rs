@@ -353,6 +353,30 @@ fn options_and_errors_as_qemu() {
     srv_alive(srv);
 }
 
+/// Without the feature, rbd is what it is to qemu-storage-daemon without
+/// its rbd module: in the schema, but an unknown driver (recorded).
+#[test]
+fn without_the_feature_rbd_is_unknown() {
+    if cfg!(feature = "rbd") {
+        eprintln!("skipped: built with the 'rbd' feature");
+        return;
+    }
+    let srv = Server::start("blockd-rbd-none");
+    let mut c = srv.client();
+    let e = qmp_err(c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "rbd", "node-name": "r", "pool": "p", "image": "i"})),
+    ));
+    assert_eq!(e, "Unknown driver 'rbd'");
+    let e = qmp_err(c.execute(
+        "blockdev-create",
+        Some(json!({"job-id": "j", "options": {"driver": "rbd",
+                    "location": {"pool": "p", "image": "i"}, "size": 1048576}})),
+    ));
+    assert_eq!(e, "Block driver 'rbd' not found or not supported");
+    srv_alive(srv);
+}
+
 fn srv_alive(mut srv: Server) {
     srv.assert_alive("after the test");
 }
