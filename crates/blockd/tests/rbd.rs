@@ -100,7 +100,7 @@ fn options_and_errors_as_qemu() {
     assert_eq!(n["image"]["cluster-size"], 4 << 20);
     assert_eq!(n["image"]["format-specific"]["type"], "rbd");
     let file = n["file"].as_str().unwrap();
-    assert!(file.starts_with("json:{\"driver\":\"rbd\""), "{file}");
+    assert!(file.starts_with("json:{\"driver\": \"rbd\", "), "{file}");
 
     // block_resize is rbd_resize.
     c.execute(

@@ -144,7 +144,10 @@ pub struct RbdDriver {
 }
 
 /// The file name QEMU shows for an rbd node: its strong options
-/// (`qemu_rbd_strong_runtime_opts`) as a `json:` name.
+/// (`qemu_rbd_strong_runtime_opts`) as a `json:` name, printed as QEMU
+/// prints JSON. (The members' order is the schema's: QEMU's follows its
+/// option dictionary's hash order, which a qemu-storage-daemon without
+/// the rbd module cannot show.)
 fn json_filename(o: &RbdOptions) -> String {
     let mut m = serde_json::Map::new();
     m.insert("driver".into(), "rbd".into());
@@ -165,7 +168,10 @@ fn json_filename(o: &RbdOptions) -> String {
     if let Some(s) = &o.server {
         m.insert("server".into(), serde_json::to_value(s).unwrap_or_default());
     }
-    format!("json:{}", serde_json::Value::Object(m))
+    format!(
+        "json:{}",
+        crate::throttle::qemu_json(&serde_json::Value::Object(m))
+    )
 }
 
 /// Opens an `rbd` node (`qemu_rbd_open`); returns the driver and whether
@@ -458,7 +464,7 @@ mod tests {
         o.key_secret = Some("k".into());
         assert_eq!(
             json_filename(&o),
-            r#"json:{"driver":"rbd","pool":"p","image":"i"}"#
+            r#"json:{"driver": "rbd", "pool": "p", "image": "i"}"#
         );
     }
 
