@@ -63,15 +63,15 @@ class Qmp:
         self.f.readline()
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+    def cmd(self, command, **args):
+        self.f.write(json.dumps({"execute": command, "arguments": args}) + "\n")
         self.f.flush()
         while True:
             r = json.loads(self.f.readline())
             if "event" in r:
                 continue
             if "error" in r:
-                raise SystemExit(f"{name}: {r['error']['desc']}")
+                raise SystemExit(f"{command}: {r['error']['desc']}")
             return r["return"]
 
 

@@ -12,6 +12,7 @@
 
 pub mod create;
 pub mod image;
+mod known;
 pub mod sys;
 
 use std::io;
@@ -141,6 +142,8 @@ pub struct RbdDriver {
     obj_size: u64,
     filename: String,
     snapshot: bool,
+    /// Objects known to exist (block status without librbd).
+    known: known::Known,
 }
 
 /// The file name QEMU shows for an rbd node: its strong options
@@ -219,6 +222,7 @@ pub async fn open(
                 obj_size: st.obj_size,
                 filename,
                 snapshot: o.snapshot.is_some(),
+                known: known::Known::default(),
             },
             ro,
         ))
@@ -257,6 +261,12 @@ fn diff_step(req: &mut DiffReq, offs: u64, len: u64, exists: bool) -> bool {
 }
 
 impl RbdDriver {
+    /// The objects `[offset, offset + len)` touches (len > 0).
+    fn objects(&self, offset: u64, len: u64) -> (u64, u64) {
+        let o = self.obj_size.max(1);
+        (offset / o, (offset + len.max(1) - 1) / o)
+    }
+
     /// `qemu_rbd_co_block_status` (blocking): whether the range from
     /// `offset` holds data, and how far.
     fn block_status_sync(image: &Image, obj_size: u64, offset: u64, bytes: u64) -> BlockStatus {
@@ -360,7 +370,12 @@ impl BlockDriver for RbdDriver {
 
     fn write(&self, offset: u64, data: Bytes, flags: ReqFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            let len = data.len() as u64;
             self.image.write(offset, data).await?;
+            if len > 0 {
+                let (a, b) = self.objects(offset, len);
+                self.known.set(a, b);
+            }
             // librbd has no FUA: QEMU's block layer flushes after the write.
             if flags.fua {
                 self.image.flush().await?;
@@ -383,6 +398,10 @@ impl BlockDriver for RbdDriver {
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        if len > 0 {
+            let (a, b) = self.objects(offset, len);
+            self.known.clear(a, b);
+        }
         Box::pin(self.image.discard(offset, len))
     }
 
@@ -392,17 +411,37 @@ impl BlockDriver for RbdDriver {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, BlockStatus> {
         let image = self.image.clone();
-        let obj = self.obj_size;
+        let obj = self.obj_size.max(1);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::block_status_sync(&image, obj, offset, len))
-                .await
-                .map_err(io::Error::other)
+            // Objects known to exist are data without asking librbd.
+            let first = offset / obj;
+            let (_, last) = self.objects(offset, len);
+            let n = self.known.run(first, last - first + 1);
+            if n > 0 {
+                return Ok(BlockStatus {
+                    len: ((first + n) * obj).min(offset + len) - offset,
+                    data: true,
+                    zero: false,
+                    allocated: true,
+                });
+            }
+            let st = tokio::task::spawn_blocking(move || {
+                Self::block_status_sync(&image, obj, offset, len)
+            })
+            .await
+            .map_err(io::Error::other)?;
+            if st.data {
+                let (a, b) = self.objects(offset, st.len);
+                self.known.set(a, b);
+            }
+            Ok(st)
         })
     }
 
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {
         let image = self.image.clone();
         Box::pin(async move {
+            self.known.clear_all();
             tokio::task::spawn_blocking(move || image.resize(len))
                 .await
                 .map_err(io::Error::other)??;
