@@ -372,14 +372,26 @@ impl Image {
     }
 
     /// Reads `len` bytes at `off`; a short read (past the end) is padded
-    /// with zeroes, as QEMU pads it.
+    /// with zeroes, as QEMU pads it. The buffer is not cleared first:
+    /// librbd fills what it returns, the rest is zeroed here.
     pub async fn read(&self, off: u64, len: usize) -> io::Result<Vec<u8>> {
-        let rx = self.submit(vec![0u8; len], move |h, c, b: &mut Vec<u8>| {
-            // SAFETY: the buffer holds `len` bytes and lives in the
-            // request's state until the callback.
-            unsafe { sys::rbd_aio_read(h, off, len, b.as_mut_ptr().cast(), c) }
-        })?;
-        Ok(Self::finish(rx).await?.1)
+        let rx = self.submit(
+            Vec::<u8>::with_capacity(len),
+            move |h, c, b: &mut Vec<u8>| {
+                // SAFETY: the buffer has room for `len` bytes and lives in
+                // the request's state until the callback.
+                unsafe { sys::rbd_aio_read(h, off, len, b.as_mut_ptr().cast(), c) }
+            },
+        )?;
+        let (ret, mut buf) = Self::finish(rx).await?;
+        let got = usize::try_from(ret).unwrap_or(0).min(len);
+        // SAFETY: librbd wrote `got` bytes at the start of the buffer; the
+        // rest of its `len` bytes of capacity is zeroed before `set_len`.
+        unsafe {
+            std::ptr::write_bytes(buf.as_mut_ptr().add(got), 0, len - got);
+            buf.set_len(len);
+        }
+        Ok(buf)
     }
 
     /// Writes `data` at `off`.
