@@ -186,6 +186,11 @@ fn options_and_errors_as_qemu() {
     let short = srv.dir.join("short.conf");
     std::fs::write(&short, "[global]\nclient_mount_timeout = 2\n").unwrap();
     v["conf"] = short.to_str().unwrap().into();
+    let e = qmp_err(add(&mut c, v.clone()));
+    assert!(e.starts_with("error connecting: "), "{e}");
+    // So is a user the cluster does not know, with the right key.
+    v["key-secret"] = "k0".into();
+    v["user"] = "nobody".into();
     let e = qmp_err(add(&mut c, v));
     assert!(e.starts_with("error connecting: "), "{e}");
     srv_alive(srv);
