@@ -18,7 +18,10 @@ pub mod open;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 pub mod reopen;
+pub mod secrets;
 pub mod throttle;
 
 pub use implicit::{open_image, ImageRequest, OpenedImage};

@@ -58,6 +58,8 @@ pub struct Env {
     pub throttle_groups: Option<Arc<ThrottleGroups>>,
     /// TLS credentials (the `nbd` driver's `tls-creds`).
     pub tls: Option<Arc<blockd_nbd::tls::TlsRegistry>>,
+    /// `secret` objects (`rbd`'s `key-secret`).
+    pub secrets: Option<Arc<dyn crate::secrets::Secrets>>,
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -429,6 +431,11 @@ pub(crate) fn check_tree(
             crate::qcow2::check(q)
         }
         DriverOptions::File(f) => crate::file::check(f),
+        DriverOptions::Rbd(_r) => {
+            #[cfg(feature = "rbd")]
+            crate::rbd::check(_r)?;
+            Ok(())
+        }
     }
 }
 
@@ -566,6 +573,17 @@ pub(crate) fn open_node<'a>(
                 let (d, ro) = crate::qcow2::open(q, &mut ctx).await?;
                 nopts.read_only = ro;
                 Box::new(d)
+            }
+            #[cfg(feature = "rbd")]
+            DriverOptions::Rbd(r) => {
+                let (d, ro) = crate::rbd::open(r, &ctx.node, env.secrets.clone()).await?;
+                nopts.read_only = ro;
+                Box::new(d)
+            }
+            // As QEMU without its rbd module.
+            #[cfg(not(feature = "rbd"))]
+            DriverOptions::Rbd(_) => {
+                return Err(BlockError::invalid("Unknown driver 'rbd'"));
             }
         };
         let node = BlockNode::with_children(name, auto, nopts, explicit, driver, ctx.children);

@@ -315,6 +315,54 @@ pub struct NbdOptions {
     pub open_timeout: Option<u32>,
 }
 
+/// `RbdAuthMode`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RbdAuthMode {
+    /// Ceph's shared-key authentication.
+    Cephx,
+    /// No authentication.
+    None,
+}
+
+/// `InetSocketAddressBase`: a host and a port (number or service name).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InetAddrBase {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: String,
+}
+
+/// `BlockdevOptionsRbd`: an image in a Ceph cluster.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdOptions {
+    /// The pool.
+    pub pool: String,
+    /// The namespace in the pool (default: none).
+    pub namespace: Option<String>,
+    /// The image.
+    pub image: String,
+    /// A Ceph configuration file (default: Ceph's default locations).
+    pub conf: Option<String>,
+    /// A snapshot to open (read-only).
+    pub snapshot: Option<String>,
+    /// Encryption: refused (blockd has no librbd encryption).
+    pub encrypt: Option<serde_json::Value>,
+    /// The Ceph user (client id) to authenticate as.
+    pub user: Option<String>,
+    /// Acceptable authentication modes, in order.
+    #[serde(rename = "auth-client-required")]
+    pub auth_client_required: Option<Vec<RbdAuthMode>>,
+    /// The id of a `secret` object holding the user's key.
+    #[serde(rename = "key-secret")]
+    pub key_secret: Option<String>,
+    /// Monitors to contact (instead of the configuration's).
+    pub server: Option<Vec<InetAddrBase>>,
+}
+
 /// The driver and its own options (the union's variants).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "driver")]
@@ -337,6 +385,9 @@ pub enum DriverOptions {
     /// `raw`.
     #[serde(rename = "raw")]
     Raw(RawOptions),
+    /// `rbd`.
+    #[serde(rename = "rbd")]
+    Rbd(RbdOptions),
     /// `throttle`.
     #[serde(rename = "throttle")]
     Throttle(crate::throttle::ThrottleOptions),
@@ -352,6 +403,7 @@ impl DriverOptions {
             DriverOptions::Null(_) => "null-co",
             DriverOptions::Qcow2(_) => "qcow2",
             DriverOptions::Raw(_) => "raw",
+            DriverOptions::Rbd(_) => "rbd",
             DriverOptions::Throttle(_) => "throttle",
         }
     }

@@ -285,7 +285,10 @@ fn plan_entry(
                 None => {}
             }
         }
-        DriverOptions::File(_) | DriverOptions::Null(_) | DriverOptions::Nbd(_) => {}
+        DriverOptions::File(_)
+        | DriverOptions::Null(_)
+        | DriverOptions::Nbd(_)
+        | DriverOptions::Rbd(_) => {}
     }
     for (name, _, _) in &children {
         plan.changed_edges.insert((node.id(), name.clone()));

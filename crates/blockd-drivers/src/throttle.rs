@@ -113,7 +113,7 @@ fn child_json(c: &ChildRef) -> serde_json::Value {
 
 /// JSON as QEMU prints a `json:` file name (`qobject_to_json`): `", "`
 /// and `": "` between items.
-fn qemu_json(v: &serde_json::Value) -> String {
+pub(crate) fn qemu_json(v: &serde_json::Value) -> String {
     use serde_json::Value;
     match v {
         Value::Object(m) => {

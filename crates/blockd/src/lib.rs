@@ -27,6 +27,7 @@ pub mod objects;
 pub mod qmp;
 pub mod qom;
 pub mod schema;
+pub mod secret;
 pub mod state;
 pub mod tls_objects;
 
@@ -500,7 +501,8 @@ where
         match cli::object_arg(o) {
             Ok(v) => objects.push(v),
             Err(e) => {
-                eprintln!("blockd: --object {o}: {e}");
+                // (The value is not echoed: it may hold a secret.)
+                eprintln!("blockd: --object: {e}");
                 return 1;
             }
         }

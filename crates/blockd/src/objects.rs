@@ -211,6 +211,8 @@ pub enum ObjectKind {
     TlsCredsX509(Box<crate::tls_objects::TlsCredsX509>),
     /// An `authz-simple` or `authz-list`.
     Authz(Arc<crate::tls_objects::AuthzObject>),
+    /// A `secret` (see [`crate::secret`]).
+    Secret(Arc<crate::secret::Secret>),
 }
 
 /// One object under `/objects`.
@@ -229,6 +231,7 @@ impl Object {
             ObjectKind::IoThread(_) => "iothread",
             ObjectKind::TlsCredsX509(_) => "tls-creds-x509",
             ObjectKind::Authz(a) => a.type_name(),
+            ObjectKind::Secret(_) => "secret",
         }
     }
 
@@ -251,6 +254,11 @@ impl Object {
             ObjectKind::IoThread(t) => t.get(prop).map(Value::from),
             ObjectKind::TlsCredsX509(c) => c.get(prop),
             ObjectKind::Authz(a) => a.get(prop),
+            ObjectKind::Secret(s) => {
+                return s
+                    .get(prop)
+                    .unwrap_or_else(|| Err(format!("Property 'secret.{prop}' not found")))
+            }
         };
         found.ok_or_else(|| format!("Property '{}.{prop}' not found", self.type_name()))
     }
@@ -282,6 +290,12 @@ impl Object {
             ObjectKind::IoThread(t) => t.set(prop, value),
             ObjectKind::TlsCredsX509(c) => c.set(prop, value),
             ObjectKind::Authz(a) => a.set(prop, value),
+            // QEMU takes the value and keeps the loaded secret as it is.
+            ObjectKind::Secret(_) => match prop {
+                "data" | "file" | "format" | "keyid" | "iv" => Ok(()),
+                "type" => Err("Property 'secret.type' is not writable".into()),
+                _ => Err(format!("Property 'secret.{prop}' not found")),
+            },
         }
     }
 }
@@ -295,6 +309,8 @@ pub struct Objects {
     /// The TLS credentials and authorization objects, by id, for the NBD
     /// server and driver.
     tls: Arc<blockd_nbd::tls::TlsRegistry>,
+    /// The `secret` objects' values, which drivers look up.
+    pub secrets: Arc<crate::secret::SecretStore>,
 }
 
 /// Whether `id` is a well-formed QEMU identifier (`id_wellformed`).
@@ -395,6 +411,17 @@ impl Objects {
                     Err(e) => return self.failed_completion(id, e),
                 }
             }
+            "secret" => {
+                let props: Map<String, Value> =
+                    props.map(|(k, v)| (k.clone(), v.clone())).collect();
+                self.check_id(id)?;
+                let s = match crate::secret::load(&props) {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => return self.failed_completion(id, e),
+                };
+                self.secrets.insert(id, s.clone());
+                ObjectKind::Secret(s)
+            }
             "iothread" => {
                 let mut t = IoThread::default();
                 for (k, v) in props {
@@ -462,6 +489,9 @@ impl Objects {
             if g.member_count() > 0 {
                 return Err(format!("object '{id}' is in use, can not be deleted"));
             }
+        }
+        if let ObjectKind::Secret(_) = &l[i].kind {
+            self.secrets.remove(id);
         }
         l.remove(i);
         self.order().remove(id);

@@ -83,6 +83,7 @@ impl State {
                 no_inline_writes,
                 throttle_groups: Some(throttle_groups.clone()),
                 tls: Some(objects.tls()),
+                secrets: Some(objects.secrets.clone()),
             },
             throttle_groups,
             objects,

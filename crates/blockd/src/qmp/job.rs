@@ -37,6 +37,12 @@ enum CreateOptions {
     File(FileCreateOptions),
     #[serde(rename = "qcow2")]
     Qcow2(Qcow2CreateOptions),
+    #[cfg(feature = "rbd")]
+    #[serde(rename = "rbd")]
+    Rbd(Box<blockd_drivers::rbd::create::RbdCreateOptions>),
+    #[cfg(not(feature = "rbd"))]
+    #[serde(rename = "rbd")]
+    Rbd(serde::de::IgnoredAny),
     #[serde(other)]
     Unsupported,
 }
@@ -118,6 +124,32 @@ impl JobDriver for Qcow2CreateJob {
     }
 }
 
+/// The body of a `create` job for rbd: connecting and creating block,
+/// so they run on the blocking pool.
+#[cfg(feature = "rbd")]
+struct RbdCreateJob {
+    opts: blockd_drivers::rbd::create::RbdCreateOptions,
+    secrets: Option<std::sync::Arc<dyn blockd_drivers::secrets::Secrets>>,
+}
+
+#[cfg(feature = "rbd")]
+impl JobDriver for RbdCreateJob {
+    fn run(&self, ctx: JobCtx) -> JobFuture<'_> {
+        let opts = self.opts.clone();
+        let secrets = self.secrets.clone();
+        Box::pin(async move {
+            ctx.set_total(1);
+            let r = tokio::task::spawn_blocking(move || {
+                blockd_drivers::rbd::create::create(&opts, secrets.as_deref())
+            })
+            .await
+            .map_err(|e| format!("image creation failed: {e}"))?;
+            ctx.add_progress(1);
+            r.map_err(|e| e.msg)
+        })
+    }
+}
+
 macro_rules! verb {
     ($d:expr, $name:literal, $method:ident) => {
         $d.register($name, |cx: Ctx<State>, a: JobId| async move {
@@ -140,6 +172,18 @@ pub fn register(d: &mut Dispatcher<State>) {
                     state: std::sync::Arc::downgrade(&cx.state),
                     opts: q,
                 }),
+                #[cfg(feature = "rbd")]
+                CreateOptions::Rbd(o) => Box::new(RbdCreateJob {
+                    opts: *o,
+                    secrets: cx.state.env.secrets.clone(),
+                }),
+                // As QEMU without its rbd module.
+                #[cfg(not(feature = "rbd"))]
+                CreateOptions::Rbd(_) => {
+                    return Err(QmpError::generic(
+                        "Block driver 'rbd' not found or not supported",
+                    ));
+                }
                 CreateOptions::Unsupported => {
                     return Err(QmpError::generic("Driver does not support blockdev-create"));
                 }

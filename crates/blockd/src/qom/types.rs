@@ -11,6 +11,8 @@
 //!  ├── event-loop-base (abstract, user-creatable)
 //!  │   └── iothread
 //!  ├── throttle-group (user-creatable)
+//!  ├── secret_common (abstract, user-creatable)
+//!  │   └── secret
 //!  ├── authz (abstract)
 //!  │   ├── authz-simple (user-creatable)
 //!  │   └── authz-list (user-creatable)
@@ -52,14 +54,16 @@ const fn ty(
 }
 
 /// blockd's types, in qemu-storage-daemon's listing order.
-pub const TYPES: [TypeInfo; 12] = [
+pub const TYPES: [TypeInfo; 14] = [
     ty("authz-simple", Some("authz"), false, &["user-creatable"]),
+    ty("secret_common", Some("object"), true, &["user-creatable"]),
     ty("container", Some("object"), false, &[]),
     TypeInfo {
         is_interface: true,
         ..ty("interface", None, true, &[])
     },
     ty("iothread", Some("event-loop-base"), false, &[]),
+    ty("secret", Some("secret_common"), false, &[]),
     ty("authz", Some("object"), true, &[]),
     ty("tls-creds", Some("object"), true, &[]),
     ty("authz-list", Some("authz"), false, &["user-creatable"]),
@@ -141,6 +145,20 @@ pub fn properties(name: &str) -> Option<&'static [(&'static str, &'static str)]>
             ("sanity-check", "bool"),
             ("passwordid", "string"),
         ],
+        "secret_common" => &[
+            TYPE,
+            ("iv", "string"),
+            ("keyid", "string"),
+            ("format", "QCryptoSecretFormat"),
+        ],
+        "secret" => &[
+            TYPE,
+            ("iv", "string"),
+            ("keyid", "string"),
+            ("format", "QCryptoSecretFormat"),
+            ("file", "string"),
+            ("data", "string"),
+        ],
         "event-loop-base" => &[
             TYPE,
             ("thread-pool-min", "int"),
@@ -201,6 +219,7 @@ mod tests {
                 "authz-simple",
                 "container",
                 "iothread",
+                "secret",
                 "authz-list",
                 "tls-creds-x509",
                 "throttle-group"
@@ -211,6 +230,7 @@ mod tests {
             [
                 "authz-simple",
                 "iothread",
+                "secret",
                 "authz-list",
                 "tls-creds-x509",
                 "throttle-group"
@@ -220,7 +240,9 @@ mod tests {
             names(list(Some("user-creatable"), true)),
             [
                 "authz-simple",
+                "secret_common",
                 "iothread",
+                "secret",
                 "authz-list",
                 "event-loop-base",
                 "user-creatable",
@@ -232,8 +254,10 @@ mod tests {
             names(list(Some("interface"), true)),
             [
                 "authz-simple",
+                "secret_common",
                 "interface",
                 "iothread",
+                "secret",
                 "authz-list",
                 "event-loop-base",
                 "user-creatable",
@@ -245,8 +269,10 @@ mod tests {
             names(list(Some("object"), true)),
             [
                 "authz-simple",
+                "secret_common",
                 "container",
                 "iothread",
+                "secret",
                 "authz",
                 "tls-creds",
                 "authz-list",
@@ -255,6 +281,10 @@ mod tests {
                 "tls-creds-x509",
                 "throttle-group"
             ]
+        );
+        assert_eq!(
+            names(list(Some("secret_common"), true)),
+            ["secret_common", "secret"]
         );
         assert_eq!(
             names(list(Some("event-loop-base"), true)),
