@@ -434,7 +434,7 @@ impl Objects {
                 ObjectKind::IoThread(t)
             }
             "tls-creds-x509" => {
-                let c = crate::tls_objects::TlsCredsX509::create(args);
+                let c = crate::tls_objects::TlsCredsX509::create(args, &self.secrets);
                 self.check_id(id)?;
                 match c {
                     Ok(c) => {

@@ -36,7 +36,10 @@ fn string(args: &Map<String, Value>, k: &str) -> Option<String> {
 impl TlsCredsX509 {
     /// `object-add` of a `tls-creds-x509` (arguments checked against the
     /// schema already): loads the files (`qcrypto_tls_creds_x509_load`).
-    pub fn create(args: &Map<String, Value>) -> Result<TlsCredsX509, String> {
+    pub fn create(
+        args: &Map<String, Value>,
+        secrets: &crate::secret::SecretStore,
+    ) -> Result<TlsCredsX509, String> {
         let opts = X509Options {
             dir: string(args, "dir"),
             endpoint: match args.get("endpoint").and_then(Value::as_str) {
@@ -55,9 +58,13 @@ impl TlsCredsX509 {
         let creds = Arc::new(X509Creds::load(&opts)?);
         let passwordid = string(args, "passwordid");
         if let Some(p) = &passwordid {
-            // blockd has no `secret` objects: an encrypted key cannot be
-            // opened, and the id names nothing.
-            return Err(format!("No secret with id '{p}'"));
+            // QEMU looks the password up before it reads the key. blockd
+            // reads unencrypted keys only (rustls has no decryption of
+            // PKCS#8 keys), so the password is not used: an encrypted key
+            // fails to load with the loader's message.
+            if !secrets.contains(p) {
+                return Err(format!("No secret with id '{p}'"));
+            }
         }
         Ok(TlsCredsX509 {
             opts,
