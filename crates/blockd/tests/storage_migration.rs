@@ -23,16 +23,18 @@
 //! Variants: blockd to blockd (cancel and complete), blockd to
 //! qemu-storage-daemon, qemu-storage-daemon to blockd.
 //!
-//! TLS: [`Tls`] names an x509 credentials directory; with it, both hosts
-//! get a `tls-creds-x509` object (`tls0`, endpoint server on the
-//! destination, client on the source) that `nbd-server-start` and the nbd
-//! node use. The TLS variant runs when `BLOCKD_MIG_TLS_DIR` names such a
-//! directory (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
-//! `client-cert.pem`, `client-key.pem`).
+//! Over TLS: [`Tls`] makes an x509 credentials directory at test time
+//! (one CA, a server certificate for 127.0.0.1, a client certificate);
+//! both hosts get a `tls-creds-x509` object (`tls0`, endpoint server on
+//! the destination, client on the source, peers verified) that
+//! `nbd-server-start` and the nbd node use. The same four variants run
+//! over TLS, qemu-storage-daemon's GnuTLS at one end in two of them.
 //!
 //! One round per test by default (a few seconds); `BLOCKD_SOAK=1` repeats
 //! rounds for 60 s per test with longer load phases.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 #[path = "common/nbd_load.rs"]
 mod nbd_load;
@@ -267,9 +269,18 @@ struct Tls {
 impl Tls {
     const ID: &'static str = "tls0";
 
-    /// `BLOCKD_MIG_TLS_DIR`, if set.
-    fn from_env() -> Option<Tls> {
-        std::env::var_os("BLOCKD_MIG_TLS_DIR").map(|d| Tls { dir: d.into() })
+    /// Makes the credentials in a scratch directory (removed on drop).
+    fn make() -> Tls {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "mig-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let ca = certs::Ca::new("Migration CA");
+        ca.issue(&dir, Some(&["127.0.0.1", "localhost"]), false);
+        ca.issue(&dir, None, false);
+        Tls { dir }
     }
 
     fn add_object(&self, h: &mut Host, endpoint: &str) {
@@ -278,6 +289,12 @@ impl Tls {
             json!({"qom-type": "tls-creds-x509", "id": Self::ID, "endpoint": endpoint,
                    "dir": self.dir, "verify-peer": true}),
         );
+    }
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -495,15 +512,11 @@ fn qemu_storage_daemon_to_blockd() {
     }
 }
 
-/// The same over TLS, when `BLOCKD_MIG_TLS_DIR` names a directory of
-/// x509 credentials (client and server certificates of one CA).
+/// The four variants over TLS, peers verified on both sides.
 #[test]
 fn blockd_to_blockd_over_tls() {
-    let Some(tls) = Tls::from_env() else {
-        eprintln!("skipping: BLOCKD_MIG_TLS_DIR not set");
-        return;
-    };
     if tools(false) {
+        let tls = Tls::make();
         migrate(
             Kind::Blockd,
             Kind::Blockd,
@@ -516,6 +529,21 @@ fn blockd_to_blockd_over_tls() {
             Kind::Blockd,
             Finish::Complete,
             0x7151,
+            Some(&tls),
+        );
+    }
+}
+
+#[test]
+fn blockd_and_qemu_storage_daemon_over_tls() {
+    if tools(true) {
+        let tls = Tls::make();
+        migrate(Kind::Blockd, Kind::Qsd, Finish::Cancel, 0x7152, Some(&tls));
+        migrate(
+            Kind::Qsd,
+            Kind::Blockd,
+            Finish::Complete,
+            0x7153,
             Some(&tls),
         );
     }
