@@ -170,8 +170,11 @@ pub fn io_error(
 
 use OnIoError::Fail;
 
-/// Copied bytes between two background flushes of a job's target.
-const WRITEBACK_BYTES: u64 = 64 << 20;
+/// Copied bytes between two background flushes of a job's target. 16 MiB
+/// keeps the disk busy from early on and leaves little for the final
+/// flush: a 1 GiB mirror, half allocated, took 0.309 s with 16 MiB and
+/// 0.336 s with 64 MiB (medians of 8 alternating rounds).
+const WRITEBACK_BYTES: u64 = 16 << 20;
 
 type FlushFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
