@@ -1,8 +1,14 @@
 //! One negotiated connection in transmission phase (QEMU's
 //! `nbd_co_send_request` / `nbd_receive_replies` in block/nbd.c): any
-//! number of callers send requests under a write lock, each with its own
-//! cookie; one reader task reads replies and hands each to the request
-//! that waits for it, so many requests are in flight at once.
+//! number of callers send requests, each with its own cookie; one reader
+//! task reads replies and hands each to the request that waits for it, so
+//! many requests are in flight at once.
+//!
+//! Requests go out through one writer task, which sends every request
+//! queued meanwhile in one vectored write: at depth 16 a syscall carries
+//! several requests (QEMU sends each under its send mutex, with the
+//! socket corked). A caller that gives up after queueing its request does
+//! not cut a frame in half, as it would if it wrote itself.
 //!
 //! At most [`MAX_REQUESTS`] requests are in flight on a connection (QEMU's
 //! `MAX_NBD_REQUESTS`, 16): a request beyond that waits until one of them
@@ -19,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use super::negotiate::ExportInfo;
 use crate::proto::*;
@@ -90,10 +96,92 @@ pub struct Connection {
     info: ExportInfo,
     /// One permit per request in flight.
     slots: Semaphore,
-    writer: tokio::sync::Mutex<WriteHalf>,
+    /// To the writer task.
+    frames: mpsc::UnboundedSender<Frame>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// What the writer task sends.
+enum Frame {
+    /// A request: its header and, for a write, its data.
+    Request {
+        head: [u8; 32],
+        len: usize,
+        payload: Option<Bytes>,
+    },
+    /// `NBD_CMD_DISC`'s header, then the write half is shut down; the
+    /// sender learns when that is done.
+    Disconnect {
+        head: [u8; 32],
+        len: usize,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Most frames one write carries.
+const BATCH: usize = 32;
+
+/// The writer task: waits for a frame, takes every frame queued
+/// meanwhile, and writes them all with vectored writes.
+async fn write_loop(mut w: WriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, shared: Arc<Shared>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut slices = Vec::with_capacity(batch.len() * 2);
+        for f in &batch {
+            match f {
+                Frame::Request { head, len, payload } => {
+                    slices.push(io::IoSlice::new(&head[..*len]));
+                    if let Some(p) = payload {
+                        slices.push(io::IoSlice::new(p));
+                    }
+                }
+                Frame::Disconnect { head, len, .. } => slices.push(io::IoSlice::new(&head[..*len])),
+            }
+        }
+        let sent = async {
+            write_all_vectored(&mut w, &mut slices).await?;
+            w.flush().await
+        }
+        .await;
+        drop(slices);
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "nbd client: send failed");
+            shared.kill();
+            return;
+        }
+        for f in batch.drain(..) {
+            if let Frame::Disconnect { done, .. } = f {
+                let _ = w.shutdown().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Writes every byte of `slices` (`write_all` for vectored writes).
+async fn write_all_vectored(
+    w: &mut WriteHalf,
+    mut slices: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// NBD errors to errnos (QEMU's `nbd_errno_to_system_errno`).
@@ -118,6 +206,8 @@ impl Connection {
             dead: AtomicBool::new(false),
             died: Notify::new(),
         });
+        let (frames, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(w, rx, shared.clone()));
         let s2 = shared.clone();
         let reader = tokio::spawn(async move {
             // Reply headers are small reads: buffer them.
@@ -131,10 +221,11 @@ impl Connection {
         Arc::new(Connection {
             info,
             slots: Semaphore::new(MAX_REQUESTS),
-            writer: tokio::sync::Mutex::new(w),
+            frames,
             shared,
             next_cookie: AtomicU64::new(1),
             reader,
+            writer,
         })
     }
 
@@ -206,22 +297,13 @@ impl Connection {
         if self.is_dead() {
             self.shared.kill();
         }
-        let (h, hlen) = header(self.info.extended, flags, cmd, cookie, offset, len);
-        let h = &h[..hlen];
-        let sent = {
-            let mut w = self.writer.lock().await;
-            let r = async {
-                w.write_all(h).await?;
-                if let Some(p) = &payload {
-                    w.write_all(p).await?;
-                }
-                w.flush().await
-            }
-            .await;
-            r
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "nbd client: send failed");
+        let (head, len) = header(self.info.extended, flags, cmd, cookie, offset, len);
+        if self
+            .frames
+            .send(Frame::Request { head, len, payload })
+            .is_err()
+        {
+            // The writer is gone: so is the connection.
             self.reader.abort();
             self.shared.kill();
         }
@@ -231,12 +313,15 @@ impl Connection {
     /// Sends `NBD_CMD_DISC` and closes the connection.
     pub async fn disconnect(&self) {
         if !self.is_dead() {
-            let (h, hlen) = header(self.info.extended, 0, CMD_DISC, 0, 0, 0);
-            let mut w = self.writer.lock().await;
-            let _ = w.write_all(&h[..hlen]).await;
-            let _ = w.flush().await;
-            let _ = w.shutdown().await;
-            drop(w);
+            let (head, len) = header(self.info.extended, 0, CMD_DISC, 0, 0, 0);
+            let (done, sent) = oneshot::channel();
+            if self
+                .frames
+                .send(Frame::Disconnect { head, len, done })
+                .is_ok()
+            {
+                let _ = sent.await;
+            }
             // The server closes its end after NBD_CMD_DISC: wait for that
             // (briefly), so that the server has let the client go when the
             // node's removal returns.
@@ -250,6 +335,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
@@ -560,6 +646,48 @@ mod tests {
             Err(ConnError::Server(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// A write whose caller gives up once it is queued still goes out
+    /// whole (the writer task owns the frame), so the next request's
+    /// header follows the payload on the wire instead of cutting into it.
+    #[tokio::test]
+    async fn a_write_given_up_after_queueing_goes_out_whole() {
+        // A pipe much smaller than the payload: the write needs many
+        // rounds while the server reads.
+        let (client, mut server) = tokio::io::duplex(4096);
+        let (r, w) = tokio::io::split(client);
+        let conn = Connection::start(info(), Box::new(r), Box::new(w));
+        let payload = Bytes::from(vec![0x5a; 64 << 10]);
+        {
+            let f = conn.request(CMD_WRITE, 0, 0, payload.len() as u64, Some(payload), 0);
+            tokio::pin!(f);
+            // One poll queues it; then the caller drops it.
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(f.as_mut(), cx).is_pending())
+            })
+            .await;
+            assert!(polled);
+        }
+        let c = conn.clone();
+        let next = tokio::spawn(async move { c.request(CMD_FLUSH, 0, 0, 0, None, 0).await });
+        let (cmd, _, off, len) = read_req(&mut server).await;
+        assert_eq!((cmd, off, len), (CMD_WRITE, 0, 64 << 10));
+        let mut data = vec![0u8; 64 << 10];
+        // (A cut frame leaves the payload short: the read never ends.)
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.read_exact(&mut data),
+        )
+        .await
+        .expect("the payload was cut short")
+        .unwrap();
+        assert!(data.iter().all(|&b| b == 0x5a));
+        let (cmd, cookie, _, _) = read_req(&mut server).await;
+        assert_eq!(cmd, CMD_FLUSH);
+        let out = chunk_hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+        server.write_all(&out).await.unwrap();
+        assert!(next.await.unwrap().is_ok());
     }
 
     /// Read chunks in any order, with holes between, before and after
