@@ -5,7 +5,7 @@ or blockd in between).
 
 Usage:
     cargo build --release -p blockd --features rbd
-    benches/rbd.py [--conf CEPH_CONF] [--blockd PATH] [--runs N] [--json]
+    benches/rbd.py [--conf CEPH_CONF] [--blockd PATH] [--runs N] [--cases A,B] [--json]
 
 Without --conf (or BLOCKD_CEPH_CONF) a throwaway cluster is started with
 tests/ceph/cluster.sh and stopped at the end.
@@ -98,7 +98,9 @@ def main():
     ap.add_argument("--blockd", default=os.path.join(ROOT, "target/release/blockd"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cases", help="comma-separated case names (default: all)")
     a = ap.parse_args()
+    cases = [c for c in CASES if not a.cases or c[0] in a.cases.split(",")]
     started = None
     if not a.conf:
         log("starting a throwaway cluster")
@@ -123,7 +125,7 @@ def main():
         q.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, name="d", writable=True)
         url = f"nbd+unix:///d?socket={nsock}"
         results = {}
-        for (case, size, depth, write, rnd, count) in CASES:
+        for (case, size, depth, write, rnd, count) in cases:
             b, r = [], []
             for i in range(a.runs):
                 order = [("b", b), ("r", r)] if i % 2 == 0 else [("r", r), ("b", b)]

@@ -6,68 +6,17 @@
 //! goes over the wire as NBD_CMD_WRITE_ZEROES, never as zero data).
 
 mod common;
+#[path = "common/qemu_nbd.rs"]
+mod qemu_nbd;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockd_testkit::{Pattern, QmpClient};
 use common::Server;
+use qemu_nbd::{have_qemu, ok, run, QemuNbd};
 use serde_json::{json, Value};
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().expect("run tool")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// qemu-nbd serving `img` (raw) as `exp` on `sock`, killed on drop.
-struct QemuNbd(Child);
-
-impl QemuNbd {
-    fn start(img: &Path, sock: &Path) -> QemuNbd {
-        Self::start_with(img, sock, &[])
-    }
-
-    fn start_with(img: &Path, sock: &Path, extra: &[&str]) -> QemuNbd {
-        let child = Command::new("qemu-nbd")
-            .args(extra)
-            .args(["-t", "-e", "8", "-f", "raw", "-x", "exp", "-k"])
-            .arg(sock)
-            .arg(img)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "qemu-nbd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd(child)
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn have_qemu() -> bool {
-    ["qemu-nbd", "qemu-img", "qemu-io"]
-        .iter()
-        .all(|t| Command::new(t).arg("--version").output().is_ok())
-}
 
 fn wait(c: &mut QmpClient, pat: Value) -> Value {
     c.wait_event(&Pattern::new(pat).unwrap(), Duration::from_secs(60))
@@ -661,105 +610,4 @@ fn reconnect_refuses_a_different_export() {
         assert!(Instant::now() < deadline, "no reconnect: {out}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Block status through an nbd node is cached for data ranges (QEMU's
-/// block-status cache): after reads filled it, zeroing a range through
-/// the node (a hole on the remote) must show at once as zero in
-/// `qemu-img map` over a re-export of the node, and reads stay exact.
-#[test]
-fn block_status_after_zeroing_through_the_node_is_exact() {
-    if !have_qemu() {
-        eprintln!("skipped: qemu tools not installed");
-        return;
-    }
-    let srv = Server::start("nbdc-bsc");
-    let img = srv.dir.join("disk.raw");
-    let i = img.to_str().unwrap();
-    ok(&run("qemu-img", &["create", "-q", "-f", "raw", i, "16M"]));
-    ok(&run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x5a 0 16M", i],
-    ));
-    let qsock = srv.dir.join("q.sock");
-    let _qnbd = QemuNbd::start_with(&img, &qsock, &["--discard=unmap"]);
-    let mut c = srv.client();
-    c.execute(
-        "blockdev-add",
-        Some(json!({"driver": "nbd", "node-name": "n0", "export": "exp",
-                    "discard": "unmap", "server": {"type": "unix", "path": qsock}})),
-    )
-    .unwrap();
-    let lsock = srv.dir.join("nbd");
-    c.execute(
-        "nbd-server-start",
-        Some(json!({"addr": {"type": "unix", "data": {"path": lsock}}})),
-    )
-    .unwrap();
-    c.execute(
-        "block-export-add",
-        Some(
-            json!({"type": "nbd", "id": "e", "node-name": "n0", "name": "again",
-                    "writable": true}),
-        ),
-    )
-    .unwrap();
-    let url = format!("nbd+unix:///again?socket={}", lsock.display());
-    let map = |what: &str| -> Vec<(u64, u64, bool, bool)> {
-        let out = ok(&run(
-            "qemu-img",
-            &["map", "-f", "raw", "--output=json", &url],
-        ));
-        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["start"].as_u64().unwrap(),
-                    e["length"].as_u64().unwrap(),
-                    e["data"] == true,
-                    e["zero"] == true,
-                )
-            })
-            .collect()
-    };
-    // reads (each asks block status) fill the cache: all data
-    ok(&run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x5a 0 1M",
-            "-c",
-            "read -P 0x5a 6M 1M",
-            &url,
-        ],
-    ));
-    assert_eq!(map("before"), vec![(0, 16 << 20, true, false)]);
-    // a hole on the remote, made through the node
-    ok(&run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -z -u 4M 2M", &url],
-    ));
-    let m = map("after zeroing");
-    assert!(
-        m.contains(&(4 << 20, 2 << 20, false, true)),
-        "the zeroed range is not shown as a hole: {m:?}"
-    );
-    ok(&run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x5a 0 4M",
-            "-c",
-            "read -P 0 4M 2M",
-            "-c",
-            "read -P 0x5a 6M 10M",
-            &url,
-        ],
-    ));
 }

@@ -51,6 +51,10 @@ pub struct Reply {
     pub data: Option<Bytes>,
     /// Block status extents of the context asked for: (length, flags).
     pub extents: Vec<(u64, u32)>,
+    /// Block status extents of the other contexts the server replied
+    /// for (every negotiated one: NBD_CMD_BLOCK_STATUS cannot choose),
+    /// by context id.
+    pub others: Vec<(u32, Vec<(u64, u32)>)>,
 }
 
 struct Pending {
@@ -60,6 +64,7 @@ struct Pending {
     buf: Option<BytesMut>,
     context: u32,
     extents: Vec<(u64, u32)>,
+    others: Vec<(u32, Vec<(u64, u32)>)>,
     error: Option<i32>,
     tx: oneshot::Sender<Result<Reply, ConnError>>,
 }
@@ -289,6 +294,7 @@ impl Connection {
                     buf,
                     context,
                     extents: Vec::new(),
+                    others: Vec::new(),
                     error: None,
                     tx,
                 },
@@ -389,6 +395,20 @@ fn put(shared: &Shared, cookie: u64, p: Pending) {
         .insert(cookie, p);
 }
 
+impl Pending {
+    /// Keeps a block status chunk: the asked context's extents, or
+    /// another context's (the last chunk of an id wins).
+    fn status_chunk(&mut self, id: u32, ext: Vec<(u64, u32)>) {
+        if id == self.context {
+            self.extents = ext;
+        } else if let Some(o) = self.others.iter_mut().find(|o| o.0 == id) {
+            o.1 = ext;
+        } else if self.others.len() < 8 {
+            self.others.push((id, ext));
+        }
+    }
+}
+
 fn finish(p: Pending) {
     let r = match p.error {
         Some(e) => Err(ConnError::Server(io::Error::from_raw_os_error(e))),
@@ -399,6 +419,7 @@ fn finish(p: Pending) {
                 b.freeze()
             }),
             extents: p.extents,
+            others: p.others,
         }),
     };
     let _ = p.tx.send(r);
@@ -513,9 +534,7 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
                 let f = r.read_u32().await?;
                 ext.push((l, f));
             }
-            if id == p.context {
-                p.extents = ext;
-            }
+            p.status_chunk(id, ext);
             Ok(())
         }
         REPLY_TYPE_BLOCK_STATUS_EXT
@@ -529,9 +548,7 @@ async fn chunk(r: &mut ReadHalf, p: &mut Pending, ty: u16, len: usize) -> io::Re
                 let f = r.read_u64().await?;
                 ext.push((l, f as u32));
             }
-            if id == p.context {
-                p.extents = ext;
-            }
+            p.status_chunk(id, ext);
             Ok(())
         }
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET if len >= 6 => {

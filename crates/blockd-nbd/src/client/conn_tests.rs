@@ -292,3 +292,48 @@ async fn an_unknown_cookie_breaks_the_connection() {
     assert!(matches!(a.await.unwrap(), Err(ConnError::Lost)));
     assert!(conn.is_dead());
 }
+
+/// A block status reply carries one chunk per negotiated context: the
+/// asked context's extents come back as `extents`, the others by id.
+#[tokio::test]
+async fn block_status_chunks_of_every_context_are_kept() {
+    let (client, mut server) = tokio::io::duplex(1 << 16);
+    let (r, w) = tokio::io::split(client);
+    let conn = Connection::start(info(), Box::new(r), Box::new(w));
+    let c = conn.clone();
+    let t = tokio::spawn(async move {
+        c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20, None, 7)
+            .await
+    });
+    let (cmd, cookie, _, _) = read_req(&mut server).await;
+    assert_eq!(cmd, CMD_BLOCK_STATUS);
+    let status = |id: u32, ext: &[(u32, u32)]| {
+        let mut v = id.to_be_bytes().to_vec();
+        for (l, f) in ext {
+            v.extend_from_slice(&l.to_be_bytes());
+            v.extend_from_slice(&f.to_be_bytes());
+        }
+        v
+    };
+    let mut out = Vec::new();
+    // the depth context first, then base:allocation (any order is valid)
+    for (flags, p) in [
+        (0, status(9, &[(4096, 0)])),
+        (
+            REPLY_FLAG_DONE,
+            status(7, &[(65536, STATE_HOLE | STATE_ZERO)]),
+        ),
+    ] {
+        out.extend(chunk_hdr(
+            flags,
+            REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            p.len() as u32,
+        ));
+        out.extend(p);
+    }
+    server.write_all(&out).await.unwrap();
+    let rep = t.await.unwrap().unwrap();
+    assert_eq!(rep.extents, vec![(65536, STATE_HOLE | STATE_ZERO)]);
+    assert_eq!(rep.others, vec![(9, vec![(4096, 0)])]);
+}

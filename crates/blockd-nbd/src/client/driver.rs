@@ -456,11 +456,23 @@ impl BlockDriver for NbdDriver {
             if cache && data && !zero {
                 self.status.fill(offset, elen.min(ask));
             }
+            let mut len = elen.min(n);
+            let mut allocated = data || zero;
+            // qemu:allocation-depth, when negotiated: depth 0 is a range
+            // no layer of the server's chain allocates (data there would
+            // be a server's bug: base:allocation wins then).
+            let depth = self.info.allocation_depth.filter(|_| cache);
+            if let Some(&(dlen, d)) = depth.and_then(|id| first_extent(&r.others, id)) {
+                if dlen > 0 {
+                    len = len.min(dlen);
+                    allocated = d != 0 || data;
+                }
+            }
             Ok(BlockStatus {
-                len: elen.min(n),
+                len,
                 data,
                 zero,
-                allocated: data || zero,
+                allocated,
             })
         })
     }
@@ -517,4 +529,9 @@ impl NbdDriver {
         }
         prev
     }
+}
+
+/// The first extent a reply carries for context `id`.
+fn first_extent(others: &[(u32, Vec<(u64, u32)>)], id: u32) -> Option<&(u64, u32)> {
+    others.iter().find(|o| o.0 == id).and_then(|o| o.1.first())
 }

@@ -4,12 +4,23 @@
 //! `x-dirty-bitmap` context), then `NBD_OPT_GO` asking for
 //! `NBD_INFO_BLOCK_SIZE`.
 //!
+//! Without `x-dirty-bitmap`, `qemu:allocation-depth` is asked for as
+//! well (QEMU's client asks for one context only): with it, what the
+//! server's image leaves unallocated is unallocated in the node too, not
+//! merely "reads as zeroes" (jobs that follow allocation skip it, and a
+//! re-export reports it unallocated).
+//! A server that does not know the context (nbdkit) does not select it,
+//! and block status then follows `base:allocation` alone.
+//!
 //! Errors are worded as QEMU words them ("Bad initial magic received:
 //! 0x...", "Requested export not available", ...).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proto::*;
+
+/// The meta context that tells allocation in the server's chain.
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// What the server told about the export.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +43,10 @@ pub struct ExportInfo {
     pub base_allocation: Option<u32>,
     /// Context id of the `x-dirty-bitmap` context, if asked and selected.
     pub dirty_bitmap: Option<u32>,
+    /// Context id of `qemu:allocation-depth`, if the server selected it
+    /// (asked for when no `x-dirty-bitmap` is): which ranges are
+    /// allocated anywhere in the server's backing chain.
+    pub allocation_depth: Option<u32>,
 }
 
 fn eof(what: &str, e: std::io::Error) -> String {
@@ -229,8 +244,9 @@ async fn options<S: AsyncRead + AsyncWrite + Unpin>(
 
     if info.structured {
         let mut queries: Vec<&str> = vec!["base:allocation"];
-        if let Some(b) = bitmap {
-            queries.push(b);
+        match bitmap {
+            Some(b) => queries.push(b),
+            None => queries.push(ALLOCATION_DEPTH),
         }
         let mut data = Vec::new();
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -252,6 +268,8 @@ async fn options<S: AsyncRead + AsyncWrite + Unpin>(
                         info.base_allocation = Some(id);
                     } else if Some(name.as_ref()) == bitmap {
                         info.dirty_bitmap = Some(id);
+                    } else if bitmap.is_none() && name == ALLOCATION_DEPTH {
+                        info.allocation_depth = Some(id);
                     }
                 }
                 REP_META_CONTEXT => return Err("Unexpected meta context reply".into()),
@@ -358,9 +376,14 @@ mod tests {
         s.write_all(&v).await.unwrap();
     }
 
-    /// A fake server: structured replies, base:allocation as id 7, GO
-    /// with block sizes; or `unknown` for a missing export.
-    async fn fake(mut s: tokio::io::DuplexStream, unknown: bool) {
+    /// A fake server: structured replies, base:allocation as id 7 (and
+    /// qemu:allocation-depth as id 9 if `depth`), GO with block sizes; or
+    /// `unknown` for a missing export.
+    async fn fake(s: tokio::io::DuplexStream, unknown: bool) {
+        fake_with(s, unknown, true).await
+    }
+
+    async fn fake_with(mut s: tokio::io::DuplexStream, unknown: bool, depth: bool) {
         s.write_all(&NBDMAGIC.to_be_bytes()).await.unwrap();
         s.write_all(&IHAVEOPT.to_be_bytes()).await.unwrap();
         s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
@@ -378,10 +401,18 @@ mod tests {
         rep(&mut s, o, REP_ACK, &[]).await;
         let (o, d) = opt(&mut s).await;
         assert_eq!(o, OPT_SET_META_CONTEXT);
-        assert!(d.ends_with(b"base:allocation"));
+        // export name, 2 queries: base:allocation, qemu:allocation-depth
+        assert_eq!(&d[7..11], &2u32.to_be_bytes());
+        assert_eq!(&d[15..30], b"base:allocation");
+        assert!(d.ends_with(b"qemu:allocation-depth"));
         let mut m = 7u32.to_be_bytes().to_vec();
         m.extend_from_slice(b"base:allocation");
         rep(&mut s, o, REP_META_CONTEXT, &m).await;
+        if depth {
+            let mut m = 9u32.to_be_bytes().to_vec();
+            m.extend_from_slice(b"qemu:allocation-depth");
+            rep(&mut s, o, REP_META_CONTEXT, &m).await;
+        }
         rep(&mut s, o, REP_ACK, &[]).await;
         let (o, d) = opt(&mut s).await;
         assert_eq!(o, OPT_GO);
@@ -411,11 +442,22 @@ mod tests {
         assert_eq!(info.size, 1 << 20);
         assert!(info.structured);
         assert_eq!(info.base_allocation, Some(7));
+        assert_eq!(info.allocation_depth, Some(9));
         assert_eq!(
             (info.min_block, info.opt_block, info.max_block),
             (512, 4096, 1 << 20)
         );
         assert_ne!(info.flags & FLAG_SEND_FLUSH, 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_without_allocation_depth_leaves_it_unused() {
+        let (mut c, s) = tokio::io::duplex(1 << 16);
+        let srv = tokio::spawn(fake_with(s, false, false));
+        let info = negotiate(&mut c, "exp", None).await.unwrap();
+        srv.await.unwrap();
+        assert_eq!(info.base_allocation, Some(7));
+        assert_eq!(info.allocation_depth, None);
     }
 
     #[tokio::test]
