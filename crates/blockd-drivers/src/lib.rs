@@ -25,5 +25,5 @@ pub mod secrets;
 pub mod throttle;
 
 pub use implicit::{open_image, ImageRequest, OpenedImage};
-pub use open::{blockdev_add, open_implicit, Env, FdSets, OpenCtx};
+pub use open::{blockdev_add, open_implicit, Env, FdSets, NamedFds, OpenCtx};
 pub use reopen::blockdev_reopen;

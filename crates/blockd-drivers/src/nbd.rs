@@ -27,7 +27,7 @@ pub fn check(o: &NbdOptions) -> Result<(), BlockError> {
     Ok(())
 }
 
-fn server_addr(s: &SocketAddr) -> Result<ServerAddr, BlockError> {
+fn server_addr(s: &SocketAddr, env: &Env) -> Result<ServerAddr, BlockError> {
     Ok(match s {
         SocketAddr::Unix { path } => ServerAddr::Unix(path.into()),
         SocketAddr::Inet(i) => ServerAddr::Inet {
@@ -35,24 +35,53 @@ fn server_addr(s: &SocketAddr) -> Result<ServerAddr, BlockError> {
             port: i.port.clone(),
         },
         SocketAddr::Fd { str: name } => {
-            // Only descriptor numbers: names passed with getfd belong to
-            // a monitor session, which the driver cannot see.
-            let n: i32 = name.parse().map_err(|_| {
-                BlockError::not_found(format!("File descriptor named '{name}' has not been found"))
-            })?;
-            // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number; an
-            // invalid one fails with EBADF and is reported.
-            let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
-            if dup < 0 {
+            let fd = if name.starts_with(|c: char| c.is_ascii_digit()) {
+                // A number (QEMU takes it outside a monitor, on the
+                // command line; blockd in QMP too, as its NBD server does).
+                let n: i32 = name.parse().map_err(|_| {
+                    BlockError::not_found(format!(
+                        "File descriptor named '{name}' has not been found"
+                    ))
+                })?;
+                // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor number;
+                // an invalid one fails with EBADF and is reported.
+                let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
+                if dup < 0 {
+                    return Err(BlockError::invalid(format!(
+                        "Invalid file descriptor number '{name}'"
+                    )));
+                }
+                // SAFETY: `dup` is a fresh descriptor that nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(dup) }
+            } else {
+                // A name given with `getfd` on the requesting monitor.
+                env.named_fds
+                    .as_ref()
+                    .and_then(|f| f.take(name))
+                    .ok_or_else(|| {
+                        BlockError::not_found(format!(
+                            "File descriptor named '{name}' has not been found"
+                        ))
+                    })?
+            };
+            if !is_socket(&fd) {
                 return Err(BlockError::invalid(format!(
-                    "Invalid file descriptor number '{name}'"
+                    "File descriptor '{name}' is not a socket"
                 )));
             }
-            // SAFETY: `dup` is a fresh descriptor that nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(dup) };
             ServerAddr::Fd(std::sync::Mutex::new(Some(fd)))
         }
     })
+}
+
+/// QEMU's `fd_is_socket`.
+fn is_socket(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into the buffer for a valid descriptor.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    r == 0 && unsafe { st.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFSOCK
 }
 
 /// QEMU's `nbd_get_tls_creds` and the `tls-hostname` default of
@@ -94,7 +123,7 @@ pub async fn open(
     let tls = tls(&o, env)?;
     let opts = ClientOptions {
         tls,
-        server: server_addr(&o.server)?,
+        server: server_addr(&o.server, env)?,
         export: o.export,
         x_dirty_bitmap: o.x_dirty_bitmap,
         reconnect_delay: Duration::from_secs(o.reconnect_delay.unwrap_or(0).into()),

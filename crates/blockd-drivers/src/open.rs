@@ -60,6 +60,17 @@ pub struct Env {
     pub tls: Option<Arc<blockd_nbd::tls::TlsRegistry>>,
     /// `secret` objects (`rbd`'s `key-secret`).
     pub secrets: Option<Arc<dyn crate::secrets::Secrets>>,
+    /// The descriptors the requesting monitor named with `getfd`, for
+    /// the `nbd` driver's `server: {type: fd}` (QEMU's `socket_get_fd`
+    /// looks them up in the current monitor). Set per command.
+    pub named_fds: Option<Arc<dyn NamedFds>>,
+}
+
+/// A monitor's named descriptors (`getfd`).
+pub trait NamedFds: Send + Sync {
+    /// Takes the descriptor called `name` (QEMU's `monitor_get_fd`: the
+    /// monitor no longer holds it afterwards).
+    fn take(&self, name: &str) -> Option<OwnedFd>;
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

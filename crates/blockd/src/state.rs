@@ -84,6 +84,7 @@ impl State {
                 throttle_groups: Some(throttle_groups.clone()),
                 tls: Some(objects.tls()),
                 secrets: Some(objects.secrets.clone()),
+                named_fds: None,
             },
             throttle_groups,
             objects,

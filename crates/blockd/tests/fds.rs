@@ -244,3 +244,72 @@ fn fdsets() {
         .collect();
     assert_eq!(ids, [3, 1]);
 }
+
+/// The `nbd` driver's `server: {type: fd, str: NAME}` takes a descriptor
+/// the same monitor named with `getfd` (QEMU's `socket_get_fd` in a
+/// monitor; qemu-storage-daemon has no `getfd`): here a connection to
+/// the server's own NBD export. The name is used up; another monitor's
+/// names are not visible; a descriptor that is not a socket is refused.
+#[test]
+fn nbd_node_on_a_named_descriptor() {
+    let (_srv, sock) = start("nbdfd");
+    let mut c = Conn::open(&sock);
+    let nbd = sock.with_file_name("nbd");
+    for cmd in [
+        json!({"execute": "blockdev-add", "arguments": {"driver": "null-co",
+               "node-name": "z", "size": 1048576, "read-zeroes": true}}),
+        json!({"execute": "nbd-server-start", "arguments": {
+               "addr": {"type": "unix", "data": {"path": nbd}}}}),
+        json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e",
+               "node-name": "z", "name": "exp"}}),
+    ] {
+        assert_eq!(c.cmd(cmd, None), json!({"return": {}}));
+    }
+    let add = |fd: &str| {
+        json!({"execute": "blockdev-add", "arguments": {"driver": "nbd", "node-name": "n", "read-only": true,
+               "export": "exp", "server": {"type": "fd", "str": fd}}})
+    };
+    // not a socket
+    let f = std::fs::File::open("/dev/null").unwrap();
+    let getfd = |n: &str| json!({"execute": "getfd", "arguments": {"fdname": n}});
+    assert_eq!(
+        c.cmd(getfd("f"), Some(f.as_raw_fd())),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        err(&c.cmd(add("f"), None)),
+        "File descriptor 'f' is not a socket"
+    );
+    // another monitor's name
+    let s = UnixStream::connect(&nbd).unwrap();
+    assert_eq!(
+        c.cmd(getfd("s"), Some(s.as_raw_fd())),
+        json!({"return": {}})
+    );
+    drop(s);
+    let mut other = Conn::open(&sock);
+    assert_eq!(
+        err(&other.cmd(add("s"), None)),
+        "File descriptor named 's' has not been found"
+    );
+    // this monitor's: the node reads the export, and the name is used up
+    assert_eq!(c.cmd(add("s"), None), json!({"return": {}}));
+    let q = c.cmd(
+        json!({"execute": "query-named-block-nodes", "arguments": {"flat": true}}),
+        None,
+    );
+    let n = q["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "n")
+        .unwrap_or_else(|| panic!("no node n: {q}"));
+    assert_eq!(n["image"]["virtual-size"], 1048576);
+    assert_eq!(
+        err(&c.cmd(
+            json!({"execute": "closefd", "arguments": {"fdname": "s"}}),
+            None
+        )),
+        "File descriptor named 's' not found"
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use blockd_core::dirty::{Check, NamedBitmap};
 use blockd_core::{BlockError, BlockNode, ChildRole, Parent};
 use blockd_drivers::options::BlockdevOptions;
-use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError};
+use blockd_qmp::{Ctx, Dispatcher, Empty, QmpError, Session};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -40,6 +40,19 @@ struct QueryNodes {
     flat: Option<bool>,
 }
 
+/// The requesting monitor's `getfd` descriptors, for the `nbd` driver.
+struct SessionFds(Arc<Session>);
+
+impl blockd_drivers::NamedFds for SessionFds {
+    fn take(&self, name: &str) -> Option<std::os::fd::OwnedFd> {
+        self.0
+            .named_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+}
+
 /// Registers the block graph commands.
 pub fn register(d: &mut Dispatcher<State>) {
     d.register(
@@ -56,7 +69,11 @@ pub fn register(d: &mut Dispatcher<State>) {
                 }
             }
             let _g = st.control.lock().await;
-            blockd_drivers::blockdev_add(&st.graph, &st.env, opts)
+            let env = blockd_drivers::Env {
+                named_fds: Some(Arc::new(SessionFds(cx.session.clone()))),
+                ..st.env.clone()
+            };
+            blockd_drivers::blockdev_add(&st.graph, &env, opts)
                 .await
                 .map_err(qerr)?;
             R::Ok(Empty {})
