@@ -12,22 +12,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Bytes that are overwritten when dropped (a secret, or a buffer that
+/// held one on the way).
+type Bytes = Zeroizing<Vec<u8>>;
 
 /// A loaded secret.
 pub struct Secret {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     format: &'static str,
     file: Option<String>,
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        for b in self.bytes.iter_mut() {
-            // SAFETY: a plain write through a valid, aligned reference;
-            // volatile so that the wipe is not optimised away.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
-    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -56,34 +51,65 @@ pub fn base64_encode(data: &[u8]) -> String {
     out
 }
 
-/// QEMU's `qbase64_decode`: the alphabet, padding and whitespace only.
-pub fn base64_decode(s: &str) -> Result<Vec<u8>, String> {
-    let valid = |c: u8| B64.contains(&c) || c == b'=' || c.is_ascii_whitespace();
-    if !s.bytes().all(valid) {
+/// QEMU's `qbase64_decode`: only the alphabet, `=` and newlines are
+/// allowed (a space is not); then glib's `g_base64_decode`, which never
+/// fails: newlines are skipped, `=` counts as a zero digit whose byte is
+/// left out, and an incomplete last group is dropped (`"abc"` decodes to
+/// nothing).
+pub fn base64_decode(s: &[u8]) -> Result<Bytes, String> {
+    let rank = |c: u8| B64.iter().position(|&b| b == c).map(|p| p as u32);
+    if !s
+        .iter()
+        .all(|&c| c == b'=' || c == b'\n' || rank(c).is_some())
+    {
         return Err("Base64 data contains invalid characters".into());
     }
-    let digits: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-    let body: Vec<u8> = digits.iter().copied().take_while(|&c| c != b'=').collect();
-    let pad = digits.len() - body.len();
-    if digits.len() % 4 != 0 || pad > 2 || digits[body.len()..].iter().any(|&c| c != b'=') {
-        return Err("Failed to decode base64 data".into());
-    }
-    let val = |c: u8| B64.iter().position(|&b| b == c).unwrap_or(0) as u32;
-    let mut out = Vec::with_capacity(body.len() * 3 / 4);
-    for q in body.chunks(4) {
-        let n = q
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &c)| n | (val(c) << (18 - 6 * i)));
-        out.push((n >> 16) as u8);
-        if q.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if q.len() > 3 {
-            out.push(n as u8);
+    // Never grows past this, so no copy is left behind by a reallocation.
+    let mut out = Zeroizing::new(Vec::with_capacity(s.len() / 4 * 3));
+    let (mut v, mut n, mut last) = (0u32, 0, [0u8; 2]);
+    for &c in s.iter().filter(|&&c| c != b'\n') {
+        last = [c, last[0]];
+        v = (v << 6) | rank(c).unwrap_or(0);
+        n += 1;
+        if n == 4 {
+            out.push((v >> 16) as u8);
+            if last[1] != b'=' {
+                out.push((v >> 8) as u8);
+            }
+            if last[0] != b'=' {
+                out.push(v as u8);
+            }
+            n = 0;
         }
     }
+    v.zeroize();
     Ok(out)
+}
+
+/// QEMU's `qcrypto_secret_decode`: `qbase64_decode` of loaded data, which
+/// may come from a file and so hold a NUL byte.
+fn decode(input: &[u8]) -> Result<Bytes, String> {
+    if input.contains(&0) {
+        return Err("Base64 data contains embedded NUL characters".into());
+    }
+    base64_decode(input)
+}
+
+/// The bytes of a `data` string as QEMU has them: its JSON parser keeps
+/// U+0000 as modified UTF-8 (0xC0 0x80), so a NUL byte never reaches a
+/// secret (recorded with qemu-storage-daemon 10.0.2: 30 characters and a
+/// `\u0000` make a 32-byte key).
+fn data_bytes(d: &str) -> Bytes {
+    let nuls = d.bytes().filter(|&b| b == 0).count();
+    let mut v = Zeroizing::new(Vec::with_capacity(d.len() + nuls));
+    for &b in d.as_bytes() {
+        if b == 0 {
+            v.extend_from_slice(&[0xC0, 0x80]);
+        } else {
+            v.push(b);
+        }
+    }
+    v
 }
 
 /// Loads a secret from `object-add`'s properties (already checked
@@ -98,22 +124,21 @@ pub fn load(props: &Map<String, Value>) -> Result<Secret, String> {
         Some("base64") => "base64",
         _ => "raw",
     };
-    let raw: Vec<u8> = match (s("data"), s("file")) {
+    let input: Bytes = match (s("data"), s("file")) {
         (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
         (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
-        (Some(d), None) => d.as_bytes().to_vec(),
-        (None, Some(f)) => std::fs::read(f).map_err(|e| {
+        (Some(d), None) => data_bytes(d),
+        (None, Some(f)) => Zeroizing::new(std::fs::read(f).map_err(|e| {
             format!(
                 "Unable to read {f}: Failed to open file \u{201c}{f}\u{201d}: {}",
                 blockd_core::error::strerror(&e)
             )
-        })?,
+        })?),
     };
     let bytes = if format == "base64" {
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        base64_decode(&text)?
+        decode(&input)?
     } else {
-        raw
+        input
     };
     Ok(Secret {
         bytes,
@@ -190,17 +215,32 @@ mod tests {
     fn base64_round_trips() {
         for s in ["", "a", "ab", "abc", "abcd", "secret key\0\u{ff}"] {
             let e = base64_encode(s.as_bytes());
-            assert_eq!(base64_decode(&e).unwrap(), s.as_bytes(), "{e}");
+            assert_eq!(*base64_decode(e.as_bytes()).unwrap(), s.as_bytes(), "{e}");
         }
         assert_eq!(base64_encode(b"secret"), "c2VjcmV0");
+    }
+
+    /// glib's decoding behind QEMU's check of the characters (the cases
+    /// recorded with qemu-storage-daemon 10.0.2 as secrets' `data`).
+    #[test]
+    fn base64_decodes_as_qemu() {
+        let d = |s: &str| base64_decode(s.as_bytes()).map(|b| b.to_vec());
+        let invalid = Err("Base64 data contains invalid characters".to_string());
+        assert_eq!(d("!!"), invalid);
+        for s in ["YW Jj", "YWJj\r\n", "YWJj\tYQ==", "YWJj\0YWJj"] {
+            assert_eq!(d(s), invalid, "{s:?}");
+        }
+        // Accepted: an incomplete group is dropped, newlines skipped.
+        assert_eq!(d("abc").unwrap(), b"");
+        assert_eq!(d("YWJj\n").unwrap(), b"abc");
+        assert_eq!(d("YW\nJjYQ").unwrap(), b"abc");
+        assert_eq!(d("YQ==YWJj").unwrap(), b"aabc");
+        assert_eq!(d("YWE=").unwrap(), b"aa");
         assert_eq!(
-            base64_decode("!!").unwrap_err(),
-            "Base64 data contains invalid characters"
+            decode(b"YWJj\0YWJj").unwrap_err(),
+            "Base64 data contains embedded NUL characters"
         );
-        assert_eq!(
-            base64_decode("abc").unwrap_err(),
-            "Failed to decode base64 data"
-        );
+        assert_eq!(*data_bytes("a\0b"), b"a\xC0\x80b");
     }
 
     /// The errors qemu-storage-daemon 10.0.2 gives (recorded with QMP).
