@@ -15,7 +15,8 @@
 //!
 //! libvirt uses the second form: a master key of 32 raw bytes in a file,
 //! then every other secret (RBD keys, TLS key passwords) encrypted with it
-//! and sent in base64. The secret is decrypted once, when it is created;
+//! and sent in base64. (blockd reads no encrypted TLS key, so rbd is the
+//! one user of a value.) The secret is decrypted once, when it is created;
 //! deleting the master key later leaves it as it is, as in QEMU. Without
 //! `keyid` an `iv` is kept and not used, as in QEMU.
 //!
@@ -242,7 +243,7 @@ pub mod lookup_error {
 }
 
 impl Secret {
-    /// `qom-get`: `format` and `file`; never `data`.
+    /// `qom-get`: `format`, `file`, `keyid` and `iv`; never `data`.
     pub fn get(&self, prop: &str) -> Option<Result<Value, String>> {
         Some(match prop {
             "format" => Ok(self.format.into()),
