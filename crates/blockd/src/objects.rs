@@ -415,7 +415,7 @@ impl Objects {
                 let props: Map<String, Value> =
                     props.map(|(k, v)| (k.clone(), v.clone())).collect();
                 self.check_id(id)?;
-                let s = match crate::secret::load(&props) {
+                let s = match crate::secret::load(&props, |k| self.secret(id, k)) {
                     Ok(s) => Arc::new(s),
                     Err(e) => return self.failed_completion(id, e),
                 };
@@ -469,6 +469,23 @@ impl Objects {
         });
         self.order().insert(id);
         Ok(())
+    }
+
+    /// The secret `keyid` that the secret `adding` is encrypted with
+    /// (QEMU's `qcrypto_secret_lookup`).
+    fn secret(&self, adding: &str, keyid: &str) -> Result<Arc<crate::secret::Secret>, String> {
+        use crate::secret::lookup_error;
+        if keyid == adding {
+            return Err(lookup_error::no_data(keyid));
+        }
+        match self.lock().iter().find(|o| o.id == keyid) {
+            Some(Object {
+                kind: ObjectKind::Secret(s),
+                ..
+            }) => Ok(s.clone()),
+            Some(_) => Err(lookup_error::not_a_secret(keyid)),
+            None => Err(lookup_error::missing(keyid)),
+        }
     }
 
     fn check_id(&self, id: &str) -> Result<(), String> {
@@ -631,5 +648,39 @@ mod tests {
         let l = o.lock();
         assert_eq!(l[0].get("poll-max-ns").unwrap(), 32768);
         assert_eq!(l[0].get("aio-max-batch").unwrap(), 4);
+    }
+
+    /// `keyid` names an object under `/objects` (QEMU's
+    /// `qcrypto_secret_lookup`, messages recorded with qemu-storage-daemon
+    /// 10.0.2).
+    #[test]
+    fn secrets_find_their_master_key() {
+        use blockd_drivers::secrets::Secrets;
+        let (o, g) = (Objects::default(), ThrottleGroups::new());
+        let iv = "aOQvjia4lZZFEiiGB1jrrQ==";
+        let sec = |id: &str, keyid: &str| {
+            json!({"qom-type": "secret", "id": id, "format": "base64", "keyid": keyid, "iv": iv,
+                "data": "5aJ0Ul9aeMdV3dyIkc9rPlVp7T+zALeXBaODsX2a42Q="})
+        };
+        add(&o, &g, json!({"qom-type": "iothread", "id": "io0"})).unwrap();
+        add(
+            &o,
+            &g,
+            json!({"qom-type": "secret", "id": "m", "format": "base64",
+                "data": "RJZYN+MMOGdynvduqROtolVroETZnCc1Gigta8PRg54="}),
+        )
+        .unwrap();
+        let bad = |v: Value| add(&o, &g, v).unwrap_err();
+        assert_eq!(bad(sec("s", "nosuch")), "No secret with id 'nosuch'");
+        assert_eq!(bad(sec("s", "io0")), "Object with id 'io0' is not a secret");
+        assert_eq!(bad(sec("s", "s")), "Secret with id 's' has no data");
+        add(&o, &g, sec("s", "m")).unwrap();
+        // Decrypted once: the master key can go.
+        o.del("m").unwrap();
+        assert_eq!(
+            o.secrets.lookup_base64("s").unwrap(),
+            crate::secret::base64_encode(b"ceph-secret-value")
+        );
+        assert_eq!(o.lock()[1].get("keyid").unwrap(), "m");
     }
 }

@@ -1,5 +1,5 @@
 //! The `blockd` command line: sockets, qemu-storage-daemon spellings,
-//! `--blockdev`, start-up errors, signals and clean shutdown.
+//! `--blockdev`, `--object`, start-up errors, signals and clean shutdown.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -218,6 +218,54 @@ fn blockdev_options_at_start_up() {
     assert_eq!(names, ["r0", "n0"]);
     assert_eq!(nodes[1]["image"]["virtual-size"], 4096);
     assert_eq!(nodes[0]["ro"], true);
+}
+
+/// libvirt's `--object secret`s: a master key in a file, then a secret
+/// encrypted with it; one that does not decrypt stops the start-up with
+/// QEMU's message (qemu-storage-daemon 10.0.2 prints the same after its
+/// option).
+#[test]
+fn secrets_encrypted_with_a_master_key_at_start_up() {
+    let d = scratch("keyid");
+    let sock = d.join("s");
+    let key = d.join("master.key");
+    // 'master' of the transcript secret/002-keyid.
+    let master =
+        blockd::secret::base64_decode(b"RJZYN+MMOGdynvduqROtolVroETZnCc1Gigta8PRg54=").unwrap();
+    std::fs::write(&key, &*master).unwrap();
+    let master = format!("secret,id=master,file={},format=raw", key.display());
+    let iv = "iv=aOQvjia4lZZFEiiGB1jrrQ==";
+    let good = format!(
+        "secret,id=s0,keyid=master,{iv},format=base64,data=5aJ0Ul9aeMdV3dyIkc9rPlVp7T+zALeXBaODsX2a42Q="
+    );
+    let _s = spawn(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--object",
+        &master,
+        "--object",
+        &good,
+    ]);
+    let mut c = QmpClient::connect_retry(&sock, Duration::from_secs(5)).unwrap();
+    c.negotiate().unwrap();
+    let keyid = c
+        .execute(
+            "qom-get",
+            Some(json!({"path": "/objects/s0", "property": "keyid"})),
+        )
+        .unwrap();
+    assert_eq!(keyid, "master");
+
+    let bad = format!("secret,id=s1,keyid=master,{iv},format=base64,data=nxE3eIbzlGnYggxRtztVmg==");
+    // (Spawned, so that a server that wrongly starts fails the test.)
+    let mut s = spawn(&["--object", &master, "--object", &bad]);
+    assert_eq!(wait_exit(&mut s), 1);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut s.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("Incorrect number of padding bytes (102) found on decrypted data"),
+        "{err}"
+    );
 }
 
 /// qemu-storage-daemon's implied first keys: `--blockdev DRIVER,...`,

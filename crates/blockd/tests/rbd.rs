@@ -1,5 +1,6 @@
 //! The `rbd` driver against a real Ceph cluster (tests/ceph/cluster.sh):
-//! options and errors (QEMU's messages), secrets, snapshots, resize and
+//! options and errors (QEMU's messages), secrets (also encrypted with a
+//! master key, as libvirt sends them), snapshots, resize and
 //! blockdev-create. Data, two processes and mirroring: `rbd_data.rs`.
 //!
 //! Needs a build with the `rbd` feature and `BLOCKD_CEPH_CONF` naming the
@@ -193,6 +194,92 @@ fn options_and_errors_as_qemu() {
     v["user"] = "nobody".into();
     let e = qmp_err(add(&mut c, v));
     assert!(e.starts_with("error connecting: "), "{e}");
+    srv_alive(srv);
+}
+
+/// The key as libvirt sends it: a master key of 32 raw bytes in a file,
+/// the RBD key encrypted with it (AES-256-CBC, PKCS#7 padding, base64,
+/// `keyid` and `iv`). The cluster accepting the connection shows the
+/// decrypted key is the right one; a wrong master key fails already in
+/// `object-add`, with QEMU's message.
+#[test]
+fn key_secret_encrypted_with_a_master_key() {
+    use blockd::secret::{base64_decode, base64_encode};
+    use cbc::cipher::block_padding::{NoPadding, Pkcs7};
+    use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
+
+    let conf = require_cluster!();
+    let img = TestImage::new(&conf, "keyid", "8M");
+    let srv = Server::start("blockd-rbd-keyid");
+    let mut c = srv.client();
+
+    let master: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37) ^ 0x5a).collect();
+    let iv: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(11) ^ 0xc3).collect();
+    let key = admin_key(&conf);
+    // The secret's value is the key's bytes (rbd asks for it in base64).
+    let plain = base64_decode(key.as_bytes()).unwrap();
+    let mut buf = plain.to_vec();
+    buf.resize(plain.len() + 16, 0);
+    let ct = cbc::Encryptor::<aes::Aes256>::new_from_slices(&master, &iv)
+        .unwrap()
+        .encrypt_padded::<Pkcs7>(&mut buf, plain.len())
+        .unwrap()
+        .to_vec();
+    let master_file = srv.dir.join("master.key");
+    std::fs::write(&master_file, &master).unwrap();
+    c.execute(
+        "object-add",
+        Some(json!({"qom-type": "secret", "id": "master", "file": master_file, "format": "raw"})),
+    )
+    .unwrap();
+    let secret = |id: &str, keyid: &str| {
+        json!({"qom-type": "secret", "id": id, "data": base64_encode(&ct),
+            "format": "base64", "keyid": keyid, "iv": base64_encode(&iv)})
+    };
+    c.execute("object-add", Some(secret("k0", "master")))
+        .unwrap();
+
+    let (host, port) = mon_addr(&conf);
+    // (A wrongly decrypted key fails in 2 s, not librados' 300.)
+    let short = srv.dir.join("short.conf");
+    std::fs::write(&short, "[global]\nclient_mount_timeout = 2\n").unwrap();
+    let mut v = rbd_node(short.to_str().unwrap(), "k", &img.name);
+    v["user"] = "admin".into();
+    v["key-secret"] = "k0".into();
+    v["auth-client-required"] = json!(["cephx"]);
+    v["server"] = json!([{"host": host, "port": port}]);
+    c.execute("blockdev-add", Some(v)).unwrap();
+    c.execute("blockdev-del", Some(json!({"node-name": "k"})))
+        .unwrap();
+    let log = srv.log();
+    assert!(!log.contains(&key), "the key is in the log");
+
+    // A wrong master key: the right one with one bit flipped, the first
+    // such whose garbage does not end in a padding length (at most 16),
+    // which is all QEMU checks.
+    let (wrong, last) = (0..32)
+        .map(|i| {
+            let mut k = master.clone();
+            k[i] ^= 1;
+            let mut t = ct.clone();
+            let n = t.len();
+            cbc::Decryptor::<aes::Aes256>::new_from_slices(&k, &iv)
+                .unwrap()
+                .decrypt_padded::<NoPadding>(&mut t)
+                .unwrap();
+            (k, t[n - 1])
+        })
+        .find(|&(_, last)| last > 16)
+        .unwrap();
+    c.execute(
+        "object-add",
+        Some(json!({"qom-type": "secret", "id": "wrong", "data": base64_encode(&wrong), "format": "base64"})),
+    )
+    .unwrap();
+    assert_eq!(
+        qmp_err(c.execute("object-add", Some(secret("k1", "wrong")))),
+        format!("Incorrect number of padding bytes ({last}) found on decrypted data")
+    );
     srv_alive(srv);
 }
 
