@@ -15,8 +15,9 @@
 //!
 //! libvirt uses the second form: a master key of 32 raw bytes in a file,
 //! then every other secret (RBD keys, TLS key passwords) encrypted with it
-//! and sent in base64. (blockd reads no encrypted TLS key, so rbd is the
-//! one user of a value.) The secret is decrypted once, when it is created;
+//! and sent in base64. A value is used by rbd's `key-secret` (in base64)
+//! and by `tls-creds-x509`'s `passwordid` (as UTF-8 text, the password of
+//! an encrypted key). The secret is decrypted once, when it is created;
 //! deleting the master key later leaves it as it is, as in QEMU. Without
 //! `keyid` an `iv` is kept and not used, as in QEMU.
 //!
@@ -243,6 +244,22 @@ pub mod lookup_error {
 }
 
 impl Secret {
+    /// The value as text (QEMU's `qcrypto_secret_lookup_as_utf8`, for a
+    /// TLS key's password): UTF-8 without a NUL byte, which glib's
+    /// `g_utf8_validate` refuses within a given length. `id` names the
+    /// secret in the error.
+    pub fn utf8(&self, id: &str) -> Result<Zeroizing<String>, String> {
+        match std::str::from_utf8(&self.bytes) {
+            Ok(t) if !t.contains('\0') => {
+                // Sized first, so no copy is left behind by a reallocation.
+                let mut s = Zeroizing::new(String::with_capacity(t.len()));
+                s.push_str(t);
+                Ok(s)
+            }
+            _ => Err(format!("Data from secret {id} is not valid UTF-8")),
+        }
+    }
+
     /// `qom-get`: `format`, `file`, `keyid` and `iv`; never `data`.
     pub fn get(&self, prop: &str) -> Option<Result<Value, String>> {
         Some(match prop {
