@@ -571,4 +571,23 @@ mod tests {
         assert_eq!(s.get("iv").unwrap().unwrap(), IV);
         assert_eq!(s.get("keyid").unwrap().unwrap(), "");
     }
+
+    /// `qcrypto_secret_lookup_as_utf8` (a TLS key's password): UTF-8
+    /// without NUL, or QEMU's message (recorded with qemu-storage-daemon
+    /// 10.0.2 in tests/transcripts/tls/005-x509-passwordid.qmp).
+    #[test]
+    fn utf8_text_only() {
+        let text = |v: Value| load(&props(v), none).unwrap().utf8("p");
+        assert_eq!(*text(json!({"data": "p\u{e4}ss"})).unwrap(), "p\u{e4}ss");
+        assert_eq!(*text(json!({"data": ""})).unwrap(), "");
+        let bad = Err("Data from secret p is not valid UTF-8".to_string());
+        // A byte 0xff; a NUL given as base64; a NUL in `data` (0xc0 0x80).
+        for v in [
+            json!({"data": "/w==", "format": "base64"}),
+            json!({"data": "YQBi", "format": "base64"}),
+            json!({"data": "a\u{0}b"}),
+        ] {
+            assert_eq!(text(v.clone()).map(|s| s.to_string()), bad, "{v}");
+        }
+    }
 }
