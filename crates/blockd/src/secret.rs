@@ -295,11 +295,6 @@ impl SecretStore {
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
     }
-
-    /// Whether a secret called `id` exists.
-    pub fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
-    }
 }
 
 impl blockd_drivers::secrets::Secrets for SecretStore {

@@ -5,9 +5,12 @@
 //!
 //! Credentials are loaded when the object is completed; changing their
 //! properties later changes what `qom-get` reports, not what is loaded
-//! (as in QEMU, which reloads only on request). An authorization object
-//! is looked up by id at every client's check, so changes apply to the
-//! next client. Deleting either while a server or node uses it is
+//! (as in QEMU, which reloads only on request). An encrypted private key
+//! is read then, with the UTF-8 text of the secret `passwordid` names
+//! (QEMU's `qcrypto_secret_lookup_as_utf8`, looked up only when there is
+//! a key to read); deleting the secret later changes nothing. An
+//! authorization object is looked up by id at every client's check, so
+//! changes apply to the next client. Deleting either while a server or node uses it is
 //! allowed, as in QEMU (qemu-storage-daemon 10.0.2, recorded): the user
 //! keeps its reference, a deleted `tls-authz` refuses later clients.
 //!
