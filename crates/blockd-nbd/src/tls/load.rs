@@ -296,15 +296,19 @@ impl X509Creds {
         let roots = Arc::new(roots);
         let mut chain_key = None;
         if let (Some(c), Some(k)) = (&cert, &key) {
-            let fail = |why: &str| format!("Cannot load certificate '{c}' & key '{k}': {why}");
-            let chain = certs(&read(c)?);
-            if chain.is_empty() {
-                return Err(fail("Base64 unexpected header error."));
-            }
+            // QEMU looks the password up before GnuTLS reads the files,
+            // and GnuTLS reads the key before the certificate.
             let password = password()?;
+            let fail = |why: &str| format!("Cannot load certificate '{c}' & key '{k}': {why}");
             let kd = Zeroizing::new(std::fs::read(k).map_err(|e| fail(&strerror(&e)))?);
             let pk = super::key::read(&kd, password.as_deref().map(String::as_str))
                 .map_err(|e| fail(&e.to_string()))?;
+            let chain = certs(&read(c)?);
+            if chain.is_empty() {
+                // (Recorded with qemu-storage-daemon 10.0.2: sanity-check
+                // off, a certificate file without a certificate.)
+                return Err(fail("Base64 decoding error."));
+            }
             let mismatch = fail("The certificate and the given key do not match.");
             chain_key = Some(certified(chain, &pk).map_err(|()| mismatch)?);
         }
