@@ -51,7 +51,14 @@ pub enum KeyError {
     LegacyEncryption,
     /// A PKCS#8 encryption scheme blockd does not read (PBES1, PKCS#12).
     UnsupportedScheme,
+    /// scrypt parameters needing more than [`SCRYPT_MAX_MEMORY`].
+    ScryptTooCostly,
 }
+
+/// The most memory (128·r·N bytes) a key's scrypt may take: a key file
+/// must not be able to exhaust the server's memory (OpenSSL refuses past
+/// 32 MiB by default; `openssl pkcs8 -scrypt` writes keys needing 16 MiB).
+pub const SCRYPT_MAX_MEMORY: u64 = 1 << 30;
 
 impl std::fmt::Display for KeyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,6 +72,9 @@ impl std::fmt::Display for KeyError {
             KeyError::UnsupportedScheme => {
                 "the key's encryption is not supported by blockd (it reads PKCS#8 PBES2 \
                  with PBKDF2 or scrypt and AES-CBC or 3DES-CBC)"
+            }
+            KeyError::ScryptTooCostly => {
+                "the key's scrypt parameters need more than 1 GiB of memory"
             }
         })
     }
@@ -126,6 +136,20 @@ fn pem_block<'a>(pem: &'a [u8], label: &str) -> Option<&'a [u8]> {
     Some(&pem[start..stop])
 }
 
+/// Refuses scrypt parameters that need more than [`SCRYPT_MAX_MEMORY`].
+fn check_scrypt(scheme: &pkcs8::pkcs5::EncryptionScheme) -> Result<(), KeyError> {
+    use pkcs8::pkcs5::{pbes2::Kdf, EncryptionScheme};
+    if let EncryptionScheme::Pbes2(p) = scheme {
+        if let Kdf::Scrypt(s) = &p.kdf {
+            let mem = 128 * u128::from(s.block_size) * u128::from(s.cost_parameter);
+            if mem > u128::from(SCRYPT_MAX_MEMORY) {
+                return Err(KeyError::ScryptTooCostly);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decrypts an `ENCRYPTED PRIVATE KEY` block into a PKCS#8 key.
 fn decrypt_pkcs8(block: &[u8], password: Option<&str>) -> Result<KeyDer, KeyError> {
     let (_, der) = pkcs8::der::pem::decode_vec(block).map_err(|_| KeyError::NotAvailable)?;
@@ -134,6 +158,7 @@ fn decrypt_pkcs8(block: &[u8], password: Option<&str>) -> Result<KeyDer, KeyErro
     let Some(password) = password else {
         return Err(KeyError::DecryptionFailed);
     };
+    check_scrypt(&info.encryption_algorithm)?;
     // Decrypted in place, so the plaintext is only ever in `buf`.
     let mut buf = Zeroizing::new(info.encrypted_data.as_bytes().to_vec());
     let n = match info
@@ -186,11 +211,10 @@ mod tests {
     /// A P-256 key made by openssl, plain (PKCS#8), then written by
     /// `openssl` with the given arguments and password `s3cret`.
     fn openssl(args: &[&str]) -> Option<(Vec<u8>, Vec<u8>)> {
-        let dir = std::env::temp_dir().join(format!(
-            "blockd-key-{}-{}",
-            std::process::id(),
-            args.join("_").replace(['/', ' '], "")
-        ));
+        // (One folder per call: tests run in parallel.)
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("blockd-key-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         let plain = dir.join("plain.pem");
         let out = dir.join("out.pem");
@@ -303,6 +327,34 @@ mod tests {
             read(&pkcs12, Some("s3cret")).unwrap_err(),
             KeyError::UnsupportedScheme
         );
+    }
+
+    #[test]
+    fn scrypt_memory_is_bounded() {
+        use pkcs8::pkcs5::{pbes2::Kdf, EncryptionScheme};
+        if !have_openssl() {
+            return;
+        }
+        let (_, enc) = openssl(&["pkcs8", "-topk8", "-scrypt"]).unwrap();
+        let block = pem_block(&enc, "ENCRYPTED PRIVATE KEY").unwrap();
+        let (_, der) = pkcs8::der::pem::decode_vec(block).unwrap();
+        let mut info = EncryptedPrivateKeyInfoRef::from_der(&der).unwrap();
+        let mut with_n = |n: u64| {
+            let EncryptionScheme::Pbes2(p) = &mut info.encryption_algorithm else {
+                panic!("not PBES2");
+            };
+            let Kdf::Scrypt(s) = &mut p.kdf else {
+                panic!("not scrypt");
+            };
+            // openssl's default: r = 8.
+            assert_eq!(s.block_size, 8);
+            s.cost_parameter = n;
+            check_scrypt(&info.encryption_algorithm)
+        };
+        // openssl's default N (16 MiB), then 1 GiB, then 2 GiB.
+        assert_eq!(with_n(16384), Ok(()));
+        assert_eq!(with_n(1 << 20), Ok(()));
+        assert_eq!(with_n(1 << 21), Err(KeyError::ScryptTooCostly));
     }
 
     #[test]
