@@ -434,7 +434,14 @@ impl Objects {
                 ObjectKind::IoThread(t)
             }
             "tls-creds-x509" => {
-                let c = crate::tls_objects::TlsCredsX509::create(args, &self.secrets);
+                // (Unlike a secret's `keyid`, naming itself finds an
+                // object that is not a secret.)
+                let c = crate::tls_objects::TlsCredsX509::create(args, |k| {
+                    if k == id {
+                        return Err(crate::secret::lookup_error::not_a_secret(k));
+                    }
+                    self.secret(id, k)
+                });
                 self.check_id(id)?;
                 match c {
                     Ok(c) => {

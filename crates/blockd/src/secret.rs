@@ -15,8 +15,9 @@
 //!
 //! libvirt uses the second form: a master key of 32 raw bytes in a file,
 //! then every other secret (RBD keys, TLS key passwords) encrypted with it
-//! and sent in base64. (blockd reads no encrypted TLS key, so rbd is the
-//! one user of a value.) The secret is decrypted once, when it is created;
+//! and sent in base64. A value is used by rbd's `key-secret` (in base64)
+//! and by `tls-creds-x509`'s `passwordid` (as UTF-8 text, the password of
+//! an encrypted key). The secret is decrypted once, when it is created;
 //! deleting the master key later leaves it as it is, as in QEMU. Without
 //! `keyid` an `iv` is kept and not used, as in QEMU.
 //!
@@ -243,6 +244,22 @@ pub mod lookup_error {
 }
 
 impl Secret {
+    /// The value as text (QEMU's `qcrypto_secret_lookup_as_utf8`, for a
+    /// TLS key's password): UTF-8 without a NUL byte, which glib's
+    /// `g_utf8_validate` refuses within a given length. `id` names the
+    /// secret in the error.
+    pub fn utf8(&self, id: &str) -> Result<Zeroizing<String>, String> {
+        match std::str::from_utf8(&self.bytes) {
+            Ok(t) if !t.contains('\0') => {
+                // Sized first, so no copy is left behind by a reallocation.
+                let mut s = Zeroizing::new(String::with_capacity(t.len()));
+                s.push_str(t);
+                Ok(s)
+            }
+            _ => Err(format!("Data from secret {id} is not valid UTF-8")),
+        }
+    }
+
     /// `qom-get`: `format`, `file`, `keyid` and `iv`; never `data`.
     pub fn get(&self, prop: &str) -> Option<Result<Value, String>> {
         Some(match prop {
@@ -277,11 +294,6 @@ impl SecretStore {
     /// Removes one.
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
-    }
-
-    /// Whether a secret called `id` exists.
-    pub fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
     }
 }
 
@@ -553,5 +565,24 @@ mod tests {
         assert_eq!(*s.bytes, b"plain");
         assert_eq!(s.get("iv").unwrap().unwrap(), IV);
         assert_eq!(s.get("keyid").unwrap().unwrap(), "");
+    }
+
+    /// `qcrypto_secret_lookup_as_utf8` (a TLS key's password): UTF-8
+    /// without NUL, or QEMU's message (recorded with qemu-storage-daemon
+    /// 10.0.2 in tests/transcripts/tls/005-x509-passwordid.qmp).
+    #[test]
+    fn utf8_text_only() {
+        let text = |v: Value| load(&props(v), none).unwrap().utf8("p");
+        assert_eq!(*text(json!({"data": "p\u{e4}ss"})).unwrap(), "p\u{e4}ss");
+        assert_eq!(*text(json!({"data": ""})).unwrap(), "");
+        let bad = Err("Data from secret p is not valid UTF-8".to_string());
+        // A byte 0xff; a NUL given as base64; a NUL in `data` (0xc0 0x80).
+        for v in [
+            json!({"data": "/w==", "format": "base64"}),
+            json!({"data": "YQBi", "format": "base64"}),
+            json!({"data": "a\u{0}b"}),
+        ] {
+            assert_eq!(text(v.clone()).map(|s| s.to_string()), bad, "{v}");
+        }
     }
 }

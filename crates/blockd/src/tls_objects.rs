@@ -5,9 +5,12 @@
 //!
 //! Credentials are loaded when the object is completed; changing their
 //! properties later changes what `qom-get` reports, not what is loaded
-//! (as in QEMU, which reloads only on request). An authorization object
-//! is looked up by id at every client's check, so changes apply to the
-//! next client. Deleting either while a server or node uses it is
+//! (as in QEMU, which reloads only on request). An encrypted private key
+//! is read then, with the UTF-8 text of the secret `passwordid` names
+//! (QEMU's `qcrypto_secret_lookup_as_utf8`, looked up only when there is
+//! a key to read); deleting the secret later changes nothing. An
+//! authorization object is looked up by id at every client's check, so
+//! changes apply to the next client. Deleting either while a server or node uses it is
 //! allowed, as in QEMU (qemu-storage-daemon 10.0.2, recorded): the user
 //! keeps its reference, a deleted `tls-authz` refuses later clients.
 //!
@@ -36,9 +39,12 @@ fn string(args: &Map<String, Value>, k: &str) -> Option<String> {
 impl TlsCredsX509 {
     /// `object-add` of a `tls-creds-x509` (arguments checked against the
     /// schema already): loads the files (`qcrypto_tls_creds_x509_load`).
+    /// `secret` finds the secret `passwordid` names (QEMU's
+    /// `qcrypto_secret_lookup`, with its errors); its value is the
+    /// password of an encrypted key, looked up only when a key is read.
     pub fn create(
         args: &Map<String, Value>,
-        secrets: &crate::secret::SecretStore,
+        secret: impl FnOnce(&str) -> Result<Arc<crate::secret::Secret>, String>,
     ) -> Result<TlsCredsX509, String> {
         let opts = X509Options {
             dir: string(args, "dir"),
@@ -55,17 +61,13 @@ impl TlsCredsX509 {
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
         };
-        let creds = Arc::new(X509Creds::load(&opts)?);
         let passwordid = string(args, "passwordid");
-        if let Some(p) = &passwordid {
-            // QEMU looks the password up before it reads the key. blockd
-            // reads unencrypted keys only (rustls has no decryption of
-            // PKCS#8 keys), so the password is not used: an encrypted key
-            // fails to load with the loader's message.
-            if !secrets.contains(p) {
-                return Err(format!("No secret with id '{p}'"));
-            }
-        }
+        // qcrypto_secret_lookup_as_utf8
+        let password = || match &passwordid {
+            Some(id) => secret(id).and_then(|s| s.utf8(id)).map(Some),
+            None => Ok(None),
+        };
+        let creds = Arc::new(X509Creds::load(&opts, password)?);
         Ok(TlsCredsX509 {
             opts,
             priority: string(args, "priority"),

@@ -553,3 +553,193 @@ fn blockd_to_blockd_over_tls_survives_a_reconnect() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Encrypts the key file `path` in place as PKCS#8 PBES2 (AES-256-CBC,
+/// PBKDF2-HMAC-SHA256), as `openssl pkcs8 -topk8 -v2 aes-256-cbc` does.
+fn encrypt_key(path: &Path, password: &str) {
+    let out = path.with_extension("enc");
+    let o = Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-v2", "aes-256-cbc", "-passout"])
+        .arg(format!("pass:{password}"))
+        .arg("-in")
+        .arg(path)
+        .arg("-out")
+        .arg(&out)
+        .output()
+        .expect("openssl");
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::rename(&out, path).unwrap();
+    let pem = std::fs::read_to_string(path).unwrap();
+    assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+}
+
+/// Encrypted keys on both sides, each read with the password in the
+/// secret `passwordid` names: blockd's server (verifying its peer) serves
+/// QEMU's tools and blockd's own `nbd` driver, whose client keys are
+/// encrypted too.
+#[test]
+fn encrypted_keys_with_passwordid() {
+    if !have_tools() || Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("skipped: qemu tools or openssl not installed");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("blockd-tls-pw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let ca = Ca::new("Test CA");
+    let sdir = ca.issue(
+        &base.join("server"),
+        Some(&["localhost", "127.0.0.1"]),
+        false,
+    );
+    let cdir = ca.issue(&base.join("client"), None, false);
+    // (Not ASCII: the password is the secret's UTF-8 text.)
+    let (spw, cpw) = ("server p\u{e4}ss", "client pass");
+    encrypt_key(&sdir.join("server-key.pem"), spw);
+    encrypt_key(&cdir.join("client-key.pem"), cpw);
+
+    let srv = Server::start("tls-pw");
+    let img = srv.dir.join("disk.raw");
+    let o = run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", img.to_str().unwrap(), "4M"],
+    );
+    assert!(o.status.success());
+    let mut c = srv.client();
+    let creds = json!({"qom-type": "tls-creds-x509", "id": "t0", "dir": sdir,
+                       "endpoint": "server", "passwordid": "kp"});
+    // Without the secret, then with it.
+    let e = c.execute("object-add", Some(creds.clone())).unwrap_err();
+    assert!(e.to_string().contains("No secret with id 'kp'"), "{e}");
+    c.execute(
+        "object-add",
+        Some(json!({"qom-type": "secret", "id": "kp", "data": spw})),
+    )
+    .unwrap();
+    c.execute("object-add", Some(creds)).unwrap();
+    let port = free_port();
+    // (The authz admits the client certificate only: each client must
+    // present it, so proves that it holds the decrypted key.)
+    for (cmd, args) in [
+        (
+            "object-add",
+            json!({"qom-type": "authz-simple", "id": "az", "identity": CLIENT_DN}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r0",
+                   "file": {"driver": "file", "filename": img}}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "inet",
+                "data": {"host": "127.0.0.1", "port": port.to_string()}},
+                "tls-creds": "t0", "tls-authz": "az"}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "r0", "name": "e", "writable": true}),
+        ),
+    ] {
+        c.execute(cmd, Some(args)).unwrap();
+    }
+
+    // qemu-io, its client key encrypted too.
+    let secret = format!("secret,id=cp,data={cpw}");
+    let (obj, image) = tls_opts(&cdir, port, ",passwordid=cp");
+    let o = Command::new("qemu-io")
+        .args([
+            "--object",
+            &secret,
+            "--object",
+            &obj,
+            "--image-opts",
+            &image,
+        ])
+        .args(["-c", "write -P 0x3c 0 1M", "-c", "read -P 0x3c 0 1M"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && !text(&o).contains("failed"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new("qemu-img")
+        .args([
+            "info",
+            "--object",
+            &secret,
+            "--object",
+            &obj,
+            "--image-opts",
+            &image,
+        ])
+        .output()
+        .unwrap();
+    assert!(text(&o).contains("virtual size: 4 MiB"), "{}", text(&o));
+
+    // blockd's nbd driver, with the encrypted client key.
+    let local = Server::start("tls-pw-l");
+    let mut lc = local.client();
+    let ccreds = json!({"qom-type": "tls-creds-x509", "id": "c0", "dir": cdir, "passwordid": "cp"});
+    lc.execute(
+        "object-add",
+        Some(json!({"qom-type": "secret", "id": "cp", "data": "wrong"})),
+    )
+    .unwrap();
+    let e = lc.execute("object-add", Some(ccreds.clone())).unwrap_err();
+    let key = cdir.join("client-key.pem");
+    let want = format!(
+        "Cannot load certificate '{}' & key '{}': Decryption has failed.",
+        cdir.join("client-cert.pem").display(),
+        key.display()
+    );
+    assert!(e.to_string().contains(&want), "{e}");
+    lc.execute("object-del", Some(json!({"id": "cp"}))).unwrap();
+    lc.execute(
+        "object-add",
+        Some(json!({"qom-type": "secret", "id": "cp", "data": cpw})),
+    )
+    .unwrap();
+    lc.execute("object-add", Some(ccreds)).unwrap();
+    add_node(
+        &mut lc,
+        json!({"driver": "nbd", "node-name": "n0", "export": "e", "tls-creds": "c0",
+               "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+    )
+    .unwrap();
+    let sock = local.dir.join("nbd");
+    lc.execute(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
+    )
+    .unwrap();
+    lc.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "e1", "node-name": "n0", "name": "x"})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///x?socket={}", sock.display());
+    let o = run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3c 0 1M",
+            "-c",
+            "read -P 0 1M 1M",
+            &url,
+        ],
+    );
+    assert!(
+        o.status.success() && !text(&o).contains("failed"),
+        "{}",
+        text(&o)
+    );
+    // The passwords never reach the logs.
+    for log in [srv.log(), local.log()] {
+        assert!(!log.contains(spw) && !log.contains(cpw), "{log}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -6,13 +6,20 @@
 //! server), `server-cert.pem` and `server-key.pem` (required, server),
 //! `client-cert.pem` and `client-key.pem` (optional, client). A file that
 //! cannot be read is "Unable to access credentials PATH: STRERROR".
+//!
+//! The key may be encrypted ([`super::key`]): its password comes from the
+//! caller's lookup of the `passwordid` secret, made where QEMU makes it
+//! (after the sanity checks and the CA list, and only when there are a
+//! certificate and a key to load), so that errors come in QEMU's order.
 
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use x509_parser::prelude::*;
+use zeroize::Zeroizing;
 
 use super::verify::{AcceptAnyServerCert, OfferClientAuth};
 use super::Endpoint;
@@ -235,9 +242,30 @@ fn sanity_check(server: bool, cacert: &str, cert: Option<&str>) -> Result<(), St
     Ok(())
 }
 
+/// A key's password: the value of the secret `passwordid` names, or
+/// `None` without `passwordid`; `Err` is the lookup's message.
+pub type Password = Result<Option<Zeroizing<String>>, String>;
+
+/// The certificate chain and the key ring signs with, checked to match
+/// (rustls' `with_single_cert`, from a key in a wiped buffer).
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: &super::key::KeyDer,
+) -> Result<Arc<SingleCertAndKey>, ()> {
+    let ck = CertifiedKey::new(chain, key.signing_key().map_err(|_| ())?);
+    match ck.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(SingleCertAndKey::from(ck)))
+        }
+        Err(_) => Err(()),
+    }
+}
+
 impl X509Creds {
     /// Loads the credentials as QEMU's `tls-creds-x509` completion does.
-    pub fn load(o: &X509Options) -> Result<X509Creds, String> {
+    /// `password` is called when the key is about to be read, as QEMU
+    /// looks up `passwordid`'s secret.
+    pub fn load(o: &X509Options, password: impl FnOnce() -> Password) -> Result<X509Creds, String> {
         let Some(dir) = o.dir.as_deref() else {
             return Err("Missing 'dir' property value".into());
         };
@@ -268,19 +296,21 @@ impl X509Creds {
         let roots = Arc::new(roots);
         let mut chain_key = None;
         if let (Some(c), Some(k)) = (&cert, &key) {
+            // QEMU looks the password up before GnuTLS reads the files,
+            // and GnuTLS reads the key before the certificate.
+            let password = password()?;
             let fail = |why: &str| format!("Cannot load certificate '{c}' & key '{k}': {why}");
+            let kd = Zeroizing::new(std::fs::read(k).map_err(|e| fail(&strerror(&e)))?);
+            let pk = super::key::read(&kd, password.as_deref().map(String::as_str))
+                .map_err(|e| fail(&e.to_string()))?;
             let chain = certs(&read(c)?);
             if chain.is_empty() {
-                return Err(fail("Base64 unexpected header error."));
+                // (Recorded with qemu-storage-daemon 10.0.2: sanity-check
+                // off, a certificate file without a certificate.)
+                return Err(fail("Base64 decoding error."));
             }
-            let kd = std::fs::read(k).map_err(|e| fail(&strerror(&e)))?;
-            let pk = PrivateKeyDer::from_pem_slice(&kd)
-                .map_err(|_| fail("The requested data were not available."))?;
-            chain_key = Some((
-                chain,
-                pk,
-                fail("The certificate and the given key do not match."),
-            ));
+            let mismatch = fail("The certificate and the given key do not match.");
+            chain_key = Some(certified(chain, &pk).map_err(|()| mismatch)?);
         }
         let mut crls = Vec::new();
         if let Some(f) = &cacrl {
@@ -300,7 +330,7 @@ impl X509Creds {
             client: None,
         };
         if server {
-            let Some((chain, pk, mismatch)) = chain_key else {
+            let Some(resolver) = chain_key else {
                 return Err("Missing 'dir' property value".into());
             };
             let b = ServerConfig::builder_with_provider(prov.clone())
@@ -311,7 +341,7 @@ impl X509Creds {
             } else {
                 b.with_no_client_auth()
             };
-            let mut cfg = b.with_single_cert(chain, pk).map_err(|_| mismatch)?;
+            let mut cfg = b.with_cert_resolver(resolver);
             // Our order (AES-128-GCM first), not GnuTLS's (AES-256 first).
             cfg.ignore_client_order = true;
             creds.server = Some(Arc::new(cfg));
@@ -322,9 +352,7 @@ impl X509Creds {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert::new(prov)));
             let cfg = match chain_key {
-                Some((chain, pk, mismatch)) => {
-                    b.with_client_auth_cert(chain, pk).map_err(|_| mismatch)?
-                }
+                Some(resolver) => b.with_client_cert_resolver(resolver),
                 None => b.with_no_client_auth(),
             };
             creds.client = Some(Arc::new(cfg));

@@ -5,7 +5,8 @@
 //! * [`X509Creds`]: a loaded `tls-creds-x509` object: the CA list, the
 //!   optional CRL, this side's certificate and key, and the rustls
 //!   configuration built from them ([`load`], with QEMU's file names,
-//!   sanity checks and messages).
+//!   sanity checks and messages); the private key may be encrypted
+//!   ([`key`]: PKCS#8 PBES2, with the password of `passwordid`'s secret).
 //! * [`TlsRegistry`]: the credentials and authorization objects of a
 //!   server by id, filled by the QMP layer and read by the NBD server and
 //!   the `nbd` driver (as the throttle groups are).
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 pub mod dn;
 mod io;
+pub mod key;
 pub mod load;
 pub mod verify;
 

@@ -21,9 +21,13 @@ pub fn register(d: &mut Dispatcher<State>) {
     d.register(
         "object-add",
         |cx: Ctx<State>, a: Map<String, Value>| async move {
-            let st = &cx.state;
-            st.objects
-                .add(&st.throttle_groups, &a)
+            // On a blocking thread: completing an object reads files, and
+            // an encrypted TLS key's PBKDF2 may take a good part of a
+            // second (certtool writes 600000 rounds).
+            let st = cx.state.clone();
+            tokio::task::spawn_blocking(move || st.objects.add(&st.throttle_groups, &a))
+                .await
+                .map_err(|e| QmpError::generic(format!("internal error: {e}")))?
                 .map_err(QmpError::generic)?;
             R::Ok(Empty {})
         },
