@@ -1,7 +1,8 @@
 //! The `rbd` driver against a real Ceph cluster (tests/ceph/cluster.sh):
 //! options and errors (QEMU's messages), secrets (also encrypted with a
 //! master key, as libvirt sends them), snapshots, resize and
-//! blockdev-create. Data, two processes and mirroring: `rbd_data.rs`.
+//! blockdev-create. Data, two processes and mirroring: `rbd_data.rs`;
+//! encryption (`encrypt`): `rbd_encrypt.rs`.
 //!
 //! Needs a build with the `rbd` feature and `BLOCKD_CEPH_CONF` naming the
 //! cluster's ceph.conf; otherwise every test says why it skips:

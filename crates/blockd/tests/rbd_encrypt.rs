@@ -63,7 +63,8 @@ fn raw_bytes(conf: &str, spec: &str, dir: &std::path::Path) -> Vec<u8> {
 
 /// Whether `hay` holds a run of 4 KiB of `byte`.
 fn has_run(hay: &[u8], byte: u8) -> bool {
-    hay.chunks(4096).any(|c| c.len() == 4096 && c.iter().all(|&b| b == byte))
+    hay.chunks(4096)
+        .any(|c| c.len() == 4096 && c.iter().all(|&b| b == byte))
 }
 
 fn qemu_io(url: &str, read_only: bool, cmds: &[&str]) -> String {
@@ -114,7 +115,10 @@ fn created_luks_images_hold_encrypted_data() {
         let n = node_info(&mut c, "e");
         assert_eq!(n["image"]["virtual-size"], 32 * M, "the payload's size");
         // The payload does not start with the header.
-        assert_eq!(n["image"]["format-specific"], json!({"type": "rbd", "data": {}}));
+        assert_eq!(
+            n["image"]["format-specific"],
+            json!({"type": "rbd", "data": {}})
+        );
         let u = export(&mut c, &srv, "e", "enc");
         qemu_io(
             &u,
@@ -124,7 +128,11 @@ fn created_luks_images_hold_encrypted_data() {
         qemu_io(
             &u,
             true,
-            &["read -P 0x5a 0 1M", "read -P 0 1M 30M", "read -P 0xa5 31M 1M"],
+            &[
+                "read -P 0x5a 0 1M",
+                "read -P 0 1M 30M",
+                "read -P 0xa5 31M 1M",
+            ],
         );
         unexport(&mut c, "enc");
         c.execute("blockdev-del", Some(json!({"node-name": "e"})))
@@ -144,6 +152,12 @@ fn created_luks_images_hold_encrypted_data() {
             n["image"]["format-specific"],
             json!({"type": "rbd", "data": {"encryption-format": format}})
         );
+        // The probe follows the node's own writes (zeroes over the header).
+        let u = export(&mut c, &srv, "p", "plain");
+        qemu_io(&u, false, &["write -z 0 4k", "aio_flush"]);
+        unexport(&mut c, "plain");
+        let n = node_info(&mut c, "p");
+        assert_eq!(n["image"]["format-specific"]["data"], json!({}));
         c.execute("blockdev-del", Some(json!({"node-name": "p"})))
             .unwrap();
     }
@@ -160,19 +174,21 @@ fn open_errors_as_qemu() {
     std::fs::write(&pass, "right").unwrap();
     rbd(
         &conf,
-        &["encryption", "format", &img.spec(), "luks2", pass.to_str().unwrap()],
+        &[
+            "encryption",
+            "format",
+            &img.spec(),
+            "luks2",
+            pass.to_str().unwrap(),
+        ],
     );
     let _ = std::fs::remove_file(&pass);
     let srv = Server::start("blockd-rbd-enc-err");
     let mut c = srv.client();
     secret(&mut c, "right", "right");
     secret(&mut c, "wrong", "wrong");
-    let mut add = |enc: Value| {
-        c.execute(
-            "blockdev-add",
-            Some(enc_node(&conf, "x", &img.name, enc)),
-        )
-    };
+    let mut add =
+        |enc: Value| c.execute("blockdev-add", Some(enc_node(&conf, "x", &img.name, enc)));
     let e = |f: &str, k: &str| json!({"format": f, "key-secret": k});
     assert_eq!(
         qmp_err(add(e("luks2", "wrong"))),
@@ -206,11 +222,16 @@ fn open_errors_as_qemu() {
         "Parameter 'format' does not accept value 'luks3'"
     );
     assert_eq!(
-        qmp_err(add(json!({"format": "luks2", "key-secret": "right", "cipher-alg": "aes-256"}))),
+        qmp_err(add(
+            json!({"format": "luks2", "key-secret": "right", "cipher-alg": "aes-256"})
+        )),
         "Parameter 'encrypt.cipher-alg' is unexpected"
     );
     let c_nodes = c.execute("query-named-block-nodes", None).unwrap();
-    assert!(c_nodes.as_array().unwrap().is_empty(), "nothing left behind");
+    assert!(
+        c_nodes.as_array().unwrap().is_empty(),
+        "nothing left behind"
+    );
     // And the right passphrase opens it.
     c.execute(
         "blockdev-add",
@@ -230,7 +251,8 @@ fn create_errors_as_qemu() {
     secret(&mut c, "pw", "pw");
     let img = TestImage::named(&conf, "enc-cerr");
     let loc = json!({"pool": "rbd", "image": img.name, "conf": conf});
-    let opts = |enc: Value| json!({"driver": "rbd", "location": loc, "size": 8 * M, "encrypt": enc});
+    let opts =
+        |enc: Value| json!({"driver": "rbd", "location": loc, "size": 8 * M, "encrypt": enc});
     let cases = [
         (
             json!({"format": "luks", "key-secret": "pw", "cipher-alg": "twofish-256"}),
@@ -246,9 +268,15 @@ fn create_errors_as_qemu() {
         ),
     ];
     for (i, (enc, msg)) in cases.into_iter().enumerate() {
-        assert_eq!(create(&mut c, &format!("j{i}"), opts(enc)).as_deref(), Some(msg));
+        assert_eq!(
+            create(&mut c, &format!("j{i}"), opts(enc)).as_deref(),
+            Some(msg)
+        );
         let ls = rbd(&conf, &["ls", "rbd"]);
-        assert!(!ls.contains(&img.name), "removed after a failed format: {ls}");
+        assert!(
+            !ls.contains(&img.name),
+            "removed after a failed format: {ls}"
+        );
     }
     // The schema's errors (QEMU names only the member for an enum).
     let schema = |c: &mut QmpClient, enc: Value| {
@@ -262,7 +290,10 @@ fn create_errors_as_qemu() {
         "Parameter 'options.encrypt.key-secret' is unexpected"
     );
     assert_eq!(
-        schema(&mut c, json!({"format": "luks", "key-secret": "pw", "cipher-alg": "rot13"})),
+        schema(
+            &mut c,
+            json!({"format": "luks", "key-secret": "pw", "cipher-alg": "rot13"})
+        ),
         "Parameter 'cipher-alg' does not accept value 'rot13'"
     );
     assert_eq!(
@@ -290,7 +321,13 @@ fn rbd_tool_images_open() {
         let img = TestImage::new(&conf, cli, "64M");
         rbd(
             &conf,
-            &["encryption", "format", &img.spec(), cli, pass.to_str().unwrap()],
+            &[
+                "encryption",
+                "format",
+                &img.spec(),
+                cli,
+                pass.to_str().unwrap(),
+            ],
         );
         let py = python_librbd(&conf, &img.name, format, "s3cret phrase");
         let enc = json!({"format": format, "key-secret": "pw"});

@@ -194,7 +194,10 @@ mod tests {
     /// 4 bytes of padding, the pointer, the size).
     #[test]
     fn luks_options_layout() {
-        assert_eq!(std::mem::size_of::<rbd_encryption_luks_format_options_t>(), 24);
+        assert_eq!(
+            std::mem::size_of::<rbd_encryption_luks_format_options_t>(),
+            24
+        );
         assert_eq!(
             std::mem::offset_of!(rbd_encryption_luks_format_options_t, passphrase),
             8
