@@ -335,6 +335,40 @@ pub struct InetAddrBase {
     pub port: String,
 }
 
+/// `RbdImageEncryptionFormat`: how an rbd image is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RbdImageEncryptionFormat {
+    /// LUKS version 1.
+    Luks,
+    /// LUKS version 2.
+    Luks2,
+    /// Either LUKS version (what the header says).
+    LuksAny,
+}
+
+impl RbdImageEncryptionFormat {
+    /// The value's number in QEMU's enum (its messages print it).
+    pub fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+/// `RbdEncryptionOptions`: the encryption to load when opening an rbd
+/// image (every format takes the passphrase's secret; `parent` is the
+/// encryption of the image's parent, for a clone formatted on its own).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdEncryptionOptions {
+    /// The format.
+    pub format: RbdImageEncryptionFormat,
+    /// The parent image's encryption (layered encryption).
+    pub parent: Option<Box<RbdEncryptionOptions>>,
+    /// The id of the `secret` object holding the passphrase.
+    #[serde(rename = "key-secret")]
+    pub key_secret: String,
+}
+
 /// `BlockdevOptionsRbd`: an image in a Ceph cluster.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -349,8 +383,9 @@ pub struct RbdOptions {
     pub conf: Option<String>,
     /// A snapshot to open (read-only).
     pub snapshot: Option<String>,
-    /// Encryption: refused (blockd has no librbd encryption).
-    pub encrypt: Option<serde_json::Value>,
+    /// The image's LUKS encryption, loaded with librbd's (the node
+    /// then shows the payload).
+    pub encrypt: Option<RbdEncryptionOptions>,
     /// The Ceph user (client id) to authenticate as.
     pub user: Option<String>,
     /// Acceptable authentication modes, in order.

@@ -7,4 +7,9 @@ pub trait Secrets: Send + Sync {
     /// The secret `id`'s value in base64 (`qcrypto_secret_lookup_as_base64`);
     /// errors are QEMU's ("No secret with id 'x'", ...).
     fn lookup_base64(&self, id: &str) -> Result<String, String>;
+
+    /// The secret `id`'s value as bytes (`qcrypto_secret_lookup`: a
+    /// passphrase), in a buffer that is wiped when dropped; errors as
+    /// [`Secrets::lookup_base64`]'s.
+    fn lookup(&self, id: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String>;
 }

@@ -2,7 +2,8 @@
 //! password or key given inline (`data`) or in a file (`file`), raw or in
 //! base64 (`format`), possibly encrypted with another secret (`keyid`,
 //! `iv`), created with `object-add` or `--object` and looked up by id by
-//! the drivers that need one (rbd's `key-secret`).
+//! the drivers that need one (rbd's `key-secret`, and the passphrase of
+//! its `encrypt`).
 //!
 //! Loading is QEMU's `qcrypto_secret_complete`:
 //!
@@ -307,6 +308,13 @@ impl blockd_drivers::secrets::Secrets for SecretStore {
             .map(|s| base64_encode(&s.bytes))
             .ok_or_else(|| lookup_error::missing(id))
     }
+
+    fn lookup(&self, id: &str) -> Result<Bytes, String> {
+        self.lock()
+            .get(id)
+            .map(|s| Zeroizing::new(s.bytes.to_vec()))
+            .ok_or_else(|| lookup_error::missing(id))
+    }
 }
 
 #[cfg(test)]
@@ -389,6 +397,7 @@ mod tests {
             Arc::new(load(&props(json!({"data": "secret"})), none).unwrap()),
         );
         assert_eq!(store.lookup_base64("r").unwrap(), "c2VjcmV0");
+        assert_eq!(*store.lookup("r").unwrap(), b"secret");
         store.remove("k");
         assert_eq!(
             store.lookup_base64("k").unwrap_err(),

@@ -1,9 +1,12 @@
 //! `blockdev-create` for `rbd` (QEMU's `qemu_rbd_do_create`): connects as
-//! an open would (without librbd's cache) and creates the image.
+//! an open would (without librbd's cache) and creates the image; with
+//! `encrypt`, opens it and formats it with librbd's LUKS
+//! ([`super::encrypt::format`]), removing it again if that fails.
 
 use blockd_core::error::strerror;
 use blockd_core::BlockError;
 
+use super::encrypt::RbdEncryptionCreateOptions;
 use crate::options::RbdOptions;
 use crate::secrets::Secrets;
 
@@ -18,8 +21,8 @@ pub struct RbdCreateOptions {
     /// The object size (a power of two, at least 4 KiB; default librbd's).
     #[serde(rename = "cluster-size")]
     pub cluster_size: Option<u64>,
-    /// Encryption: refused (blockd has no librbd encryption).
-    pub encrypt: Option<serde_json::Value>,
+    /// The LUKS format to give the image (its payload has `size` bytes).
+    pub encrypt: Option<RbdEncryptionCreateOptions>,
 }
 
 /// The object order (log2 of the object size; 0: librbd's default), with
@@ -28,11 +31,6 @@ pub fn validate(o: &RbdCreateOptions) -> Result<i32, BlockError> {
     if o.location.snapshot.is_some() {
         return Err(BlockError::invalid(
             "Can't use snapshot name for image creation",
-        ));
-    }
-    if o.encrypt.is_some() || o.location.encrypt.is_some() {
-        return Err(BlockError::invalid(
-            "blockd's rbd driver does not support image encryption ('encrypt')",
         ));
     }
     match o.cluster_size {
@@ -50,13 +48,26 @@ pub fn create(o: &RbdCreateOptions, secrets: Option<&dyn Secrets>) -> Result<(),
     let order = validate(o)?;
     let key = super::key_base64(&o.location, secrets)?;
     let pool = super::connect(&o.location, false, key.as_deref())?;
-    pool.create_image(&o.location.image, o.size, order)
-        .map_err(|e| {
-            BlockError::new(
-                blockd_core::ErrorKind::Io,
-                format!("error rbd create: {}", strerror(&e)),
-            )
-        })
+    let io = |m: String| BlockError::new(blockd_core::ErrorKind::Io, m);
+    let name = &o.location.image;
+    pool.create_image(name, o.size, order)
+        .map_err(|e| io(format!("error rbd create: {}", strerror(&e))))?;
+    let Some(enc) = &o.encrypt else {
+        return Ok(());
+    };
+    let image = pool.open_image(name, None).map_err(|e| {
+        io(format!(
+            "error opening image '{name}' for encryption format: {}",
+            strerror(&e)
+        ))
+    })?;
+    let r = super::encrypt::format(&image, enc, secrets);
+    let pool = image.into_pool();
+    if r.is_err() {
+        // As QEMU: try to remove the image, and report the first error.
+        let _ = pool.remove_image(name);
+    }
+    r
 }
 
 #[cfg(test)]

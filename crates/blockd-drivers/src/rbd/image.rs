@@ -142,6 +142,13 @@ impl Pool {
         check(unsafe { sys::rbd_create(self.io, n.as_ptr(), size, &mut order) })
     }
 
+    /// `rbd_remove` (blocking).
+    pub fn remove_image(&self, name: &str) -> io::Result<()> {
+        let n = cstr(name)?;
+        // SAFETY: live ioctx, C string.
+        check(unsafe { sys::rbd_remove(self.io, n.as_ptr()) })
+    }
+
     /// `rbd_open` (blocking), at `snapshot` if given (then read-only).
     pub fn open_image(self, name: &str, snapshot: Option<&str>) -> io::Result<Image> {
         let n = cstr(name)?;
@@ -176,6 +183,24 @@ pub struct Stat {
     pub size: u64,
     /// Object size in bytes.
     pub obj_size: u64,
+}
+
+/// An encryption format librbd 1.16 formats and loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// LUKS version 1.
+    Luks1,
+    /// LUKS version 2.
+    Luks2,
+}
+
+/// A cipher librbd formats LUKS images with (AES in XTS mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CipherAlg {
+    /// AES with a 128-bit key.
+    Aes128,
+    /// AES with a 256-bit key.
+    Aes256,
 }
 
 /// An open image (`rbd_image_t`); closed on drop.
@@ -233,6 +258,70 @@ impl Image {
             size: info.size,
             obj_size: info.obj_size,
         })
+    }
+
+    /// `rbd_encryption_format` (blocking): writes a LUKS header whose
+    /// one key slot opens with `passphrase`, and loads the encryption, so
+    /// the image's size becomes the payload's.
+    pub fn encryption_format(
+        &self,
+        format: Encryption,
+        alg: CipherAlg,
+        passphrase: &[u8],
+    ) -> io::Result<()> {
+        let mut o = luks_options(passphrase);
+        o.alg = match alg {
+            CipherAlg::Aes128 => sys::RBD_ENCRYPTION_ALGORITHM_AES128,
+            CipherAlg::Aes256 => sys::RBD_ENCRYPTION_ALGORITHM_AES256,
+        };
+        // SAFETY: live image; the options struct and the passphrase it
+        // points to outlive the call, which copies what it keeps.
+        check(unsafe {
+            sys::rbd_encryption_format(
+                self.h,
+                format_code(format),
+                (&mut o as *mut sys::rbd_encryption_luks_format_options_t).cast(),
+                std::mem::size_of::<sys::rbd_encryption_luks_format_options_t>(),
+            )
+        })
+    }
+
+    /// `rbd_encryption_load` (blocking): from now on the image reads and
+    /// writes the LUKS payload, and its size is the payload's.
+    pub fn encryption_load(&self, format: Encryption, passphrase: &[u8]) -> io::Result<()> {
+        let mut o = luks_options(passphrase);
+        // SAFETY: as in `encryption_format`.
+        check(unsafe {
+            sys::rbd_encryption_load(
+                self.h,
+                format_code(format),
+                (&mut o as *mut sys::rbd_encryption_luks_format_options_t).cast(),
+                std::mem::size_of::<sys::rbd_encryption_luks_format_options_t>(),
+            )
+        })
+    }
+
+    /// `rbd_read` (blocking) of up to `buf.len()` bytes at `off`; returns
+    /// how many were read.
+    pub fn read_sync(&self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: live image; the buffer has room for `buf.len()` bytes.
+        let r = unsafe { sys::rbd_read(self.h, off, buf.len(), buf.as_mut_ptr().cast()) };
+        if r < 0 {
+            return Err(io::Error::from_raw_os_error(-(r as i32)));
+        }
+        Ok(r as usize)
+    }
+
+    /// Closes the image and gives its pool back (to remove the image).
+    pub fn into_pool(self) -> Pool {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: the handle is live and, as `this` is never dropped,
+        // closed only here; the pool is moved out exactly once and the
+        // image's memory is not used again.
+        unsafe {
+            sys::rbd_close(this.h);
+            ptr::read(&this._pool)
+        }
     }
 
     /// `rbd_get_size`.
@@ -440,6 +529,23 @@ impl Drop for Image {
         // SAFETY: the handle is live; rbd_close waits for requests in
         // flight, whose callbacks own their buffers.
         unsafe { sys::rbd_close(self.h) };
+    }
+}
+
+/// librbd's code of a format.
+fn format_code(f: Encryption) -> sys::rbd_encryption_format_t {
+    match f {
+        Encryption::Luks1 => sys::RBD_ENCRYPTION_FORMAT_LUKS1,
+        Encryption::Luks2 => sys::RBD_ENCRYPTION_FORMAT_LUKS2,
+    }
+}
+
+/// LUKS options pointing at `passphrase` (which must outlive their use).
+fn luks_options(passphrase: &[u8]) -> sys::rbd_encryption_luks_format_options_t {
+    sys::rbd_encryption_luks_format_options_t {
+        alg: sys::RBD_ENCRYPTION_ALGORITHM_AES256,
+        passphrase: passphrase.as_ptr().cast(),
+        passphrase_size: passphrase.len(),
     }
 }
 

@@ -4,20 +4,23 @@
 //! authentication modes, cache mode, pool, namespace) with its messages;
 //! opening follows `qemu_rbd_open`, requests `qemu_rbd_start_co`, block
 //! status `qemu_rbd_co_block_status` (librbd's fast-diff through
-//! `rbd_diff_iterate2`), truncation `qemu_rbd_co_truncate`.
+//! `rbd_diff_iterate2`), truncation `qemu_rbd_co_truncate`. `encrypt`
+//! loads librbd's LUKS encryption ([`encrypt`]); the node then shows the
+//! payload, and its size is the payload's.
 //!
 //! Every request is one of librbd's asynchronous requests
 //! ([`image::Image`]); only what librbd offers synchronously (connect,
 //! open, resize, diff iteration) runs on the blocking pool.
 
 pub mod create;
+pub mod encrypt;
 pub mod image;
 mod known;
 pub mod sys;
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use blockd_core::driver::{PrepareFuture, Staged};
 use blockd_core::error::strerror;
@@ -27,19 +30,9 @@ use blockd_core::{
 };
 use bytes::Bytes;
 
-use crate::options::{RbdAuthMode, RbdOptions};
+use crate::options::{RbdAuthMode, RbdImageEncryptionFormat, RbdOptions};
 use crate::secrets::Secrets;
 use image::{Cluster, Image, Pool};
-
-/// Checks the options before anything is opened.
-pub fn check(o: &RbdOptions) -> Result<(), BlockError> {
-    if o.encrypt.is_some() {
-        return Err(BlockError::invalid(
-            "blockd's rbd driver does not support image encryption ('encrypt')",
-        ));
-    }
-    Ok(())
-}
 
 fn io_err(msg: String) -> BlockError {
     BlockError::new(blockd_core::ErrorKind::Io, msg)
@@ -144,7 +137,14 @@ pub struct RbdDriver {
     snapshot: bool,
     /// Objects known to exist (block status without librbd).
     known: known::Known,
+    /// The first bytes of the image as this node reads them, for the
+    /// LUKS magic QEMU looks for (`qemu_rbd_get_specific_info` reads them
+    /// on every query; blockd reads them once and follows its own writes).
+    head: Mutex<[u8; HEAD]>,
 }
+
+/// How many bytes of the image's start tell a LUKS header.
+const HEAD: usize = 8;
 
 /// The file name QEMU shows for an rbd node: its strong options
 /// (`qemu_rbd_strong_runtime_opts`) as a `json:` name, printed as QEMU
@@ -184,7 +184,6 @@ pub async fn open(
     node: &NodeOptions,
     secrets: Option<Arc<dyn Secrets>>,
 ) -> Result<(RbdDriver, bool), BlockError> {
-    check(&o)?;
     let key = key_base64(&o, secrets.as_deref())?;
     let cache = !node.cache_direct;
     let filename = json_filename(&o);
@@ -200,6 +199,9 @@ pub async fn open(
                     strerror(&e)
                 ))
             })?;
+        if let Some(e) = &o.encrypt {
+            encrypt::load(&image, e, secrets.as_deref())?;
+        }
         let st = image.stat().map_err(|e| {
             io_err(format!(
                 "error getting image info from {}: {}",
@@ -215,6 +217,12 @@ pub async fn open(
             }
             ro = true;
         }
+        let mut head = [0; HEAD];
+        // (QEMU fails the query when this read fails; blockd reports no
+        // encryption format rather than failing the open.)
+        if st.size >= HEAD as u64 && image.read_sync(0, &mut head).is_err() {
+            head = [0; HEAD];
+        }
         Ok((
             RbdDriver {
                 image: Arc::new(image),
@@ -223,6 +231,7 @@ pub async fn open(
                 filename,
                 snapshot: o.snapshot.is_some(),
                 known: known::Known::default(),
+                head: Mutex::new(head),
             },
             ro,
         ))
@@ -261,6 +270,24 @@ fn diff_step(req: &mut DiffReq, offs: u64, len: u64, exists: bool) -> bool {
 }
 
 impl RbdDriver {
+    /// Reads the head again after a request changed `[offset, offset +
+    /// len)`, if that touches it (a discard may or may not zero it).
+    async fn refresh_head(&self, offset: u64, len: u64) {
+        if offset >= HEAD as u64 || len == 0 {
+            return;
+        }
+        if let Ok(b) = self.image.read(0, HEAD).await {
+            let mut h = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            h.copy_from_slice(&b[..HEAD]);
+        }
+    }
+
+    /// The encryption format the image's start shows (none while the
+    /// node reads through librbd's encryption: it shows the payload).
+    fn encryption_format(&self) -> Option<RbdImageEncryptionFormat> {
+        encrypt::probe(&*self.head.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The objects `[offset, offset + len)` touches (len > 0).
     fn objects(&self, offset: u64, len: u64) -> (u64, u64) {
         let o = self.obj_size.max(1);
@@ -359,7 +386,12 @@ impl BlockDriver for RbdDriver {
     fn info(&self) -> DriverInfo {
         DriverInfo {
             cluster_size: Some(self.obj_size),
-            format_specific: Some(serde_json::json!({"type": "rbd", "data": {}})),
+            format_specific: Some(serde_json::json!({"type": "rbd", "data": match self
+                .encryption_format()
+            {
+                Some(f) => serde_json::json!({"encryption-format": f}),
+                None => serde_json::json!({}),
+            }})),
             ..DriverInfo::default()
         }
     }
@@ -372,6 +404,7 @@ impl BlockDriver for RbdDriver {
         Box::pin(async move {
             let len = data.len() as u64;
             self.image.write(offset, data).await?;
+            self.refresh_head(offset, len).await;
             if len > 0 {
                 let (a, b) = self.objects(offset, len);
                 self.known.set(a, b);
@@ -390,6 +423,7 @@ impl BlockDriver for RbdDriver {
             self.image
                 .write_zeroes(offset, len, !flags.may_unmap)
                 .await?;
+            self.refresh_head(offset, len).await;
             if flags.fua {
                 self.image.flush().await?;
             }
@@ -402,7 +436,11 @@ impl BlockDriver for RbdDriver {
             let (a, b) = self.objects(offset, len);
             self.known.clear(a, b);
         }
-        Box::pin(self.image.discard(offset, len))
+        Box::pin(async move {
+            self.image.discard(offset, len).await?;
+            self.refresh_head(offset, len).await;
+            Ok(())
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
@@ -446,6 +484,9 @@ impl BlockDriver for RbdDriver {
                 .await
                 .map_err(io::Error::other)??;
             self.size.store(len, Ordering::Release);
+            if len < HEAD as u64 {
+                *self.head.lock().unwrap_or_else(|e| e.into_inner()) = [0; HEAD];
+            }
             Ok(())
         })
     }
@@ -487,14 +528,6 @@ mod tests {
             },
         ]);
         assert_eq!(mon_host(&o).unwrap(), "10.0.0.1:6789;[::1]:3300");
-    }
-
-    #[test]
-    fn encryption_is_refused_before_connecting() {
-        let mut o = opts();
-        assert!(check(&o).is_ok());
-        o.encrypt = Some(serde_json::json!({"format": "luks", "key-secret": "s"}));
-        assert!(check(&o).unwrap_err().msg.contains("encryption"));
     }
 
     #[test]

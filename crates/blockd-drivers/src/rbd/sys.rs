@@ -36,6 +36,31 @@ pub const RBD_FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
 /// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`.
 pub const RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: c_int = 1;
 
+/// `rbd_encryption_format_t` (a C enum: an `int`). librbd 1.16 has LUKS1
+/// and LUKS2 only; `RBD_ENCRYPTION_FORMAT_LUKS` (either) came with 1.17.
+pub type rbd_encryption_format_t = c_int;
+/// `RBD_ENCRYPTION_FORMAT_LUKS1`.
+pub const RBD_ENCRYPTION_FORMAT_LUKS1: rbd_encryption_format_t = 0;
+/// `RBD_ENCRYPTION_FORMAT_LUKS2`.
+pub const RBD_ENCRYPTION_FORMAT_LUKS2: rbd_encryption_format_t = 1;
+/// `rbd_encryption_algorithm_t` (a C enum: an `int`).
+pub type rbd_encryption_algorithm_t = c_int;
+/// `RBD_ENCRYPTION_ALGORITHM_AES128`.
+pub const RBD_ENCRYPTION_ALGORITHM_AES128: rbd_encryption_algorithm_t = 0;
+/// `RBD_ENCRYPTION_ALGORITHM_AES256`.
+pub const RBD_ENCRYPTION_ALGORITHM_AES256: rbd_encryption_algorithm_t = 1;
+
+/// `rbd_encryption_luks1_format_options_t` and
+/// `rbd_encryption_luks2_format_options_t`, which librbd.h declares with
+/// the same members: the algorithm (used by format only) and the
+/// passphrase (bytes, not NUL-terminated: `passphrase_size` counts them).
+#[repr(C)]
+pub struct rbd_encryption_luks_format_options_t {
+    pub alg: rbd_encryption_algorithm_t,
+    pub passphrase: *const c_char,
+    pub passphrase_size: usize,
+}
+
 /// `rbd_image_info_t`.
 #[repr(C)]
 pub struct rbd_image_info_t {
@@ -72,6 +97,7 @@ extern "C" {
         size: u64,
         order: *mut c_int,
     ) -> c_int;
+    pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
     pub fn rbd_namespace_exists(io: rados_ioctx_t, name: *const c_char, exists: *mut bool)
         -> c_int;
     pub fn rbd_open(
@@ -105,6 +131,19 @@ extern "C" {
         cb: rbd_diff_cb,
         arg: *mut c_void,
     ) -> c_int;
+    pub fn rbd_encryption_format(
+        image: rbd_image_t,
+        format: rbd_encryption_format_t,
+        opts: *mut c_void,
+        opts_size: usize,
+    ) -> c_int;
+    pub fn rbd_encryption_load(
+        image: rbd_image_t,
+        format: rbd_encryption_format_t,
+        opts: *mut c_void,
+        opts_size: usize,
+    ) -> c_int;
+    pub fn rbd_read(image: rbd_image_t, ofs: u64, len: usize, buf: *mut c_char) -> isize;
     pub fn rbd_aio_create_completion(
         arg: *mut c_void,
         cb: rbd_callback_t,
@@ -149,5 +188,19 @@ mod tests {
     fn image_info_layout() {
         assert_eq!(std::mem::size_of::<rbd_image_info_t>(), 160);
         assert_eq!(std::mem::offset_of!(rbd_image_info_t, parent_pool), 56);
+    }
+
+    /// The LUKS options as gcc lays them out on x86-64 (a 4-byte enum,
+    /// 4 bytes of padding, the pointer, the size).
+    #[test]
+    fn luks_options_layout() {
+        assert_eq!(
+            std::mem::size_of::<rbd_encryption_luks_format_options_t>(),
+            24
+        );
+        assert_eq!(
+            std::mem::offset_of!(rbd_encryption_luks_format_options_t, passphrase),
+            8
+        );
     }
 }
