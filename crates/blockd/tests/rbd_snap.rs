@@ -24,7 +24,14 @@ impl Drop for Img {
     fn drop(&mut self) {
         let _ = run(
             "rbd",
-            &["-c", &self.0.conf, "snap", "purge", "--no-progress", &self.0.spec()],
+            &[
+                "-c",
+                &self.0.conf,
+                "snap",
+                "purge",
+                "--no-progress",
+                &self.0.spec(),
+            ],
         );
     }
 }
@@ -203,7 +210,10 @@ fn names_ids_and_errors_as_in_qemu() {
     // (blockdev.c looks the snapshot up first); an id alone finds it but
     // librbd needs the name (qemu_rbd_snap_remove).
     assert_eq!(
-        qmp_err(del(&mut c, json!({"device": "r0", "id": "s1", "name": "s2"}))),
+        qmp_err(del(
+            &mut c,
+            json!({"device": "r0", "id": "s1", "name": "s2"})
+        )),
         "Snapshot with id 's1' and name 's2' does not exist on device 'r0'"
     );
     assert_eq!(
@@ -223,6 +233,16 @@ fn names_ids_and_errors_as_in_qemu() {
     del(&mut c, json!({"device": "r0", "name": &long[..127]})).unwrap();
     assert_eq!(rbd_snaps(&conf, &spec), ["s2"]);
     assert_eq!(node_snaps(&mut c, "r0"), [listed("s2", 8 << 20)]);
+
+    // More snapshots than the first list call makes room for, oldest
+    // first.
+    let names: Vec<String> = (0..20).map(|i| format!("n{i:02}")).collect();
+    for n in &names {
+        snap(&mut c, "r0", n).unwrap();
+    }
+    let mut want = vec![listed("s2", 8 << 20)];
+    want.extend(names.iter().map(|n| listed(n, 8 << 20)));
+    assert_eq!(node_snaps(&mut c, "r0"), want);
     srv_alive(srv);
 }
 
@@ -273,7 +293,10 @@ fn snapshots_taken_outside_show_up_and_can_be_deleted() {
     let mut c = srv.client();
     c.execute("blockdev-add", Some(rbd_node(&conf, "r0", &img.0.name)))
         .unwrap();
-    rbd(&conf, &["snap", "create", "--no-progress", &format!("{spec}@ext")]);
+    rbd(
+        &conf,
+        &["snap", "create", "--no-progress", &format!("{spec}@ext")],
+    );
     assert_eq!(node_snaps(&mut c, "r0"), [listed("ext", 8 << 20)]);
     assert_eq!(
         qmp_err(snap(&mut c, "r0", "ext")),
@@ -290,10 +313,30 @@ fn snapshots_taken_outside_show_up_and_can_be_deleted() {
         node_snaps(&mut c, "r0"),
         [listed("ext", 8 << 20), listed("mine", 16 << 20)]
     );
+    // query-block shows the same image info for a device on the node.
+    c.execute(
+        "device_add",
+        Some(json!({"driver": "virtio-blk-pci", "id": "vd0", "drive": "r0"})),
+    )
+    .unwrap();
+    let q = c.execute("query-block", None).unwrap();
+    let dev = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["inserted"]["node-name"] == "r0")
+        .unwrap_or_else(|| panic!("no device on r0 in {q}"));
+    assert_eq!(
+        dev["inserted"]["image"]["snapshots"],
+        json!([listed("ext", 8 << 20), listed("mine", 16 << 20)])
+    );
     del(&mut c, json!({"device": "r0", "name": "ext"})).unwrap();
     assert_eq!(rbd_snaps(&conf, &spec), ["mine"]);
     // Removed outside: gone from the list, and not there to delete.
-    rbd(&conf, &["snap", "rm", "--no-progress", &format!("{spec}@mine")]);
+    rbd(
+        &conf,
+        &["snap", "rm", "--no-progress", &format!("{spec}@mine")],
+    );
     assert_eq!(node_snaps(&mut c, "r0"), Vec::<Value>::new());
     assert_eq!(
         qmp_err(del(&mut c, json!({"device": "r0", "name": "mine"}))),
