@@ -11,7 +11,9 @@
 //!
 //! Every request is one of librbd's asynchronous requests
 //! ([`image::Image`]); only what librbd offers synchronously (connect,
-//! open, resize, diff iteration) runs on the blocking pool.
+//! open, resize, diff iteration, taking and removing snapshots) runs on
+//! the blocking pool. Listing snapshots runs in place: librbd answers it
+//! from memory unless the image's header changed ([`snap`]).
 
 pub mod create;
 pub mod encrypt;
