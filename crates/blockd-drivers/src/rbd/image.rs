@@ -24,7 +24,7 @@ fn err(r: c_int) -> io::Error {
     io::Error::from_raw_os_error(-r)
 }
 
-fn check(r: c_int) -> io::Result<()> {
+pub(super) fn check(r: c_int) -> io::Result<()> {
     if r < 0 {
         Err(err(r))
     } else {
@@ -242,6 +242,12 @@ extern "C" fn on_complete<T: Send>(c: sys::rbd_completion_t, arg: *mut c_void) {
 }
 
 impl Image {
+    /// The raw handle, for the other wrappers of this module's siblings
+    /// ([`super::snap`]); valid while `self` lives.
+    pub(super) fn handle(&self) -> sys::rbd_image_t {
+        self.h
+    }
+
     /// `rbd_stat`.
     pub fn stat(&self) -> io::Result<Stat> {
         // SAFETY: an all-zero rbd_image_info_t is valid (integers and char arrays).

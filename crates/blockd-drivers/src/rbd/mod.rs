@@ -6,16 +6,20 @@
 //! status `qemu_rbd_co_block_status` (librbd's fast-diff through
 //! `rbd_diff_iterate2`), truncation `qemu_rbd_co_truncate`. `encrypt`
 //! loads librbd's LUKS encryption ([`encrypt`]); the node then shows the
-//! payload, and its size is the payload's.
+//! payload, and its size is the payload's. Internal snapshots are RBD
+//! snapshots ([`snap`]: `qemu_rbd_snap_create`, `_remove`, `_list`).
 //!
 //! Every request is one of librbd's asynchronous requests
 //! ([`image::Image`]); only what librbd offers synchronously (connect,
-//! open, resize, diff iteration) runs on the blocking pool.
+//! open, resize, diff iteration, taking and removing snapshots) runs on
+//! the blocking pool. Listing snapshots runs in place: librbd answers it
+//! from memory unless the image's header changed ([`snap`]).
 
 pub mod create;
 pub mod encrypt;
 pub mod image;
 mod known;
+pub mod snap;
 pub mod sys;
 
 use std::io;
@@ -474,6 +478,25 @@ impl BlockDriver for RbdDriver {
             }
             Ok(st)
         })
+    }
+
+    fn snapshots(&self) -> Option<Vec<blockd_core::snapshot::SnapshotInfo>> {
+        Some(snap::list(&self.image))
+    }
+
+    fn snapshot_create(
+        &self,
+        sn: blockd_core::snapshot::SnapshotInfo,
+    ) -> IoFuture<'_, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(snap::create(self.image.clone(), sn))
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, blockd_core::snapshot::SnapshotInfo> {
+        Box::pin(snap::remove(self.image.clone(), id, name))
     }
 
     fn truncate(&self, len: u64) -> IoFuture<'_, ()> {

@@ -73,6 +73,15 @@ pub struct rbd_image_info_t {
     pub parent_name: [c_char; RBD_MAX_IMAGE_NAME_SIZE],
 }
 
+/// `rbd_snap_info_t`: one entry of `rbd_snap_list`. librbd allocates
+/// `name`; `rbd_snap_list_end` frees it.
+#[repr(C)]
+pub struct rbd_snap_info_t {
+    pub id: u64,
+    pub size: u64,
+    pub name: *const c_char,
+}
+
 #[link(name = "rados")]
 extern "C" {
     pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
@@ -175,6 +184,14 @@ extern "C" {
         op_flags: c_int,
     ) -> c_int;
     pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
+    pub fn rbd_snap_create(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_remove(image: rbd_image_t, snapname: *const c_char) -> c_int;
+    pub fn rbd_snap_list(
+        image: rbd_image_t,
+        snaps: *mut rbd_snap_info_t,
+        max_snaps: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
 }
 
 #[cfg(test)]
@@ -188,6 +205,13 @@ mod tests {
     fn image_info_layout() {
         assert_eq!(std::mem::size_of::<rbd_image_info_t>(), 160);
         assert_eq!(std::mem::offset_of!(rbd_image_info_t, parent_pool), 56);
+    }
+
+    /// `rbd_snap_info_t`: two 64-bit integers and a pointer.
+    #[test]
+    fn snap_info_layout() {
+        assert_eq!(std::mem::size_of::<rbd_snap_info_t>(), 24);
+        assert_eq!(std::mem::offset_of!(rbd_snap_info_t, name), 16);
     }
 
     /// The LUKS options as gcc lays them out on x86-64 (a 4-byte enum,

@@ -189,6 +189,11 @@ async fn delete(st: &State, a: SnapshotDelete) -> R<Value> {
         .snapshot_delete(a.id.as_deref(), a.name.as_deref())
         .await
         .map_err(|e| {
+            // A driver that words its own error (QEMU's drivers set
+            // errp) gives the whole message.
+            if e.get_ref().is_some() {
+                return QmpError::generic(e.to_string());
+            }
             QmpError::generic(format!(
                 "Failed to delete snapshot: {}",
                 blockd_core::error::strerror(&e)
