@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use blockd_testkit::QmpClient;
 use certs::Ca;
 use common::Server;
 use serde_json::{json, Value};
@@ -410,36 +411,7 @@ fn blockds_client_against_qemu_nbd_with_tls() {
     };
     // Good: the data reads back through a re-export of the node.
     add_node(&mut c, node("n0", p1, Some("c0"))).unwrap();
-    let sock = base.join("nbd");
-    c.execute(
-        "nbd-server-start",
-        Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
-    )
-    .unwrap();
-    c.execute(
-        "block-export-add",
-        Some(json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "x"})),
-    )
-    .unwrap();
-    let url = format!("nbd+unix:///x?socket={}", sock.display());
-    let o = run(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0x33 0 1M",
-            "-c",
-            "read -P 0 1M 1M",
-            &url,
-        ],
-    );
-    assert!(
-        o.status.success() && !text(&o).contains("failed"),
-        "{}",
-        text(&o)
-    );
+    read_through_reexport(&mut c, &base, "e0", 0x33);
 
     // Refusals, in QEMU's words (recorded with qemu-storage-daemon 10.0.2).
     let cases = [
@@ -707,18 +679,30 @@ fn encrypted_keys_with_passwordid() {
                "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
     )
     .unwrap();
-    let sock = local.dir.join("nbd");
-    lc.execute(
+    read_through_reexport(&mut lc, &local.dir, "e1", 0x3c);
+    // The passwords never reach the logs.
+    for log in [srv.log(), local.log()] {
+        assert!(!log.contains(spw) && !log.contains(cpw), "{log}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Re-exports node `n0` (export `id`, name `x`) on a Unix socket in `dir`
+/// and reads it with qemu-io: 1 MiB of `pattern`, then 1 MiB of zeroes.
+fn read_through_reexport(c: &mut QmpClient, dir: &Path, id: &str, pattern: u8) {
+    let sock = dir.join("nbd");
+    c.execute(
         "nbd-server-start",
         Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
     )
     .unwrap();
-    lc.execute(
+    c.execute(
         "block-export-add",
-        Some(json!({"type": "nbd", "id": "e1", "node-name": "n0", "name": "x"})),
+        Some(json!({"type": "nbd", "id": id, "node-name": "n0", "name": "x"})),
     )
     .unwrap();
     let url = format!("nbd+unix:///x?socket={}", sock.display());
+    let read = format!("read -P {pattern:#x} 0 1M");
     let o = run(
         "qemu-io",
         &[
@@ -726,7 +710,7 @@ fn encrypted_keys_with_passwordid() {
             "-f",
             "raw",
             "-c",
-            "read -P 0x3c 0 1M",
+            &read,
             "-c",
             "read -P 0 1M 1M",
             &url,
@@ -737,9 +721,4 @@ fn encrypted_keys_with_passwordid() {
         "{}",
         text(&o)
     );
-    // The passwords never reach the logs.
-    for log in [srv.log(), local.log()] {
-        assert!(!log.contains(spw) && !log.contains(cpw), "{log}");
-    }
-    let _ = std::fs::remove_dir_all(&base);
 }

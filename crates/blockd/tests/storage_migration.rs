@@ -456,12 +456,37 @@ fn migrate(src_kind: Kind, dst_kind: Kind, finish: Finish, seed: u64, tls: Optio
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        sh(&format!("qemu-img check -q {img}"));
+        check_image(h.kind, &img);
     }
     eprintln!(
         "{src_kind:?} -> {dst_kind:?} ({finish:?}): identical, {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// `qemu-img check` of an image `kind` wrote. blockd's images must be
+/// clean. qemu-storage-daemon 10.0.2 was seen, once in a 60-second soak
+/// (round 11 of the QSD -> blockd variant, its own source image, which
+/// nothing else writes), to leave a cluster in use with refcount 0 after
+/// discards and writes racing on its qcow2: QEMU's problem, reported here
+/// and not failed on, so that it cannot turn blockd's CI red.
+fn check_image(kind: Kind, img: &str) {
+    let out = Command::new("qemu-img")
+        .args(["check", "-q", img])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match kind {
+        Kind::Blockd => assert!(out.status.success(), "qemu-img check {img}: {text}"),
+        Kind::Qsd if !out.status.success() => {
+            eprintln!("WARNING: qemu-storage-daemon's image {img} fails qemu-img check: {text}")
+        }
+        Kind::Qsd => {}
+    }
 }
 
 /// Rounds: 1, or as many as fit in 60 s with `BLOCKD_SOAK`.
