@@ -384,7 +384,18 @@ fn migrate(src_kind: Kind, dst_kind: Kind, finish: Finish, seed: u64, tls: Optio
     );
 
     // the guest writes; the source connects to the destination and mirrors
-    let load = Load::start(LoadConfig::new(guest_sock.clone(), "guest", seed), initial);
+    let mut cfg = LoadConfig::new(guest_sock.clone(), "guest", seed);
+    if src_kind == Kind::Qsd {
+        // qemu-storage-daemon 10.0.2 as the source lost a guest write in a
+        // soak (a 64 KiB cluster read back as zeroes after its write had
+        // completed, in round 1), and once left a refcount error: write-
+        // zeroes and trims racing with writes in the same qcow2 cluster.
+        // blockd as the source never did. The destination (what this
+        // variant tests) still gets the same mirror, of writes only.
+        cfg.zero_pct = 0;
+        cfg.trim_pct = 0;
+    }
+    let load = Load::start(cfg, initial);
     sleep_ms(200);
     let mut nbd = json!({"driver": "nbd", "node-name": "mig-tgt", "export": EXPORT,
                          "server": {"type": "inet", "host": "127.0.0.1", "port": port}});
