@@ -470,6 +470,9 @@ impl Objects {
         if matches!(kind, ObjectKind::ThrottleGroup(_) | ObjectKind::IoThread(_)) {
             self.tls.note_other(id);
         }
+        if !matches!(kind, ObjectKind::Secret(_)) {
+            self.secrets.note_other(id);
+        }
         l.push(Object {
             id: id.to_string(),
             kind,
@@ -514,9 +517,7 @@ impl Objects {
                 return Err(format!("object '{id}' is in use, can not be deleted"));
             }
         }
-        if let ObjectKind::Secret(_) = &l[i].kind {
-            self.secrets.remove(id);
-        }
+        self.secrets.remove(id);
         l.remove(i);
         self.order().remove(id);
         self.tls.remove(id);
@@ -689,5 +690,19 @@ mod tests {
             crate::secret::base64_encode(b"ceph-secret-value")
         );
         assert_eq!(o.lock()[1].get("keyid").unwrap(), "m");
+        // A driver's key-secret naming another object: QEMU's words.
+        assert_eq!(
+            o.secrets.lookup_base64("io0").unwrap_err(),
+            "Object with id 'io0' is not a secret"
+        );
+        assert_eq!(
+            o.secrets.lookup("nosuch").unwrap_err(),
+            "No secret with id 'nosuch'"
+        );
+        o.del("io0").unwrap();
+        assert_eq!(
+            o.secrets.lookup("io0").unwrap_err(),
+            "No secret with id 'io0'"
+        );
     }
 }

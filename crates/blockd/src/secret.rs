@@ -280,6 +280,8 @@ impl Secret {
 #[derive(Default)]
 pub struct SecretStore {
     map: Mutex<HashMap<String, Arc<Secret>>>,
+    /// Ids of the other objects, for QEMU's "is not a secret".
+    others: Mutex<std::collections::HashSet<String>>,
 }
 
 impl SecretStore {
@@ -292,28 +294,42 @@ impl SecretStore {
         self.lock().insert(id.to_string(), s);
     }
 
-    /// Removes one.
+    /// Notes an object of another type (its id is taken).
+    pub fn note_other(&self, id: &str) {
+        self.others_lock().insert(id.to_string());
+    }
+
+    /// Forgets the object `id`, a secret or not.
     pub fn remove(&self, id: &str) {
         self.lock().remove(id);
+        self.others_lock().remove(id);
+    }
+
+    fn others_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.others.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// QEMU's `qcrypto_secret_lookup` errors for an id that is no secret.
+    fn missing(&self, id: &str) -> String {
+        if self.others_lock().contains(id) {
+            lookup_error::not_a_secret(id)
+        } else {
+            lookup_error::missing(id)
+        }
     }
 }
 
 impl blockd_drivers::secrets::Secrets for SecretStore {
     fn lookup_base64(&self, id: &str) -> Result<String, String> {
-        // (An object of another type with this id is not in the store:
-        // QEMU says "Object with id 'x' is not a secret"; the caller
-        // cannot tell here, so both read as missing.)
-        self.lock()
-            .get(id)
-            .map(|s| base64_encode(&s.bytes))
-            .ok_or_else(|| lookup_error::missing(id))
+        let s = self.lock().get(id).cloned();
+        s.map(|s| base64_encode(&s.bytes))
+            .ok_or_else(|| self.missing(id))
     }
 
     fn lookup(&self, id: &str) -> Result<Bytes, String> {
-        self.lock()
-            .get(id)
-            .map(|s| Zeroizing::new(s.bytes.to_vec()))
-            .ok_or_else(|| lookup_error::missing(id))
+        let s = self.lock().get(id).cloned();
+        s.map(|s| Zeroizing::new(s.bytes.to_vec()))
+            .ok_or_else(|| self.missing(id))
     }
 }
 

@@ -65,6 +65,17 @@ fn options_and_errors_as_qemu() {
     let mut v = rbd_node(&conf, "x", &img.name);
     v["key-secret"] = "nokey".into();
     assert_eq!(qmp_err(add(&mut c, v)), "No secret with id 'nokey'");
+    c.execute(
+        "object-add",
+        Some(json!({"qom-type": "iothread", "id": "io-k"})),
+    )
+    .unwrap();
+    let mut v = rbd_node(&conf, "x", &img.name);
+    v["key-secret"] = "io-k".into();
+    assert_eq!(
+        qmp_err(add(&mut c, v)),
+        "Object with id 'io-k' is not a secret"
+    );
     let mut v = rbd_node(&conf, "x", &img.name);
     v["encrypt"] = json!({"format": "luks", "key-secret": "k"});
     assert_eq!(qmp_err(add(&mut c, v)), "No secret with id 'k'");
