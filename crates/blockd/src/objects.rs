@@ -484,18 +484,10 @@ impl Objects {
     /// The secret `keyid` that the secret `adding` is encrypted with
     /// (QEMU's `qcrypto_secret_lookup`).
     fn secret(&self, adding: &str, keyid: &str) -> Result<Arc<crate::secret::Secret>, String> {
-        use crate::secret::lookup_error;
         if keyid == adding {
-            return Err(lookup_error::no_data(keyid));
+            return Err(crate::secret::lookup_error::no_data(keyid));
         }
-        match self.lock().iter().find(|o| o.id == keyid) {
-            Some(Object {
-                kind: ObjectKind::Secret(s),
-                ..
-            }) => Ok(s.clone()),
-            Some(_) => Err(lookup_error::not_a_secret(keyid)),
-            None => Err(lookup_error::missing(keyid)),
-        }
+        self.secrets.get(keyid)
     }
 
     fn check_id(&self, id: &str) -> Result<(), String> {

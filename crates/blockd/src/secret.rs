@@ -309,27 +309,27 @@ impl SecretStore {
         self.others.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// QEMU's `qcrypto_secret_lookup` errors for an id that is no secret.
-    fn missing(&self, id: &str) -> String {
-        if self.others_lock().contains(id) {
-            lookup_error::not_a_secret(id)
-        } else {
-            lookup_error::missing(id)
-        }
+    /// The secret `id`, with QEMU's `qcrypto_secret_lookup` errors for an
+    /// id that names another object or nothing.
+    pub fn get(&self, id: &str) -> Result<Arc<Secret>, String> {
+        let s = self.lock().get(id).cloned();
+        s.ok_or_else(|| {
+            if self.others_lock().contains(id) {
+                lookup_error::not_a_secret(id)
+            } else {
+                lookup_error::missing(id)
+            }
+        })
     }
 }
 
 impl blockd_drivers::secrets::Secrets for SecretStore {
     fn lookup_base64(&self, id: &str) -> Result<String, String> {
-        let s = self.lock().get(id).cloned();
-        s.map(|s| base64_encode(&s.bytes))
-            .ok_or_else(|| self.missing(id))
+        self.get(id).map(|s| base64_encode(&s.bytes))
     }
 
     fn lookup(&self, id: &str) -> Result<Bytes, String> {
-        let s = self.lock().get(id).cloned();
-        s.map(|s| Zeroizing::new(s.bytes.to_vec()))
-            .ok_or_else(|| self.missing(id))
+        self.get(id).map(|s| Zeroizing::new(s.bytes.to_vec()))
     }
 }
 
