@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::Server;
+use common::{ok, Server};
 use serde_json::json;
 
 fn have(tool: &str) -> bool {
@@ -28,16 +28,6 @@ macro_rules! require_qemu {
 
 fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd).args(args).output().expect("run tool")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn url(sock: &Path, name: &str) -> String {

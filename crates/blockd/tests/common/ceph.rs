@@ -13,6 +13,7 @@ use std::time::Duration;
 use blockd_testkit::{ClientError, QmpClient};
 use serde_json::{json, Value};
 
+pub use crate::common::ok;
 use crate::common::Server;
 
 pub const T: Duration = Duration::from_secs(60);
@@ -62,16 +63,6 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
         .env_remove("CEPH_CONF")
         .output()
         .expect("run tool")
-}
-
-pub fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Runs the `rbd` tool on the test cluster.

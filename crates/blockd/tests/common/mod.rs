@@ -186,3 +186,14 @@ pub fn have(tool: &str) -> bool {
     }
     found
 }
+
+/// A tool's stdout; panics with its output if it failed.
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

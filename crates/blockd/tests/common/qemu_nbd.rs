@@ -6,20 +6,11 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use crate::common::ok;
+
 /// Runs a tool to completion.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd).args(args).output().expect("run tool")
-}
-
-/// The tool's stdout; panics with its output if it failed.
-pub fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// qemu-nbd serving `img` as `exp` on `sock`, killed on drop.
