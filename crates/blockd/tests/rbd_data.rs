@@ -1,7 +1,8 @@
 //! The `rbd` driver's data path against a real Ceph cluster: an NBD
 //! export checked with QEMU's tools and Ceph's `rbd` tool, two blockd
-//! processes on one image, mirroring between local images and rbd. How to
-//! run: see `rbd.rs`.
+//! processes on one image, mirroring between local images and rbd, and
+//! writes without librbd's copy when its cache is off. How to run: see
+//! `rbd.rs`.
 
 #[path = "common/ceph.rs"]
 mod ceph;
@@ -349,5 +350,120 @@ fn mirror_between_local_images_and_rbd() {
         "qemu-img",
         &["compare", "-U", "-f", "qcow2", "-F", "raw", qs, bs],
     ));
+    srv_alive(srv);
+}
+
+/// librbd's settings in blockd's process, read from its admin socket (the
+/// test cluster's ceph.conf gives clients one per cluster handle).
+fn client_config(conf: &str, pid: u32, key: &str) -> Vec<String> {
+    let run_dir = std::path::Path::new(conf).parent().unwrap().join("run");
+    let prefix = format!("client.admin.{pid}.");
+    let mut values = Vec::new();
+    for e in std::fs::read_dir(&run_dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with(&prefix) && name.ends_with(".asok")) {
+            continue;
+        }
+        let asok = p.to_str().unwrap();
+        let v: Value = serde_json::from_str(&ok(&run(
+            "ceph",
+            &["--admin-daemon", asok, "config", "get", key],
+        )))
+        .unwrap();
+        values.push(v[key].as_str().unwrap().to_string());
+    }
+    values
+}
+
+/// Without librbd's cache (`cache.direct`), librbd sends a write's buffer
+/// without copying it; many writes in flight at once, completing out of
+/// order, still land as written.
+#[test]
+fn uncached_writes_without_a_copy() {
+    let conf = require_cluster!();
+    if !require_qemu_tools() {
+        return;
+    }
+    const M: usize = 1 << 20;
+    let img = TestImage::new(&conf, "zerocopy", "48M");
+    let srv = Server::start("blockd-rbd-zerocopy");
+    let mut c = srv.client();
+    let mut node = rbd_node(&conf, "r0", &img.name);
+    node["cache"] = json!({"direct": true});
+    c.execute("blockdev-add", Some(node)).unwrap();
+    // QEMU's mapping of cache.direct, and the copy turned off.
+    assert_eq!(client_config(&conf, srv.pid(), "rbd_cache"), vec!["false"]);
+    assert_eq!(
+        client_config(&conf, srv.pid(), "rbd_disable_zero_copy_writes"),
+        vec!["false"]
+    );
+    let u = export(&mut c, &srv, "r0", "disk0");
+
+    // 40 MiB of data unlike itself anywhere, written by 16 coroutines out
+    // of order in requests of up to 2 MiB.
+    let src = srv.dir.join("src.raw");
+    let mut data = vec![0u8; 40 * M];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(&src, &data).unwrap();
+    let s = src.to_str().unwrap();
+    ok(&run(
+        "qemu-img",
+        &[
+            "convert", "-n", "-W", "-m", "16", "-S", "0", "-f", "raw", "-O", "raw", s, &u,
+        ],
+    ));
+    // Then 4 KiB writes at depth 16 fill most of the rest.
+    ok(&run(
+        "qemu-img",
+        &[
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            "2000",
+            "-d",
+            "16",
+            "-s",
+            "4k",
+            "-o",
+            "40M",
+            "-S",
+            "4096",
+            "--pattern",
+            "0x3c",
+            &u,
+        ],
+    ));
+    data.extend(std::iter::repeat_n(0x3c, 2000 * 4096));
+    data.resize(48 * M, 0);
+    std::fs::write(&src, &data).unwrap();
+    ok(&run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", s, &u],
+    ));
+    unexport(&mut c, "disk0");
+    c.execute("blockdev-del", Some(json!({"node-name": "r0"})))
+        .unwrap();
+
+    // What the cluster holds, read without blockd.
+    let out = srv.dir.join("export.raw");
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &img.spec(),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&out).unwrap() == data, "rbd export differs");
     srv_alive(srv);
 }
