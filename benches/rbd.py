@@ -18,8 +18,16 @@ are); `rbd bench --io-pattern rand` is truly random. The image is filled
 first, so that reads read data. Each case alternates blockd and rbd bench
 --runs times; the medians are reported, ratio = blockd / rbd (>= 0.8 is
 the goal at depth 16 and for 1 MiB).
+
+CPU: each run also records the CPU seconds (user + system) of the client
+(qemu-img bench, or rbd bench, which is librbd's own client), of blockd
+and of the OSD (when the cluster is the throwaway one, whose pid file is
+known). When the machine's CPUs are the limit, throughput follows the
+total CPU per request. "bound" is the ratio blockd would reach if it cost
+exactly what librbd costs inside rbd bench, with nothing for NBD:
+(rbd + OSD) / (rbd + OSD + qemu-img), from the same runs.
 """
-import argparse, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, resource, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -75,6 +83,35 @@ class Qmp:
             return r["return"]
 
 
+def cpu_of(pid):
+    """User + system CPU seconds of a process (0 when unknown)."""
+    if not pid:
+        return 0.0
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(fn, pids):
+    """Runs fn(); returns (its result, CPU seconds of its child processes,
+    CPU seconds of each of pids)."""
+    before = [cpu_of(p) for p in pids]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    v = fn()
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return v, child, [cpu_of(p) - b for p, b in zip(pids, before)]
+
+
+def osd_pid(conf):
+    try:
+        return int(open(os.path.join(os.path.dirname(conf), "run", "osd.0.pid")).read())
+    except (OSError, ValueError):
+        return None
+
+
 def qemu_img_bench(url, size, depth, write, rnd, count):
     args = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth),
             "-s", str(size), "-S", str(STRIDE if rnd else size)]
@@ -124,21 +161,34 @@ def main():
         q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nsock}})
         q.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, name="d", writable=True)
         url = f"nbd+unix:///d?socket={nsock}"
+        osd = osd_pid(a.conf)
         results = {}
         for (case, size, depth, write, rnd, count) in cases:
+            # per run: ops/s, client CPU, blockd CPU, OSD CPU
             b, r = [], []
             for i in range(a.runs):
                 order = [("b", b), ("r", r)] if i % 2 == 0 else [("r", r), ("b", b)]
                 for who, acc in order:
                     if who == "b":
-                        acc.append(qemu_img_bench(url, size, depth, write, rnd, count))
+                        v, cl, (sv, od) = measured(
+                            lambda: qemu_img_bench(url, size, depth, write, rnd, count), [srv.pid, osd])
                     else:
-                        acc.append(rbd_bench(a.conf, spec, size, depth, write, rnd, count))
-            mb, mr = statistics.median(b), statistics.median(r)
+                        v, cl, (sv, od) = measured(
+                            lambda: rbd_bench(a.conf, spec, size, depth, write, rnd, count), [None, osd])
+                    acc.append((v, cl, sv, od))
+            med = lambda runs, k: statistics.median(x[k] for x in runs)
+            mb, mr = med(b, 0), med(r, 0)
+            per = count / 1000  # CPU seconds per 1000 requests
+            cpu = {"client": med(b, 1) / per, "blockd": med(b, 2) / per, "osd": med(b, 3) / per,
+                   "rbd_client": med(r, 1) / per, "rbd_osd": med(r, 3) / per}
+            bound = (cpu["rbd_client"] + cpu["rbd_osd"]) / (
+                cpu["rbd_client"] + cpu["rbd_osd"] + cpu["client"]) if osd else None
             results[case] = {"blockd_ops": round(mb, 1), "rbd_ops": round(mr, 1),
                              "blockd_mib_s": round(mb * size / (1 << 20), 1),
                              "rbd_mib_s": round(mr * size / (1 << 20), 1),
-                             "ratio": round(mb / mr, 2)}
+                             "ratio": round(mb / mr, 2),
+                             "cpu_ms_per_req": {k: round(v, 4) for k, v in cpu.items()},
+                             "bound": round(bound, 2) if bound else None}
             log(case, results[case])
         if a.json:
             print(json.dumps(results, indent=1))
@@ -148,6 +198,16 @@ def main():
             for c, v in results.items():
                 print(f"| {c} | {v['blockd_ops']:.0f} | {v['rbd_ops']:.0f} | {v['blockd_mib_s']:.1f} "
                       f"| {v['rbd_mib_s']:.1f} | {v['ratio']:.2f}x |")
+            print()
+            print("CPU ms per request (medians): qemu-img + blockd + OSD against rbd bench + OSD")
+            print()
+            print("| case | qemu-img | blockd | OSD | rbd bench | OSD | bound |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+            for c, v in results.items():
+                u = v["cpu_ms_per_req"]
+                bound = f"{v['bound']:.2f}x" if v["bound"] else "-"
+                print(f"| {c} | {u['client']:.3f} | {u['blockd']:.3f} | {u['osd']:.3f} "
+                      f"| {u['rbd_client']:.3f} | {u['rbd_osd']:.3f} | {bound} |")
     finally:
         if srv:
             srv.send_signal(signal.SIGTERM)
