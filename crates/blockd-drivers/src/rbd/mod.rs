@@ -118,7 +118,7 @@ pub fn connect(o: &RbdOptions, cache: bool, key: Option<&str>) -> Result<Pool, B
     // its checksum. blockd's write buffers are immutable (`Bytes`), and the
     // request owns them until librbd's completion, which librbd holds
     // back until it has released the buffer. With `cache.direct`, 1 MiB
-    // writes cost blockd 10-15% less CPU (benches/README.md).
+    // writes cost blockd 16% less CPU (benches/rbd.md).
     let _ = cluster.set("rbd_disable_zero_copy_writes", "false");
     cluster
         .connect()
