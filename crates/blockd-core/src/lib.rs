@@ -36,6 +36,7 @@ pub mod append;
 pub mod backend;
 pub mod bitmap;
 pub mod blocker;
+pub mod buf;
 pub mod chain;
 pub mod control;
 pub mod dirty;

@@ -62,9 +62,9 @@ use bytes::Bytes;
 
 use crate::open::{Env, FdSets};
 use crate::options::{Aio, FileOptions, OnOffAuto};
+use blockd_core::buf::AlignedBuf;
 use inline::{InlineWrites, INLINE_MAX};
 use lock::{LockCmds, LockState};
-use sys::AlignedBuf;
 
 /// Prefix of file names that name a descriptor set.
 const FDSET_PREFIX: &str = "/dev/fdset/";
@@ -454,11 +454,7 @@ impl Inner {
     fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let h = self.h();
         if h.direct {
-            Ok(Bytes::from_owner(AlignedBuf::read_at(
-                h.raw(),
-                len,
-                offset,
-            )?))
+            Ok(sys::read_aligned(h.raw(), len, offset, true)?.freeze())
         } else {
             Ok(Bytes::from(sys::read_vec(h.raw(), len, offset)?))
         }

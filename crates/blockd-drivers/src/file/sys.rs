@@ -5,17 +5,12 @@
 //! `io::Result` with the raw errno preserved, so that the error policy above
 //! can tell ENOSPC from EIO.
 
-use std::alloc::{self, Layout};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
 
-/// Memory alignment of every buffer handed to the kernel with O_DIRECT.
-///
-/// QEMU probes the minimal memory alignment; a page is enough for every
-/// file system and block device Linux supports, so blockd always uses it.
-pub(super) const MEM_ALIGN: usize = 4096;
+use blockd_core::buf::AlignedBuf;
+use bytes::BufMut;
 
 /// Largest alignment the O_DIRECT probe tries (QEMU's `MAX_BLOCKSIZE`).
 pub(super) const MAX_BLOCKSIZE: usize = 4096;
@@ -171,7 +166,7 @@ pub(super) fn probe_dio_alignment(fd: RawFd) -> Option<u32> {
             return Some(a);
         }
     }
-    let mut buf = AlignedBuf::new(MAX_BLOCKSIZE);
+    let mut buf = AlignedBuf::zeroed(MAX_BLOCKSIZE);
     for align in [1usize, 512, 1024, 2048, 4096] {
         // SAFETY: `buf` holds MAX_BLOCKSIZE >= align writable bytes.
         let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), align, 0) };
@@ -337,84 +332,21 @@ pub(super) fn blk_zeroout(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
     blk_range_ioctl(fd, BLKZEROOUT, offset, len)
 }
 
-/// A heap buffer aligned to [`MEM_ALIGN`], for O_DIRECT. It owns its memory
-/// and can back a `Bytes` without a copy (`Bytes::from_owner`).
-pub(super) struct AlignedBuf {
-    ptr: NonNull<u8>,
+/// Reads `len` bytes at `offset` into a new aligned buffer (O_DIRECT
+/// needs one); the part beyond end of file reads as zeroes.
+pub(super) fn read_aligned(
+    fd: RawFd,
     len: usize,
-    layout: Layout,
-}
-
-// SAFETY: AlignedBuf owns its allocation exclusively; it is plain memory.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only reads the memory.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(len: usize) -> Layout {
-        // A zero-sized layout cannot be allocated; round up to one block.
-        Layout::from_size_align(len.max(MEM_ALIGN), MEM_ALIGN)
-            .unwrap_or_else(|_| alloc::handle_alloc_error(Layout::new::<u8>()))
-    }
-
-    /// An uninitialised buffer of `len` bytes. Only the I/O path writes it
-    /// before anybody reads it (see [`AlignedBuf::fill_from`]).
-    fn new(len: usize) -> Self {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc::alloc(layout) };
-        let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len, layout }
-    }
-
-    /// A buffer of `len` zero bytes.
-    pub(super) fn zeroed(len: usize) -> Self {
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len, layout }
-    }
-
-    /// A copy of `data` in aligned memory (the O_DIRECT bounce buffer).
-    pub(super) fn copy_of(data: &[u8]) -> Self {
-        let b = Self::new(data.len());
-        // SAFETY: `b` has room for data.len() bytes and does not overlap `data`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.ptr.as_ptr(), data.len()) };
-        b
-    }
-
-    /// Reads `len` bytes at `offset` into a new aligned buffer; the part
-    /// beyond end of file reads as zeroes.
-    pub(super) fn read_at(fd: RawFd, len: usize, offset: u64) -> io::Result<Self> {
-        let mut b = Self::new(len);
-        // SAFETY: `b` holds `len` writable bytes.
-        let n = unsafe { pread_full(fd, b.as_mut_ptr(), len, offset, true)? };
-        // SAFETY: bytes n..len are inside the allocation; zeroing them makes
-        // the whole buffer initialised.
-        unsafe { std::ptr::write_bytes(b.ptr.as_ptr().add(n), 0, len - n) };
-        Ok(b)
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl AsRef<[u8]> for AlignedBuf {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: every constructor that hands the buffer out initialises
-        // all `len` bytes (zeroed, copied, or read plus zero-filled; `new`
-        // is private and its users fill the buffer first).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new`/`zeroed` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
+    offset: u64,
+    direct: bool,
+) -> io::Result<AlignedBuf> {
+    let mut b = AlignedBuf::with_capacity(len);
+    // SAFETY: the buffer's spare capacity holds `len` writable bytes.
+    let n = unsafe { pread_full(fd, b.chunk_mut().as_mut_ptr(), len, offset, direct)? };
+    // SAFETY: pread initialised the first `n` bytes.
+    unsafe { b.advance_mut(n) };
+    b.put_bytes(0, len - n);
+    Ok(b)
 }
 
 /// Reads `len` bytes at `offset` into a new `Vec` (buffered I/O: no
@@ -498,7 +430,7 @@ pub(super) fn fs_magic(fd: RawFd) -> Option<i64> {
 
 /// Whether `p` is aligned for O_DIRECT.
 pub(super) fn mem_aligned(p: *const u8) -> bool {
-    (p as usize) % MEM_ALIGN == 0
+    blockd_core::buf::is_aligned(p)
 }
 
 /// The raw descriptor of an owned one (shorthand).
