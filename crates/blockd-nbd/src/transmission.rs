@@ -5,17 +5,19 @@
 //! The reader takes a request slot before reading a header and reserves
 //! the request's payload bytes before reading or producing them, so one
 //! client holds at most [`MAX_REQUESTS_IN_FLIGHT`] requests and
-//! [`MAX_BYTES_IN_FLIGHT`] bytes. Write payloads are read straight into a
-//! buffer of their exact size. A request that fails the checks is answered
-//! at once; if its payload could not be consumed (it is larger than the
-//! limit) the connection is closed after the answer, as QEMU does.
+//! [`MAX_BYTES_IN_FLIGHT`] bytes. Write payloads are read into a
+//! page-aligned buffer of their exact size. A request that fails the
+//! checks is answered at once; if its payload could not be consumed (it is
+//! larger than the limit) the connection is closed after the answer, as
+//! QEMU does.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use blockd_core::buf::AlignedBuf;
+use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -253,15 +255,7 @@ where
     let mut data = Bytes::new();
     if payload_ok && payload_len > 0 {
         bytes = budget.bytes(payload_len).await;
-        let n = payload_len as usize;
-        let mut buf = BytesMut::with_capacity(n);
-        while buf.len() < n {
-            let want = n - buf.len();
-            if r.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        data = buf.freeze();
+        data = read_payload(r, payload_len as usize).await?;
     }
 
     let size = conn.size;
@@ -321,6 +315,24 @@ where
     Ok(Next::Continue)
 }
 
+/// Reads a write's payload into a page-aligned buffer of its exact size,
+/// as QEMU's server reads it into `blk_try_blockalign` memory. Aligned, it
+/// needs no bounce buffer for O_DIRECT, and the kernel copies it into the
+/// page cache faster ([`blockd_core::buf`]). (Reading the part the reader
+/// does not hold yet straight from the stream, past the reader's buffer,
+/// saves a copy, but was slower and less steady in alternating runs of
+/// 64 KiB writes at depth 16 to a `null-co` node.)
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut BufReader<R>, n: usize) -> io::Result<Bytes> {
+    let mut buf = AlignedBuf::with_capacity(n);
+    while buf.len() < n {
+        let want = n - buf.len();
+        if r.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// Reads a block status payload (extended headers, `NBD_CMD_FLAG_PAYLOAD_LEN`):
 /// a 64-bit effect length and the ids of the contexts wanted, a subset of
 /// those negotiated. An invalid payload is consumed and yields no contexts
@@ -355,4 +367,47 @@ async fn block_status_payload<R: AsyncRead + Unpin>(
         }
     }
     Ok((sel, be64(&buf[..8])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A payload arriving in pieces, part of it already held by the
+    /// reader, lands whole in page-aligned memory, and the next bytes
+    /// stay for the next header.
+    #[tokio::test]
+    async fn payloads_are_read_into_aligned_memory() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let p2 = payload.clone();
+        let w = tokio::spawn(async move {
+            b.write_all(&p2[..1000]).await.unwrap();
+            b.flush().await.unwrap();
+            tokio::task::yield_now().await;
+            b.write_all(&p2[1000..]).await.unwrap();
+            b.write_all(b"next").await.unwrap();
+        });
+        let mut r = BufReader::with_capacity(4096, a);
+        // The reader holds the start of the payload.
+        assert!(!r.fill_buf().await.unwrap().is_empty());
+        let got = read_payload(&mut r, payload.len()).await.unwrap();
+        assert!(blockd_core::buf::is_aligned(got.as_ptr()));
+        assert_eq!(&got[..], &payload[..]);
+        let mut rest = [0u8; 4];
+        r.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"next");
+        w.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_short_payload_is_an_early_eof() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        b.write_all(b"only this").await.unwrap();
+        drop(b);
+        let mut r = BufReader::new(a);
+        let e = read_payload(&mut r, 100).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }
