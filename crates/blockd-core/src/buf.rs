@@ -8,7 +8,8 @@
 //! movsb`, which some CPUs run slower when source and destination are not
 //! aligned alike. (On this project's VMs: 64 KiB writes at depth 16 into
 //! a sparse file took 5% less time and CPU in alternating runs; the shared
-//! harness could not tell the difference from its noise.)
+//! harness could not tell the difference from its noise: see
+//! `benches/README.md`.)
 //!
 //! [`AlignedBuf`] is filled like a `BytesMut` (it implements [`BufMut`]
 //! over its uninitialised spare capacity) and frozen into [`Bytes`]
