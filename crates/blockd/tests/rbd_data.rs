@@ -100,17 +100,7 @@ fn data_through_an_nbd_export() {
         .unwrap();
 
     // `rbd export` sees what was written.
-    let out = srv.dir.join("export.raw");
-    rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &img.spec(),
-            out.to_str().unwrap(),
-        ],
-    );
-    let got = std::fs::read(&out).unwrap();
+    let got = std::fs::read(rbd_export(&conf, &img.spec(), &srv.dir, "export.raw")).unwrap();
     assert_eq!(got.len(), 64 * M);
     let mut want = vec![0u8; 64 * M];
     want[..M].fill(0xaa);
@@ -304,16 +294,7 @@ fn mirror_between_local_images_and_rbd() {
     mirror(&mut c, "m1", "src", "dst");
     c.execute("blockdev-del", Some(json!({"node-name": "dst"})))
         .unwrap();
-    let out = srv.dir.join("dst.raw");
-    rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &dst.spec(),
-            out.to_str().unwrap(),
-        ],
-    );
+    let out = rbd_export(&conf, &dst.spec(), &srv.dir, "dst.raw");
     ok(&run(
         "qemu-img",
         &[
@@ -454,16 +435,7 @@ fn uncached_writes_without_a_copy() {
         .unwrap();
 
     // What the cluster holds, read without blockd.
-    let out = srv.dir.join("export.raw");
-    rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &img.spec(),
-            out.to_str().unwrap(),
-        ],
-    );
-    assert!(std::fs::read(&out).unwrap() == data, "rbd export differs");
+    let out = rbd_export(&conf, &img.spec(), &srv.dir, "export.raw");
+    assert!(std::fs::read(out).unwrap() == data, "rbd export differs");
     srv_alive(srv);
 }

@@ -52,13 +52,7 @@ fn enc_node(conf: &str, node: &str, image: &str, enc: Value) -> Value {
 
 /// The image's bytes as stored (`rbd export`), without any decryption.
 fn raw_bytes(conf: &str, spec: &str, dir: &std::path::Path) -> Vec<u8> {
-    let out = dir.join("raw-export");
-    let _ = std::fs::remove_file(&out);
-    rbd(
-        conf,
-        &["export", "--no-progress", spec, out.to_str().unwrap()],
-    );
-    std::fs::read(&out).unwrap()
+    std::fs::read(rbd_export(conf, spec, dir, "raw-export")).unwrap()
 }
 
 /// Whether `hay` holds a run of 4 KiB of `byte`.

@@ -118,19 +118,8 @@ fn a_snapshot_is_an_rbd_snapshot_that_later_writes_leave_alone() {
     // Writes after the snapshot go to the image only.
     qemu_io(&u, &["write -P 0x55 0 1M", "aio_flush"], false);
     qemu_io(&u, &["read -P 0x55 0 1M"], true);
-    let out = srv.dir.join("s1.raw");
-    ok(&run(
-        "rbd",
-        &[
-            "-c",
-            &conf,
-            "export",
-            "--no-progress",
-            &format!("{spec}@s1"),
-            out.to_str().unwrap(),
-        ],
-    ));
-    let data = std::fs::read(&out).unwrap();
+    let out = rbd_export(&conf, &format!("{spec}@s1"), &srv.dir, "s1.raw");
+    let data = std::fs::read(out).unwrap();
     assert_eq!(data.len(), 16 << 20);
     assert!(data[..1 << 20].iter().all(|&b| b == 0xaa));
     assert!(data[1 << 20..].iter().all(|&b| b == 0));

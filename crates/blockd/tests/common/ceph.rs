@@ -72,6 +72,18 @@ pub fn rbd(conf: &str, args: &[&str]) -> String {
     ok(&run("rbd", &a))
 }
 
+/// `rbd export` of `spec` (an image, or `image@snap`) into `dir/name`,
+/// read without blockd; returns the file.
+pub fn rbd_export(conf: &str, spec: &str, dir: &Path, name: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let _ = std::fs::remove_file(&out);
+    rbd(
+        conf,
+        &["export", "--no-progress", spec, out.to_str().unwrap()],
+    );
+    out
+}
+
 /// An image that is removed again when the test ends.
 pub struct TestImage {
     pub conf: String,
