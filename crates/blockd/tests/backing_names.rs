@@ -7,6 +7,8 @@
 //! overlay has none, and the overlay's data elsewhere; the backing node's
 //! driver is the one QEMU opens (recorded with qemu-storage-daemon
 //! 10.0.2). Unknown protocols and bad URIs fail with QEMU's messages.
+//! `blockdev-change-medium` takes the same names (QEMU's `bdrv_open` of
+//! the new medium goes through the same `bdrv_fill_options`).
 
 mod common;
 #[path = "common/qemu_nbd.rs"]
@@ -118,9 +120,7 @@ fn chain_drivers(c: &mut QmpClient, node: &str) -> Vec<String> {
             .unwrap_or_else(|| panic!("no node {name} in {nodes:?}"))
             .clone()
     };
-    // The overlay's backing node is the one whose image is the overlay's
-    // backing image: walk query-block-like data via `image.backing-image`
-    // filenames is ambiguous, so use the graph children instead.
+    // The edges come from the graph (names of generated nodes differ).
     let graph = c.execute("x-debug-query-block-graph", None).unwrap();
     let id_of = |name: &str| {
         graph["nodes"]
@@ -378,6 +378,23 @@ fn backing_name_errors_are_qemus() {
             Some("raw"),
             "Invalid JSON object given".into(),
         ),
+        // Without a backing format in the header (recorded with
+        // qemu-storage-daemon's blockdev-add).
+        (
+            r#"json:{"driver":"nope"}"#.into(),
+            None,
+            "Unknown driver 'nope'".into(),
+        ),
+        (
+            "json:{}".into(),
+            None,
+            "Must specify either driver or file".into(),
+        ),
+        (
+            r#"json:{"driver":"qcow2"}"#.into(),
+            None,
+            "A block device must be specified for \"file\"".into(),
+        ),
     ];
     for (i, (name, format, want)) in cases.iter().enumerate() {
         let node = format!("e{i}");
@@ -428,5 +445,94 @@ fn a_colon_after_a_slash_is_a_file_name() {
         check_reads(&mut c, &srv, &node);
         c.execute("blockdev-del", Some(json!({"node-name": node})))
             .unwrap();
+    }
+}
+
+/// The node-name of the medium in `device`'s tray.
+fn medium_node(c: &mut QmpClient, qdev: &str) -> Value {
+    let q = c.execute("query-block", None).unwrap();
+    q.as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["qdev"] == qdev)
+        .unwrap_or_else(|| panic!("no {qdev} in {q}"))["inserted"]
+        .clone()
+}
+
+#[test]
+fn change_medium_to_nbd_names() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("bn-medium");
+    let base = serve_base(&srv);
+    let s = base.sock.display();
+    let mut c = srv.client();
+    c.execute(
+        "device_add",
+        Some(json!({"driver": "virtio-scsi-pci", "id": "scsi0"})),
+    )
+    .unwrap();
+    c.execute(
+        "device_add",
+        Some(json!({"driver": "scsi-cd", "id": "cd0", "bus": "scsi0.0"})),
+    )
+    .unwrap();
+    let nbd = json!({"driver": "nbd", "server": {"type": "unix", "path": base.sock},
+                     "export": "exp"});
+    for (name, format, drv) in [
+        (format!("nbd+unix:///exp?socket={s}"), Some("raw"), "raw"),
+        (format!("nbd:unix:{s}:exportname=exp"), None, "raw"),
+        (format!("json:{nbd}"), None, "nbd"),
+    ] {
+        let mut args = json!({"id": "cd0", "filename": name});
+        if let Some(f) = format {
+            args["format"] = f.into();
+        }
+        c.execute("blockdev-change-medium", Some(args)).unwrap();
+        let inserted = medium_node(&mut c, "cd0");
+        assert_eq!(inserted["drv"], drv, "{name}: {inserted}");
+        let node = inserted["node-name"].as_str().unwrap().to_string();
+        let sock = srv.dir.join("m.sock");
+        c.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
+        )
+        .unwrap();
+        c.execute(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": "e", "node-name": node, "name": "m"})),
+        )
+        .unwrap();
+        let url = format!("nbd+unix:///m?socket={}", sock.display());
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0xaa 0 1M",
+                "-c",
+                "read -P 0xcc 2M 1M",
+                &url,
+            ],
+        ));
+        assert!(!out.contains("fail"), "{out}");
+        c.execute("block-export-del", Some(json!({"id": "e"})))
+            .unwrap();
+        c.execute("nbd-server-stop", None).unwrap();
+    }
+    for (name, want) in [
+        ("foo:bar".to_string(), "Unknown protocol 'foo'"),
+        ("nbd+unix:///exp".to_string(), "No valid URL specified"),
+        ("json:[1]".to_string(), "Invalid JSON object given"),
+    ] {
+        let got = desc(c.execute(
+            "blockdev-change-medium",
+            Some(json!({"id": "cd0", "filename": name, "format": "raw"})),
+        ));
+        assert_eq!(got, want, "{name}");
     }
 }
