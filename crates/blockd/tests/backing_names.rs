@@ -536,3 +536,66 @@ fn change_medium_to_nbd_names() {
         assert_eq!(got, want, "{name}");
     }
 }
+
+#[test]
+fn drive_mirror_to_an_existing_nbd_target_by_name() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    let srv = Server::start("bn-mirror");
+    let base = serve_base(&srv);
+    let src = srv.dir.join("src.raw");
+    let sp = src.to_str().unwrap();
+    ok(&run("qemu-img", &["create", "-q", "-f", "raw", sp, "4M"]));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5a 1M 2M", sp],
+    ));
+    let mut c = srv.client();
+    c.execute(
+        "blockdev-add",
+        Some(json!({"driver": "raw", "node-name": "src",
+                    "file": {"driver": "file", "filename": src}})),
+    )
+    .unwrap();
+    let target = format!("nbd:unix:{}:exportname=exp", base.sock.display());
+    // Creating an image over NBD is not done (QEMU's qemu-img does it).
+    let e = desc(c.execute(
+        "drive-mirror",
+        Some(json!({"job-id": "m", "device": "src", "target": target,
+                    "format": "raw", "sync": "full"})),
+    ));
+    assert!(e.contains("blockd creates images only in files"), "{e}");
+    c.execute(
+        "drive-mirror",
+        Some(json!({"job-id": "m", "device": "src", "target": target,
+                    "format": "raw", "sync": "full", "mode": "existing"})),
+    )
+    .unwrap();
+    let pat = |p: Value| blockd_testkit::Pattern::new(p).unwrap();
+    let t = std::time::Duration::from_secs(60);
+    c.wait_event(&pat(json!({"event": "BLOCK_JOB_READY"})), t)
+        .unwrap();
+    c.execute("block-job-complete", Some(json!({"device": "m"})))
+        .unwrap();
+    let done = c
+        .wait_event(&pat(json!({"event": "BLOCK_JOB_COMPLETED"})), t)
+        .unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    let url = format!("nbd+unix:///exp?socket={}", base.sock.display());
+    let out = ok(&run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 0 1M",
+            "-c",
+            "read -P 0x5a 1M 2M",
+            &url,
+        ],
+    ));
+    assert!(!out.contains("fail"), "{out}");
+}
