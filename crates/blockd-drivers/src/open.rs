@@ -17,7 +17,10 @@
 //! path ([`crate::implicit`]): its protocol node, a probe of its first
 //! sector, its format node; the format node's options reference the
 //! protocol node, which [`OpenCtx`] resolves from the nodes opened for it
-//! (`preopened`) before looking in the graph.
+//! (`preopened`) before looking in the graph. The name may be more than a
+//! file name ([`crate::filename`]: an NBD URI is the protocol node; a
+//! `json:` name with a driver is the whole backing node, opened as a
+//! definition).
 
 use std::collections::HashSet;
 use std::future::Future;
