@@ -127,10 +127,12 @@ pub fn resolve(name: &str, format: Option<&str>) -> Result<NameSpec, BlockError>
                     }
                 }
             }
+            check_node(&opts)?;
             Ok(NameSpec::Node(opts))
         }
         Some(d) if FORMAT_DRIVERS.contains(&d.as_str()) => {
             if opts.contains_key("file") {
+                check_node(&opts)?;
                 Ok(NameSpec::Node(opts))
             } else if let Some(f) = filename {
                 Ok(NameSpec::Layered {
@@ -159,6 +161,19 @@ pub fn resolve(name: &str, format: Option<&str>) -> Result<NameSpec, BlockError>
                 _ => Err(BlockError::invalid("Must specify either driver or file")),
             },
         },
+    }
+}
+
+/// What QEMU's drivers check of options from a name before anything
+/// else: an `nbd` node (or `file`) without a server is `nbd_config`'s
+/// "NBD server address missing" (blockd's schema would say less).
+fn check_node(opts: &Options) -> Result<(), BlockError> {
+    if opts.get("driver").and_then(Value::as_str) == Some("nbd") && !opts.contains_key("server") {
+        return Err(BlockError::invalid("NBD server address missing"));
+    }
+    match opts.get("file") {
+        Some(Value::Object(file)) => check_node(file),
+        _ => Ok(()),
     }
 }
 
@@ -383,6 +398,17 @@ mod tests {
             "Could not parse the JSON options: JSON parse error, premature EOI"
         );
         assert_eq!(err(resolve("json:[1]", None)), "Invalid JSON object given");
+        assert_eq!(
+            err(resolve(r#"json:{"driver":"nbd"}"#, None)),
+            "NBD server address missing"
+        );
+        assert_eq!(
+            err(resolve(
+                r#"json:{"driver":"raw","file":{"driver":"nbd"}}"#,
+                None
+            )),
+            "NBD server address missing"
+        );
         assert_eq!(
             err(resolve(r#"json:{"driver":"nope"}"#, None)),
             "Unknown driver 'nope'"

@@ -391,6 +391,11 @@ fn backing_name_errors_are_qemus() {
             "Must specify either driver or file".into(),
         ),
         (
+            r#"json:{"driver":"nbd"}"#.into(),
+            None,
+            "NBD server address missing".into(),
+        ),
+        (
             r#"json:{"driver":"qcow2"}"#.into(),
             None,
             "A block device must be specified for \"file\"".into(),
