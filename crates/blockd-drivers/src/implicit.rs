@@ -11,6 +11,9 @@
 //! the format node's options)
 //! ```
 //!
+//! The protocol node need not be a file: [`crate::filename`] turns a name
+//! (an NBD URI, `json:` options) into its options first.
+//!
 //! This is the one implicit-open path; [`open_image`] runs it for a medium
 //! (both nodes go into the graph together, owned by their users, as
 //! [`crate::open_implicit`] trees are) and [`crate::OpenCtx::open_backing`]

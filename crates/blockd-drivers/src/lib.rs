@@ -2,7 +2,8 @@
 //! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
 //! nodes for `blockdev-add`, [`implicit`], which opens an image by file
 //! name (a medium, a backing file: protocol node, probe, format node),
-//! [`reopen`], which turns `blockdev-reopen`'s options into a reopen of the
+//! [`filename`], which says what an image name (`json:`, a protocol
+//! URI, a file) opens, [`reopen`], which turns `blockdev-reopen`'s options into a reopen of the
 //! graph, and [`options`], the typed options.
 //!
 //! Drivers only ever see aligned, bounds-checked requests: the core's
@@ -11,6 +12,8 @@
 pub mod blkdebug;
 pub mod create;
 pub mod file;
+pub mod filename;
+mod filename_nbd;
 pub mod implicit;
 pub mod nbd;
 pub mod null;

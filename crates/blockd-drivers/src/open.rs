@@ -17,7 +17,10 @@
 //! path ([`crate::implicit`]): its protocol node, a probe of its first
 //! sector, its format node; the format node's options reference the
 //! protocol node, which [`OpenCtx`] resolves from the nodes opened for it
-//! (`preopened`) before looking in the graph.
+//! (`preopened`) before looking in the graph. The name may be more than a
+//! file name ([`crate::filename`]: an NBD URI is the protocol node; a
+//! `json:` name with a driver is the whole backing node, opened as a
+//! definition).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -32,6 +35,7 @@ use blockd_core::{
     DetectZeroes, ExplicitOptions, NodeOptions,
 };
 
+use crate::filename::{NameSpec, Options};
 use crate::options::{
     BlockdevOptions, BlockdevRef, BlockdevRefOrNull, DetectZeroesOpt, Discard, DriverOptions,
 };
@@ -182,10 +186,17 @@ impl OpenCtx<'_> {
                 let Some(name) = name.filter(|n| !n.is_empty()) else {
                     return Ok(None);
                 };
-                let path = resolve_backing_path(overlay, name);
+                // QEMU's bdrv_make_absolute_filename: only a plain file
+                // name is relative to the overlay's directory.
+                let plain = crate::filename::is_plain_file(name);
+                let path = if plain {
+                    resolve_backing_path(overlay, name)
+                } else {
+                    name.to_string()
+                };
                 let mut chain = self.backing_chain.clone();
                 chain.push(canonical(overlay));
-                if chain.contains(&canonical(&path)) {
+                if plain && chain.contains(&canonical(&path)) {
                     return Err(BlockError::invalid(format!(
                         "Could not open backing file: the backing chain of '{overlay}' loops back to '{path}'"
                     )));
@@ -208,42 +219,69 @@ impl OpenCtx<'_> {
                 // over what it inherits from the overlay; its file
                 // inherits from it.
                 let inherit = Inherit::from_parent(&self.node, role);
-                let backing_node = NodeOptions {
-                    read_only: true,
-                    ..inherit.resolve()
-                };
-                // (The file is the format node's primary child, never its COW
-                // child: the only role that changes what a child inherits.)
-                let file_inherit = Inherit::from_parent(&backing_node, ChildRole::PRIMARY);
-                let protocol: BlockdevOptions =
-                    serde_json::from_value(serde_json::json!({"driver": "file", "filename": path}))
-                        .map_err(|e| BlockError::invalid(format!("internal error: {e}")))?;
-                let request = crate::implicit::ImageRequest {
-                    protocol,
-                    format: format.map(str::to_string),
-                };
                 let tree = crate::implicit::Tree {
                     graph: self.graph,
                     env: self.env,
                     created: self.created.clone(),
                     backing_chain: chain,
                 };
-                let opened = crate::implicit::open_image_in(
-                    &tree,
-                    file_inherit,
-                    inherit,
-                    request,
-                    |fmt: &str, file: &BlockNode| backing_options(fmt, file.name()),
-                )
-                .await
-                .map_err(backing_err)?;
-                let edge = Child::new_inheriting("backing", role, opened.node);
+                let node = match crate::filename::resolve(&path, format).map_err(backing_err)? {
+                    NameSpec::Layered { protocol, format } => {
+                        let backing_node = NodeOptions {
+                            read_only: true,
+                            ..inherit.resolve()
+                        };
+                        // (The file is the format node's primary child, never
+                        // its COW child: the only role that changes what a
+                        // child inherits.)
+                        let file_inherit = Inherit::from_parent(&backing_node, ChildRole::PRIMARY);
+                        let request = crate::implicit::ImageRequest {
+                            protocol: typed_options(protocol).map_err(backing_err)?,
+                            format,
+                        };
+                        crate::implicit::open_image_in(
+                            &tree,
+                            file_inherit,
+                            inherit,
+                            request,
+                            |fmt: &str, file: &BlockNode| backing_options(fmt, file.name()),
+                        )
+                        .await
+                        .map_err(backing_err)?
+                        .node
+                    }
+                    // A `json:` name with a driver: the whole backing node.
+                    NameSpec::Node(mut opts) => {
+                        opts.entry("read-only").or_insert(true.into());
+                        let opts = typed_options(opts).map_err(backing_err)?;
+                        check_tree(self.graph, &opts, &[], &mut HashSet::new())
+                            .map_err(backing_err)?;
+                        open_node(
+                            tree.graph,
+                            tree.env,
+                            opts,
+                            inherit,
+                            tree.created.clone(),
+                            tree.backing_chain.clone(),
+                            Vec::new(),
+                        )
+                        .await
+                        .map_err(backing_err)?
+                    }
+                };
+                let edge = Child::new_inheriting("backing", role, node);
                 self.children.push(edge.clone());
                 return Ok(Some(edge));
             }
         };
         self.open_child("backing", child, role).await.map(Some)
     }
+}
+
+/// Typed options from a name's JSON options ([`crate::filename`]).
+pub(crate) fn typed_options(opts: Options) -> Result<BlockdevOptions, BlockError> {
+    serde_json::from_value(serde_json::Value::Object(opts))
+        .map_err(|e| BlockError::invalid(format!("Invalid options: {e}")))
 }
 
 /// The options of a backing node opened from an image header: `format`

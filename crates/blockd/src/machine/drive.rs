@@ -17,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 
 use blockd_core::backend::{OnError, RootState};
 use blockd_core::{BlockError, BlockGraph, BlockNode, DetectZeroes, Perm, PermPair};
+use blockd_drivers::filename::{self, NameSpec};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_drivers::{Env, ImageRequest};
 use blockd_optval::qemu_opts;
@@ -133,6 +134,41 @@ fn common(spec: &MediumSpec, read_only: bool) -> Map<String, Value> {
     m
 }
 
+/// Opens a medium named by `json:` options with a driver: the whole node
+/// (its children opened from the options), with the medium's options
+/// over the JSON's (QEMU joins the JSON's under the explicit ones).
+async fn open_named_node(
+    graph: &BlockGraph,
+    env: &Env,
+    spec: &MediumSpec,
+    opts: Map<String, Value>,
+) -> Result<(Arc<BlockNode>, bool), BlockError> {
+    let driver = opts
+        .get("driver")
+        .and_then(Value::as_str)
+        .unwrap_or("raw")
+        .to_string();
+    let mut top = common(spec, spec.read_only);
+    top.insert("auto-read-only".into(), spec.auto_read_only.into());
+    if let Some(n) = &spec.node_name {
+        top.insert("node-name".into(), n.clone().into());
+    }
+    if spec.detect_zeroes != DetectZeroes::Off {
+        top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
+    }
+    for (k, v) in &spec.format_opts {
+        top.insert(k.clone(), v.clone());
+    }
+    for (k, v) in opts {
+        top.entry(k).or_insert(v);
+    }
+    let node = typed(Value::Object(top), spec.keyval, &driver)?;
+    Ok((
+        blockd_drivers::open_implicit(graph, env, node).await?,
+        false,
+    ))
+}
+
 /// Opens a medium: protocol node, probing, format node (the drivers'
 /// implicit open path, [`blockd_drivers::open_image`]). Returns the node
 /// and whether its raw format was guessed.
@@ -150,9 +186,26 @@ pub async fn open_medium(
             return Err(unknown_driver(f));
         }
     }
+    // A name that is more than a file name (QEMU's bdrv_fill_options):
+    // `json:` options, or a protocol's name (an NBD URI).
+    let named = if filename::is_plain_file(&spec.filename) {
+        None
+    } else {
+        Some(filename::resolve(&spec.filename, spec.format.as_deref())?)
+    };
+    let (protocol_opts, format) = match named {
+        None => (None, spec.format.clone()),
+        Some(NameSpec::Layered { protocol, format }) => (Some(protocol), format),
+        Some(NameSpec::Node(opts)) => return open_named_node(graph, env, spec, opts).await,
+    };
     let mut proto = common(spec, spec.read_only);
-    proto.insert("driver".into(), "file".into());
-    proto.insert("filename".into(), spec.filename.clone().into());
+    match protocol_opts {
+        None => {
+            proto.insert("driver".into(), "file".into());
+            proto.insert("filename".into(), spec.filename.clone().into());
+        }
+        Some(p) => proto.extend(p),
+    }
     proto.insert("auto-read-only".into(), spec.auto_read_only.into());
     for (k, v) in &spec.file_opts {
         proto.insert(k.clone(), v.clone());
@@ -173,10 +226,7 @@ pub async fn open_medium(
             false,
         ));
     }
-    let request = ImageRequest {
-        protocol,
-        format: spec.format.clone(),
-    };
+    let request = ImageRequest { protocol, format };
     let image = blockd_drivers::open_image(graph, env, request, |format, file| {
         if !known_driver(format) {
             return Err(unknown_driver(format));

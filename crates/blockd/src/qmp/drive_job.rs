@@ -12,6 +12,10 @@
 //! `blockdev_mirror_common` / `do_backup_common`; it leaves the graph
 //! with the job unless the mirror's pivot gave it users.
 //!
+//! The target may be named as QEMU names images (an NBD URI, `json:`
+//! options: [`blockd_drivers::filename`]); such a target must exist
+//! (`mode` `existing`): blockd creates images only in files.
+//!
 //! A new mirror target is opened without its backing node, which the
 //! pivot attaches (QEMU's `MIRROR_SOURCE_BACKING_CHAIN`: the source for
 //! `sync` none, else the source's backing node); an existing one is opened
@@ -25,6 +29,7 @@ use blockd_core::blocker::BlockOp;
 use blockd_core::chain;
 use blockd_core::qapi::BlockdevOnError;
 use blockd_core::{BlockError, BlockNode, ControlGuard, DrainedSection};
+use blockd_drivers::filename::{self, NameSpec};
 use blockd_drivers::options::BlockdevOptions;
 use blockd_drivers::ImageRequest;
 use blockd_jobs::JobHandle;
@@ -116,7 +121,29 @@ async fn open_target(
             return Err(gen(format!("Unknown driver '{f}'")));
         }
     }
-    let protocol = internal(json!({"driver": "file", "filename": filename})).map_err(qerr)?;
+    // A name that is more than a file name (an NBD URI, `json:`), as
+    // QEMU's bdrv_fill_options reads it.
+    let (protocol, format) = if filename::is_plain_file(filename) {
+        (json!({"driver": "file", "filename": filename}), format)
+    } else {
+        match filename::resolve(filename, format.as_deref()).map_err(qerr)? {
+            NameSpec::Layered { protocol, format } => (Value::Object(protocol), format),
+            NameSpec::Node(opts) => {
+                let mut m = extra;
+                if opts.get("driver").and_then(Value::as_str) != Some("qcow2") {
+                    m.remove("backing");
+                }
+                for (k, v) in opts {
+                    m.entry(k).or_insert(v);
+                }
+                let opts = internal(Value::Object(m)).map_err(qerr)?;
+                return blockd_drivers::open_implicit(&st.graph, &st.env, opts)
+                    .await
+                    .map_err(qerr);
+            }
+        }
+    };
+    let protocol = internal(protocol).map_err(qerr)?;
     let request = ImageRequest { protocol, format };
     let image = blockd_drivers::open_image(&st.graph, &st.env, request, |format, file| {
         let mut m = extra;
@@ -140,6 +167,14 @@ async fn create(
     backing: Option<(String, String)>,
     size: u64,
 ) -> R<()> {
+    if !filename::is_plain_file(filename) {
+        // QEMU creates images over some protocols (nbd: by checking the
+        // export's size); blockd only in files.
+        filename::protocol_options(filename).map_err(qerr)?;
+        return Err(gen(format!(
+            "Cannot create '{filename}': blockd creates images only in files (use mode 'existing')"
+        )));
+    }
     let img = NewImage {
         filename,
         format,
