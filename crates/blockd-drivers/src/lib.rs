@@ -2,9 +2,9 @@
 //! [`blockd_core::BlockDriver`]; plus [`open`], which opens a tree of
 //! nodes for `blockdev-add`, [`implicit`], which opens an image by file
 //! name (a medium, a backing file: protocol node, probe, format node),
-//! [`filename`], which says what an image name (`json:`, a protocol
-//! URI, a file) opens, [`reopen`], which turns `blockdev-reopen`'s options into a reopen of the
-//! graph, and [`options`], the typed options.
+//! [`filename`], which says what an image name (`json:`, a protocol URI,
+//! a file) opens, [`reopen`], which turns `blockdev-reopen`'s options into
+//! a reopen of the graph, and [`options`], the typed options.
 //!
 //! Drivers only ever see aligned, bounds-checked requests: the core's
 //! request layer pads and serialises for them.
