@@ -4,8 +4,9 @@
 //! for the `json:` pseudo-protocol, `bdrv_find_protocol` /
 //! `path_has_protocol` for a `proto:` prefix, and each protocol driver's
 //! `bdrv_parse_filename` (block/nbd.c `nbd_parse_filename` and
-//! `nbd_parse_uri`; block/file-posix.c `raw_parse_filename`;
-//! block/null.c `null_co_parse_filename`).
+//! `nbd_parse_uri`; block/rbd.c `qemu_rbd_parse_filename`;
+//! block/file-posix.c `raw_parse_filename`; block/null.c
+//! `null_co_parse_filename`).
 //!
 //! QEMU's rules, recorded with qemu-img/qemu-io/qemu-storage-daemon 10.0.2:
 //! * the header's backing format is the node's `driver` first; `json:`
@@ -21,8 +22,10 @@
 //! * a name is a file unless a `:` comes before any `/`; then the prefix
 //!   must be a protocol ("Unknown protocol 'PROTO'").
 //!
-//! A protocol's parser plugs into [`PROTOCOLS`] (`rbd:` names are not
-//! parsed yet: they are an unknown protocol).
+//! A protocol's parser plugs into [`PROTOCOLS`]. `rbd:` names are parsed
+//! in every build ([`crate::filename_rbd`]); without the `rbd` feature
+//! their node then fails to open as "Unknown driver 'rbd'", as a `json:`
+//! name with that driver does.
 
 use blockd_core::BlockError;
 use serde_json::{Map, Value};
@@ -41,6 +44,7 @@ pub const PROTOCOLS: &[(&str, &str, ParseFn)] = &[
     ("nbd+tcp", "nbd", crate::filename_nbd::parse_filename),
     ("nbd+unix", "nbd", crate::filename_nbd::parse_filename),
     ("null-co", "null-co", parse_null_co),
+    ("rbd", "rbd", crate::filename_rbd::parse_filename),
 ];
 
 /// Drivers that are protocols (QEMU's `protocol_name` is set): a `json:`
@@ -322,8 +326,12 @@ mod tests {
             "Unknown protocol 'a b'"
         );
         assert_eq!(
-            protocol_options("rbd:pool/img").unwrap_err().msg,
-            "Unknown protocol 'rbd'"
+            protocol_options("rbd:pool/img").unwrap(),
+            obj(json!({"driver": "rbd", "pool": "pool", "namespace": "", "image": "img"}))
+        );
+        assert_eq!(
+            protocol_options("rbd:pool").unwrap_err().msg,
+            "Pool name is required"
         );
         assert_eq!(
             protocol_options("null-co://").unwrap(),
@@ -347,6 +355,36 @@ mod tests {
                 protocol: obj(json!({"driver": "file", "filename": "base.img"})),
                 format: None,
             }
+        );
+    }
+
+    #[test]
+    fn rbd_names() {
+        let rbd = obj(
+            json!({"driver": "rbd", "pool": "p", "namespace": "", "image": "i",
+            "conf": "/c", "=keyvalue-pairs": [["rbd_cache", "false"]]}),
+        );
+        let name = "rbd:p/i:conf=/c:rbd_cache=false";
+        assert!(!is_plain_file(name));
+        assert_eq!(
+            resolve(name, Some("raw")).unwrap(),
+            NameSpec::Layered {
+                protocol: rbd.clone(),
+                format: Some("raw".into()),
+            }
+        );
+        assert_eq!(
+            resolve(name, None).unwrap(),
+            NameSpec::Layered {
+                protocol: rbd.clone(),
+                format: None,
+            }
+        );
+        // The protocol driver as the format: the whole node.
+        assert_eq!(resolve(name, Some("rbd")).unwrap(), NameSpec::Node(rbd));
+        assert_eq!(
+            err(resolve("rbd:p/i:conf", Some("raw"))),
+            "conf option conf has no value"
         );
     }
 

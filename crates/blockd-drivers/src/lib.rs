@@ -14,6 +14,7 @@ pub mod create;
 pub mod file;
 pub mod filename;
 mod filename_nbd;
+pub mod filename_rbd;
 pub mod implicit;
 pub mod nbd;
 pub mod null;

@@ -396,6 +396,12 @@ pub struct RbdOptions {
     pub key_secret: Option<String>,
     /// Monitors to contact (instead of the configuration's).
     pub server: Option<Vec<InetAddrBase>>,
+    /// Ceph settings from an `rbd:` name's `KEY=VALUE` options, set with
+    /// `rados_conf_set` after the configuration file is read (QEMU's
+    /// internal `=keyvalue-pairs`: not in the QMP schema, so blockdev-add
+    /// refuses it; only [`crate::filename_rbd`] sets it).
+    #[serde(rename = "=keyvalue-pairs", default, skip_serializing)]
+    pub keyvalue_pairs: Vec<(String, String)>,
 }
 
 /// The driver and its own options (the union's variants).

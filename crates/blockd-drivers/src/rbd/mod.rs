@@ -2,7 +2,9 @@
 //! (QEMU's block/rbd.c). Connecting follows `qemu_rbd_connect` (client
 //! id, configuration file, monitors, key from a `secret` object,
 //! authentication modes, cache mode, pool, namespace) with its messages;
-//! opening follows `qemu_rbd_open`, requests `qemu_rbd_start_co`, block
+//! an `rbd:` name's other `KEY=VALUE` settings go to Ceph after the
+//! configuration file, as `qemu_rbd_set_keypairs` does; opening follows
+//! `qemu_rbd_open`, requests `qemu_rbd_start_co`, block
 //! status `qemu_rbd_co_block_status` (librbd's fast-diff through
 //! `rbd_diff_iterate2`), truncation `qemu_rbd_co_truncate`. `encrypt`
 //! loads librbd's LUKS encryption ([`encrypt`]); the node then shows the
@@ -82,6 +84,12 @@ pub fn connect(o: &RbdOptions, cache: bool, key: Option<&str>) -> Result<Pool, B
             "error reading conf file {conf}: {}",
             strerror(&e)
         )));
+    }
+    // An `rbd:` name's other options (`qemu_rbd_set_keypairs`).
+    for (k, v) in &o.keyvalue_pairs {
+        cluster.set(k, v).map_err(|e| {
+            BlockError::invalid(format!("invalid conf option {k}: {}", strerror(&e)))
+        })?;
     }
     if let Some(m) = mon_host(o) {
         cluster

@@ -92,7 +92,12 @@ fn unknown_driver(name: &str) -> BlockError {
 }
 
 /// Checks options against the schema and types them.
-fn typed(v: Value, keyval: bool, format: &str) -> Result<BlockdevOptions, BlockError> {
+fn typed(mut v: Value, keyval: bool, format: &str) -> Result<BlockdevOptions, BlockError> {
+    // The Ceph settings of an `rbd:` name are not in the schema (QEMU's
+    // internal `=keyvalue-pairs`): the driver takes them, unchecked.
+    let pairs = v
+        .as_object_mut()
+        .and_then(|m| m.remove(blockd_drivers::filename_rbd::KEYVALUE_PAIRS));
     let s = schema();
     let checked = if keyval {
         s.check_value_keyval("BlockdevOptions", &v)
@@ -109,6 +114,10 @@ fn typed(v: Value, keyval: bool, format: &str) -> Result<BlockdevOptions, BlockE
         };
         BlockError::invalid(msg)
     })?;
+    let mut v = v;
+    if let (Some(p), Some(m)) = (pairs, v.as_object_mut()) {
+        m.insert(blockd_drivers::filename_rbd::KEYVALUE_PAIRS.into(), p);
+    }
     serde_json::from_value(v).map_err(|e| BlockError::invalid(format!("internal error: {e}")))
 }
 
