@@ -2,14 +2,15 @@
 //! options and errors (QEMU's messages), secrets (also encrypted with a
 //! master key, as libvirt sends them), snapshots, resize and
 //! blockdev-create. Data, two processes and mirroring: `rbd_data.rs`;
-//! encryption (`encrypt`): `rbd_encrypt.rs`.
+//! encryption (`encrypt`): `rbd_encrypt.rs`; `rbd:` image names (backing
+//! files, media, mirror targets): `rbd_names.rs`.
 //!
 //! Needs a build with the `rbd` feature and `BLOCKD_CEPH_CONF` naming the
 //! cluster's ceph.conf; otherwise every test says why it skips:
 //!
 //! ```text
 //! export BLOCKD_CEPH_CONF=$(tests/ceph/cluster.sh start)
-//! cargo test -p blockd --features rbd --test rbd --test rbd_data
+//! cargo test -p blockd --features rbd --test rbd --test rbd_data --test rbd_names
 //! tests/ceph/cluster.sh stop "$BLOCKD_CEPH_CONF"
 //! ```
 

@@ -60,7 +60,11 @@ fn overlay(dir: &Path, file: &str, backing: &str) -> PathBuf {
                             "file": {"driver": "file", "filename": o}});
     ok(&run(
         "qemu-io",
-        &["-c", "write -P 0xbb 512k 64k", &format!("json:{no_backing}")],
+        &[
+            "-c",
+            "write -P 0xbb 512k 64k",
+            &format!("json:{no_backing}"),
+        ],
     ));
     ov
 }
@@ -183,7 +187,10 @@ fn backing_files_named_rbd() {
     c.execute("blockdev-add", Some(rbd_node(&conf, "w", &img.name)))
         .unwrap();
     let u = export(&mut c, &srv, "w", "w");
-    ok(&run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 1M", &u]));
+    ok(&run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 1M", &u],
+    ));
     unexport(&mut c, "w");
     c.execute("blockdev-del", Some(json!({"node-name": "w"})))
         .unwrap();
@@ -321,8 +328,10 @@ fn medium_and_mirror_target_named_rbd() {
     check_reads(&mut c, &srv, &node, 0xaa, false);
     let e = qmp_err(c.execute(
         "blockdev-change-medium",
-        Some(json!({"id": "cd0", "filename": format!("rbd:rbd/{}:conf", img.name),
-                    "format": "raw"})),
+        Some(
+            json!({"id": "cd0", "filename": format!("rbd:rbd/{}:conf", img.name),
+                    "format": "raw"}),
+        ),
     ));
     assert_eq!(e, "conf option conf has no value");
     c.execute("eject", Some(json!({"id": "cd0"}))).unwrap();
@@ -377,6 +386,27 @@ fn keyvalue_pairs_are_not_blockdev_add_options() {
         v[key] = json!([["rbd_cache", "false"]]);
         let e = qmp_err(c.execute("blockdev-add", Some(v)));
         assert_eq!(e, format!("Parameter '{key}' is unexpected"));
+    }
+    srv_alive(srv);
+}
+
+/// Without the `rbd` feature an `rbd:` name still parses (its errors are
+/// the parser's), and its node fails to open as a `json:` name with
+/// driver `rbd` does there: an unknown driver.
+#[test]
+fn without_the_feature_the_driver_is_unknown() {
+    if cfg!(feature = "rbd") || !require_qemu_tools() {
+        return;
+    }
+    let srv = Server::start("blockd-rbd-names-nofeature");
+    let mut c = srv.client();
+    for (name, want) in [
+        ("rbd:rbd/img:conf=/dev/null", "Unknown driver 'rbd'"),
+        ("rbd:img", "Pool name is required"),
+    ] {
+        let ov = overlay(&srv.dir, "nf.qcow2", name);
+        let e = qmp_err(add_overlay(&mut c, "nf", &ov));
+        assert_eq!(e, format!("Could not open backing file: {want}"), "{name}");
     }
     srv_alive(srv);
 }
