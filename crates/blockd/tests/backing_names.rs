@@ -201,6 +201,25 @@ fn check_reads(c: &mut QmpClient, srv: &Server, node: &str) {
     c.execute("nbd-server-stop", None).unwrap();
 }
 
+/// Opens an overlay `node` whose header names `name` (in `format`) as its
+/// backing file; checks the chain's drivers (`want`, top down below the
+/// overlay) and the reads through it; deletes it again.
+fn open_and_read(
+    c: &mut QmpClient,
+    srv: &Server,
+    node: &str,
+    name: &str,
+    format: Option<&str>,
+    want: &[&str],
+) {
+    let ov = overlay(&srv.dir, &format!("{node}.qcow2"), name, format);
+    add_overlay(c, node, &ov).unwrap();
+    assert_eq!(chain_drivers(c, node), want, "{name} {format:?}");
+    check_reads(c, srv, node);
+    c.execute("blockdev-del", Some(json!({"node-name": node})))
+        .unwrap();
+}
+
 #[test]
 fn nbd_uri_backing_files_read_through_qemu_nbd() {
     if !have_qemu() {
@@ -230,13 +249,7 @@ fn nbd_uri_backing_files_read_through_qemu_nbd() {
     .into_iter()
     .enumerate()
     {
-        let node = format!("o{i}");
-        let ov = overlay(&srv.dir, &format!("{node}.qcow2"), &name, format);
-        add_overlay(&mut c, &node, &ov).unwrap();
-        assert_eq!(chain_drivers(&mut c, &node), want, "{name} {format:?}");
-        check_reads(&mut c, &srv, &node);
-        c.execute("blockdev-del", Some(json!({"node-name": node})))
-            .unwrap();
+        open_and_read(&mut c, &srv, &format!("o{i}"), &name, format, want);
     }
 }
 
@@ -282,13 +295,7 @@ fn json_backing_files_read_through_qemu_nbd() {
     .into_iter()
     .enumerate()
     {
-        let node = format!("j{i}");
-        let ov = overlay(&srv.dir, &format!("{node}.qcow2"), &name, format);
-        add_overlay(&mut c, &node, &ov).unwrap();
-        assert_eq!(chain_drivers(&mut c, &node), want, "{name} {format:?}");
-        check_reads(&mut c, &srv, &node);
-        c.execute("blockdev-del", Some(json!({"node-name": node})))
-            .unwrap();
+        open_and_read(&mut c, &srv, &format!("j{i}"), &name, format, want);
     }
 }
 
