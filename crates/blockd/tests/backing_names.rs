@@ -611,3 +611,72 @@ fn drive_mirror_to_an_existing_nbd_target_by_name() {
     ));
     assert!(!out.contains("fail"), "{out}");
 }
+
+/// `--drive file=NAME` on the command line takes the same names: an NBD
+/// URI and `json:` options (its commas doubled, as QEMU's option parser
+/// wants them).
+#[test]
+fn command_line_drives_named_by_nbd_uri_and_json() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu tools not installed");
+        return;
+    }
+    // The base is served before the server that opens it starts.
+    let host = Server::start("bn-drive-base");
+    let base = serve_base(&host);
+    let s = base.sock.display().to_string();
+    let nbd = json!({"driver": "nbd", "server": {"type": "unix", "path": s}, "export": "exp"});
+    let json_name = format!("json:{nbd}").replace(',', ",,");
+    let srv = Server::start_with_args(
+        "bn-drive",
+        &[
+            "--drive".into(),
+            format!("if=none,id=d0,format=raw,file=nbd+unix:///exp?socket={s}"),
+            "--drive".into(),
+            format!("if=none,id=d1,file={json_name}"),
+        ],
+    );
+    let mut c = srv.client();
+    let blocks = c.execute("query-block", None).unwrap();
+    for (dev, drv) in [("d0", "raw"), ("d1", "nbd")] {
+        let b = blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["device"] == dev)
+            .unwrap_or_else(|| panic!("no {dev} in {blocks}"));
+        assert_eq!(b["inserted"]["drv"], drv, "{dev}: {b}");
+        let node = b["inserted"]["node-name"].as_str().unwrap().to_string();
+        let sock = srv.dir.join(format!("{dev}.sock"));
+        c.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
+        )
+        .unwrap();
+        c.execute(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": dev, "node-name": node, "name": dev})),
+        )
+        .unwrap();
+        let url = format!("nbd+unix:///{dev}?socket={}", sock.display());
+        let out = ok(&run(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0xaa 0 1M",
+                "-c",
+                "read -P 0 1M 1M",
+                "-c",
+                "read -P 0xcc 2M 1M",
+                &url,
+            ],
+        ));
+        assert!(!out.contains("fail"), "{dev}: {out}");
+        c.execute("block-export-del", Some(json!({"id": dev})))
+            .unwrap();
+        c.execute("nbd-server-stop", None).unwrap();
+    }
+}

@@ -28,6 +28,11 @@ impl Server {
     /// Starts a server with `prefix` in its directory name
     /// (`/tmp/<prefix>-<pid>-<n>/s`); its stderr goes to `err.log` there.
     pub fn start(prefix: &str) -> Server {
+        Server::start_with_args(prefix, &[])
+    }
+
+    /// [`Server::start`] with more command-line arguments after `--qmp`.
+    pub fn start_with_args(prefix: &str, args: &[String]) -> Server {
         let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/tmp/{prefix}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -37,6 +42,7 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_blockd"))
             .arg("--qmp")
             .arg(&sock)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
