@@ -17,7 +17,7 @@ mod qemu_nbd;
 use std::path::{Path, PathBuf};
 
 use blockd_testkit::{ClientError, QmpClient};
-use common::Server;
+use common::{qemu_io_reads, Server};
 use qemu_nbd::{have_qemu, ok, run, QemuNbd};
 use serde_json::{json, Value};
 
@@ -163,42 +163,18 @@ fn chain_drivers(c: &mut QmpClient, node: &str) -> Vec<String> {
 /// Reads the overlay through blockd's NBD export of `node` with qemu-io:
 /// base data below, the overlay's data at 512k.
 fn check_reads(c: &mut QmpClient, srv: &Server, node: &str) {
-    let sock = srv.dir.join(format!("{node}.sock"));
-    c.execute(
-        "nbd-server-start",
-        Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
-    )
-    .unwrap();
-    c.execute(
-        "block-export-add",
-        Some(json!({"type": "nbd", "id": "e", "node-name": node, "name": "ov"})),
-    )
-    .unwrap();
-    let url = format!("nbd+unix:///ov?socket={}", sock.display());
-    let out = ok(&run(
-        "qemu-io",
+    qemu_io_reads(
+        c,
+        srv,
+        node,
         &[
-            "-r",
-            "-f",
-            "raw",
-            "-c",
             "read -P 0xaa 0 512k",
-            "-c",
             "read -P 0xbb 512k 64k",
-            "-c",
             "read -P 0xaa 576k 448k",
-            "-c",
             "read -P 0 1M 1M",
-            "-c",
             "read -P 0xcc 2M 1M",
-            &url,
         ],
-    ));
-    assert!(!out.contains("fail"), "{out}");
-    assert_eq!(out.matches("read ").count(), 5, "{out}");
-    c.execute("block-export-del", Some(json!({"id": "e"})))
-        .unwrap();
-    c.execute("nbd-server-stop", None).unwrap();
+    );
 }
 
 /// Opens an overlay `node` whose header names `name` (in `format`) as its
@@ -506,35 +482,12 @@ fn change_medium_to_nbd_names() {
         let inserted = medium_node(&mut c, "cd0");
         assert_eq!(inserted["drv"], drv, "{name}: {inserted}");
         let node = inserted["node-name"].as_str().unwrap().to_string();
-        let sock = srv.dir.join("m.sock");
-        c.execute(
-            "nbd-server-start",
-            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
-        )
-        .unwrap();
-        c.execute(
-            "block-export-add",
-            Some(json!({"type": "nbd", "id": "e", "node-name": node, "name": "m"})),
-        )
-        .unwrap();
-        let url = format!("nbd+unix:///m?socket={}", sock.display());
-        let out = ok(&run(
-            "qemu-io",
-            &[
-                "-r",
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0xaa 0 1M",
-                "-c",
-                "read -P 0xcc 2M 1M",
-                &url,
-            ],
-        ));
-        assert!(!out.contains("fail"), "{out}");
-        c.execute("block-export-del", Some(json!({"id": "e"})))
-            .unwrap();
-        c.execute("nbd-server-stop", None).unwrap();
+        qemu_io_reads(
+            &mut c,
+            &srv,
+            &node,
+            &["read -P 0xaa 0 1M", "read -P 0xcc 2M 1M"],
+        );
     }
     for (name, want) in [
         ("foo:bar".to_string(), "Unknown protocol 'foo'"),
@@ -647,36 +600,11 @@ fn command_line_drives_named_by_nbd_uri_and_json() {
             .unwrap_or_else(|| panic!("no {dev} in {blocks}"));
         assert_eq!(b["inserted"]["drv"], drv, "{dev}: {b}");
         let node = b["inserted"]["node-name"].as_str().unwrap().to_string();
-        let sock = srv.dir.join(format!("{dev}.sock"));
-        c.execute(
-            "nbd-server-start",
-            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
-        )
-        .unwrap();
-        c.execute(
-            "block-export-add",
-            Some(json!({"type": "nbd", "id": dev, "node-name": node, "name": dev})),
-        )
-        .unwrap();
-        let url = format!("nbd+unix:///{dev}?socket={}", sock.display());
-        let out = ok(&run(
-            "qemu-io",
-            &[
-                "-r",
-                "-f",
-                "raw",
-                "-c",
-                "read -P 0xaa 0 1M",
-                "-c",
-                "read -P 0 1M 1M",
-                "-c",
-                "read -P 0xcc 2M 1M",
-                &url,
-            ],
-        ));
-        assert!(!out.contains("fail"), "{dev}: {out}");
-        c.execute("block-export-del", Some(json!({"id": dev})))
-            .unwrap();
-        c.execute("nbd-server-stop", None).unwrap();
+        qemu_io_reads(
+            &mut c,
+            &srv,
+            &node,
+            &["read -P 0xaa 0 1M", "read -P 0 1M 1M", "read -P 0xcc 2M 1M"],
+        );
     }
 }

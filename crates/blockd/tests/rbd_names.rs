@@ -93,20 +93,6 @@ fn nodes_of(c: &mut QmpClient, drv: &str) -> Vec<Value> {
 /// MiB (the overlay's 0xbb at 512k if `overlay`), zeroes in the second,
 /// 0xcc in the third.
 fn check_reads(c: &mut QmpClient, srv: &Server, node: &str, first: u8, overlay: bool) {
-    let sock = srv.dir.join("nbd");
-    if !sock.exists() {
-        c.execute(
-            "nbd-server-start",
-            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
-        )
-        .unwrap();
-    }
-    c.execute(
-        "block-export-add",
-        Some(json!({"type": "nbd", "id": "e", "node-name": node, "name": "e"})),
-    )
-    .unwrap();
-    let u = url(&sock, "e");
     let f = format!("{first:#04x}");
     let mut cmds = vec![];
     if overlay {
@@ -118,16 +104,8 @@ fn check_reads(c: &mut QmpClient, srv: &Server, node: &str, first: u8, overlay: 
     }
     cmds.push("read -P 0 1M 1M".to_string());
     cmds.push("read -P 0xcc 2M 1M".to_string());
-    let mut args = vec!["-r", "-f", "raw"];
-    for cmd in &cmds {
-        args.push("-c");
-        args.push(cmd);
-    }
-    args.push(&u);
-    let out = ok(&run("qemu-io", &args));
-    assert!(!out.contains("fail"), "{node}: {out}");
-    assert_eq!(out.matches("read ").count(), cmds.len(), "{out}");
-    unexport(c, "e");
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_reads(c, srv, node, &cmds);
 }
 
 #[test]

@@ -13,8 +13,11 @@ use std::time::Duration;
 use blockd_testkit::{ClientError, QmpClient};
 use serde_json::{json, Value};
 
-pub use crate::common::ok;
 use crate::common::Server;
+pub use crate::common::ok;
+// (Not every test file uses these.)
+#[allow(unused_imports)]
+pub use crate::common::{qemu_io_reads, unexport};
 
 pub const T: Duration = Duration::from_secs(60);
 
@@ -216,20 +219,6 @@ pub fn export(c: &mut QmpClient, srv: &Server, node: &str, name: &str) -> String
     )
     .unwrap();
     url(&sock, name)
-}
-
-pub fn unexport(c: &mut QmpClient, name: &str) {
-    c.execute("block-export-del", Some(json!({"id": name})))
-        .unwrap();
-    // The export goes away once its clients did.
-    for _ in 0..100 {
-        let l = c.execute("query-block-exports", None).unwrap();
-        if !l.as_array().unwrap().iter().any(|e| e["id"] == name) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("export {name} did not go away");
 }
 
 /// `rbd du`'s used bytes of an image.

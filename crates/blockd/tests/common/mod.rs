@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use blockd_testkit::QmpClient;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
@@ -202,4 +202,52 @@ pub fn ok(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Removes export `name` and waits until it is gone (it goes once its
+/// clients did).
+pub fn unexport(c: &mut QmpClient, name: &str) {
+    c.execute("block-export-del", Some(json!({"id": name})))
+        .unwrap();
+    for _ in 0..100 {
+        let l = c.execute("query-block-exports", None).unwrap();
+        if !l.as_array().unwrap().iter().any(|e| e["id"] == name) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("export {name} did not go away");
+}
+
+/// Reads `node` through a read-only NBD export with `qemu-io -r`, running
+/// `cmds` (`read -P ...`): starts the server's NBD server on `nbd` in its
+/// directory unless it runs, exports the node as `r`, checks that every
+/// command ran and no pattern failed, and removes the export again.
+pub fn qemu_io_reads(c: &mut QmpClient, srv: &Server, node: &str, cmds: &[&str]) {
+    let sock = srv.dir.join("nbd");
+    if !sock.exists() {
+        c.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "unix", "data": {"path": sock}}})),
+        )
+        .unwrap();
+    }
+    c.execute(
+        "block-export-add",
+        Some(json!({"type": "nbd", "id": "r", "node-name": node, "name": "r"})),
+    )
+    .unwrap();
+    let url = format!("nbd+unix:///r?socket={}", sock.display());
+    let mut args = vec!["-r", "-f", "raw"];
+    for cmd in cmds {
+        args.extend(["-c", cmd]);
+    }
+    args.push(&url);
+    let out = ok(&Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("run qemu-io"));
+    assert!(!out.contains("fail"), "{node}: {out}");
+    assert_eq!(out.matches("read ").count(), cmds.len(), "{node}: {out}");
+    unexport(c, "r");
 }
