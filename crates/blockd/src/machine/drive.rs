@@ -159,15 +159,7 @@ async fn open_named_node(
         .to_string();
     let mut top = common(spec, spec.read_only);
     top.insert("auto-read-only".into(), spec.auto_read_only.into());
-    if let Some(n) = &spec.node_name {
-        top.insert("node-name".into(), n.clone().into());
-    }
-    if spec.detect_zeroes != DetectZeroes::Off {
-        top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
-    }
-    for (k, v) in &spec.format_opts {
-        top.insert(k.clone(), v.clone());
-    }
+    format_node_options(&mut top, spec);
     for (k, v) in opts {
         top.entry(k).or_insert(v);
     }
@@ -243,19 +235,25 @@ pub async fn open_medium(
         let mut top = common(spec, file.read_only());
         top.insert("driver".into(), format.into());
         top.insert("file".into(), file.name().into());
-        if let Some(n) = &spec.node_name {
-            top.insert("node-name".into(), n.clone().into());
-        }
-        if spec.detect_zeroes != DetectZeroes::Off {
-            top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
-        }
-        for (k, v) in &spec.format_opts {
-            top.insert(k.clone(), v.clone());
-        }
+        format_node_options(&mut top, spec);
         typed(Value::Object(top), spec.keyval, &fmt_name)
     })
     .await?;
     Ok((image.node, image.probed_raw))
+}
+
+/// The medium's own options on its format node: its node name, its
+/// `detect-zeroes`, and the format options given with it.
+fn format_node_options(top: &mut Map<String, Value>, spec: &MediumSpec) {
+    if let Some(n) = &spec.node_name {
+        top.insert("node-name".into(), n.clone().into());
+    }
+    if spec.detect_zeroes != DetectZeroes::Off {
+        top.insert("detect-zeroes".into(), spec.detect_zeroes.as_str().into());
+    }
+    for (k, v) in &spec.format_opts {
+        top.insert(k.clone(), v.clone());
+    }
 }
 
 /// Puts `a.b.c = v` into nested objects.

@@ -13,8 +13,8 @@ use std::time::Duration;
 use blockd_testkit::{ClientError, QmpClient};
 use serde_json::{json, Value};
 
-use crate::common::Server;
 pub use crate::common::ok;
+use crate::common::Server;
 // (Not every test file uses these.)
 #[allow(unused_imports)]
 pub use crate::common::{qemu_io_reads, unexport};
